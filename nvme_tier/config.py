@@ -1,0 +1,135 @@
+"""The typed ``"offload_states"`` block of a DeepSpeed config.
+
+Unknown keys are refused by name; every field has a default chosen from measurement (see
+docs/performance.md) and a description that docs/configuration.md is generated from.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+from .types import StateKind, Tier
+
+MiB = 1 << 20
+CONFIG_KEY = "offload_states"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False)
+
+
+class AioSettings(_Strict):
+    """Knobs of DeepSpeed's async_io handle (libaio, O_DIRECT)."""
+
+    block_size: int = Field(1 * MiB, ge=4096, description="Bytes per libaio request.")
+    queue_depth: int = Field(32, ge=1, le=1024, description="libaio requests in flight per thread.")
+    intra_op_parallelism: int = Field(8, ge=1, le=64, description="I/O threads that split one request.")
+    single_submit: bool = Field(False, description="Submit requests one by one instead of in batches.")
+    overlap_events: bool = Field(True, description="Overlap submission and completion of requests.")
+
+
+class ZarrSettings(_Strict):
+    """Knobs of the zarr v3 fallback backend."""
+
+    chunk_mb: int = Field(64, ge=1, le=4096, description="Chunk size of each zarr array, in MiB.")
+    codec: Literal["none", "zstd", "blosc"] = Field(
+        "none", description="Compression codec; 'none' is fastest for optimizer states (high entropy)."
+    )
+    concurrency: int = Field(8, ge=1, le=128, description="Chunks written or read concurrently.")
+
+
+class OffloadStatesConfig(_Strict):
+    """Where an idle engine's states go and how they get there."""
+
+    device: Literal["nvme", "cpu"] = Field(
+        "nvme", description="Base policy: 'nvme' (optimizer states to disk) or 'cpu' (everything in host RAM)."
+    )
+    path: str | None = Field(None, description="Directory for NVMe files; required when any state goes to nvme.")
+    backend: Literal["auto", "aio", "zarr"] = Field(
+        "auto", description="'aio' (DeepSpeed async_io, O_DIRECT), 'zarr', or 'auto' (aio when usable, else zarr)."
+    )
+    policy: dict[StateKind, Tier] = Field(
+        default_factory=dict, description="Per-state tier overrides, e.g. {\"hp_params\": \"nvme\"}."
+    )
+    include: list[StateKind] | None = Field(None, description="States offloaded by default (None: all).")
+    pin_memory: bool = Field(True, description="Use page-locked host memory for host tiers (pinned_cpu vs cpu).")
+    non_blocking: bool = Field(False, description="Default of offload_states/reload_states non_blocking.")
+    staging_budget_mb: int = Field(
+        512, ge=2, le=65536, description="Pinned host memory for NVMe staging (double-buffered), in MiB."
+    )
+    checksum: bool = Field(True, description="crc32c every chunk on write and verify it on read.")
+    skip_unchanged: bool = Field(
+        True, description="Keep NVMe files after reload and skip rewriting states that did not change since."
+    )
+    progress: bool = Field(True, description="Show a tqdm bar for transfers longer than a second (tty only).")
+    aio: AioSettings = Field(default_factory=AioSettings)
+    zarr: ZarrSettings = Field(default_factory=ZarrSettings)
+
+    @field_validator("path")
+    @classmethod
+    def _path_is_plain(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not value.strip():
+            raise ValueError("path is empty")
+        if "\x00" in value:
+            raise ValueError("path contains a NUL byte")
+        return os.path.abspath(os.path.expanduser(value))
+
+    @model_validator(mode="after")
+    def _discard_only_scratch(self) -> OffloadStatesConfig:
+        for state, tier in self.policy.items():
+            if tier is Tier.discard and state.holds_data:
+                raise ValueError(
+                    f"policy.{state.value}: 'discard' would lose data; only "
+                    f"'{StateKind.contiguous_grad_buffer.value}' may be discarded"
+                )
+        return self
+
+    @property
+    def staging_budget_bytes(self) -> int:
+        return self.staging_budget_mb * MiB
+
+    @classmethod
+    def parse(cls, block: Any) -> OffloadStatesConfig:
+        """Validate a raw block; a failure raises ``ConfigError`` that names each culprit key."""
+        if isinstance(block, OffloadStatesConfig):
+            return block
+        if block is None:
+            block = {}
+        if not isinstance(block, dict):
+            raise ConfigError(f"'{CONFIG_KEY}' must be a JSON object, got {type(block).__name__}")
+        try:
+            return cls.model_validate(block)
+        except ValidationError as exc:
+            raise ConfigError(_explain(exc)) from None
+
+
+def _explain(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in (CONFIG_KEY, *err["loc"]))
+        if err["type"] == "extra_forbidden":
+            lines.append(f"{where}: unknown key")
+            continue
+        msg = err["msg"]
+        allowed = (err.get("ctx") or {}).get("expected")
+        if allowed:
+            msg = f"{msg} (got {err.get('input')!r})"
+        lines.append(f"{where}: {msg}")
+    allowed_keys = ", ".join(OffloadStatesConfig.model_fields)
+    return "invalid offload_states config:\n  " + "\n  ".join(lines) + f"\n  (allowed keys: {allowed_keys})"
+
+
+def config_from_engine(engine: Any) -> OffloadStatesConfig | None:
+    """Return the parsed block from a DeepSpeed engine's config, or None when absent."""
+    raw = getattr(getattr(engine, "config", None), "get", None)
+    block = raw(CONFIG_KEY) if callable(raw) else None
+    if block is None:
+        params = getattr(getattr(engine, "_config", None), "_param_dict", None)
+        block = params.get(CONFIG_KEY) if isinstance(params, dict) else None
+    return None if block is None else OffloadStatesConfig.parse(block)

@@ -1,0 +1,46 @@
+"""A small error hierarchy: callers catch by meaning (bad config, missing backend, I/O, corruption).
+
+Each error subclasses the builtin a Python user would already catch: config problems are
+``ValueError``, a missing optional backend is ``ImportError`` (with the install command), disk
+problems are ``OSError``.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+
+
+class NvmeTierError(Exception):
+    """Base of every error nvme_tier raises on purpose."""
+
+
+class ConfigError(NvmeTierError, ValueError):
+    """The offload_states block, an argument or a path is invalid. Raised before anything moves."""
+
+
+class BackendUnavailableError(NvmeTierError, ImportError):
+    """An optional backend cannot run here; the message carries the install hint."""
+
+
+class TierIOError(NvmeTierError, OSError):
+    """Writing or reading a tier failed; the states stayed where they were."""
+
+    def __init__(self, message: str, path: str | None = None, errno: int | None = None):
+        super().__init__(errno if errno is not None else _errno.EIO, message)
+        self.filename = path
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class IntegrityError(TierIOError):
+    """A file's bytes do not match the manifest (flipped, truncated, missing or foreign)."""
+
+
+class StatesOffloadedError(NvmeTierError, RuntimeError):
+    """The engine was asked to compute while its states are not on the device."""
+
+
+class UnsupportedEngineError(NvmeTierError, TypeError):
+    """The engine (DeepSpeed version, optimizer wrapper) is not one nvme_tier knows how to handle."""

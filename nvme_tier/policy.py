@@ -1,0 +1,104 @@
+"""Pure placement policy: (config, call arguments, engine facts) -> {state: tier}.
+
+No torch, no I/O: the whole decision is unit-testable with plain values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from .config import OffloadStatesConfig
+from .errors import ConfigError
+from .types import StateKind, Tier
+
+# The default for device="nvme": the big optimizer state goes to disk, master weights stay one
+# fast PCIe hop away, scratch reduce buffers are dropped and rebuilt.
+NVME_DEFAULT: Mapping[StateKind, Tier] = {
+    StateKind.optim_states: Tier.nvme,
+    StateKind.hp_params: Tier.pinned_cpu,
+    StateKind.lp_params: Tier.pinned_cpu,
+    StateKind.lp_grads: Tier.pinned_cpu,
+    StateKind.contiguous_grad_buffer: Tier.discard,
+}
+
+# device="cpu": the full CPU path, nothing on disk.
+CPU_DEFAULT: Mapping[StateKind, Tier] = {
+    StateKind.optim_states: Tier.pinned_cpu,
+    StateKind.hp_params: Tier.pinned_cpu,
+    StateKind.lp_params: Tier.pinned_cpu,
+    StateKind.lp_grads: Tier.pinned_cpu,
+    StateKind.contiguous_grad_buffer: Tier.discard,
+}
+
+
+@dataclass(frozen=True)
+class Placement:
+    """The decided tier of every state (states not moved map to ``Tier.device``)."""
+
+    tiers: Mapping[StateKind, Tier]
+
+    def states_on(self, tier: Tier) -> list[StateKind]:
+        return [s for s, t in self.tiers.items() if t is tier]
+
+    @property
+    def uses_nvme(self) -> bool:
+        return Tier.nvme in self.tiers.values()
+
+
+def _as_state(value: object) -> StateKind:
+    raw = getattr(value, "value", value)
+    try:
+        return StateKind(raw)
+    except ValueError:
+        allowed = ", ".join(s.value for s in StateKind)
+        raise ConfigError(f"include: unknown state {raw!r} (allowed: {allowed})") from None
+
+
+def _as_device(value: object) -> str:
+    raw = getattr(value, "value", value)
+    if raw in ("nvme", "cpu", "none"):
+        return str(raw)
+    raise ConfigError(f"device: unknown offload device {raw!r} (allowed: nvme, cpu, none)")
+
+
+def decide(
+    config: OffloadStatesConfig,
+    present: Iterable[StateKind],
+    include: Iterable[object] | None = None,
+    device: object | None = None,
+    pin_memory: bool | None = None,
+) -> Placement:
+    """Choose a tier per present state.
+
+    ``include``/``device``/``pin_memory`` are the upstream ``offload_states`` arguments; ``None``
+    means "from the config". An explicit ``device=cpu`` wins over NVMe overrides in the config,
+    so asking for the CPU path never touches the disk.
+    """
+    dev = _as_device(device) if device is not None else config.device
+    pin = config.pin_memory if pin_memory is None else bool(pin_memory)
+    wanted = {_as_state(s) for s in include} if include is not None else None
+    if wanted is None and config.include is not None:
+        wanted = set(config.include)
+    present = list(present)
+    if dev == "none":
+        return Placement({s: Tier.device for s in present})
+
+    base = NVME_DEFAULT if dev == "nvme" else CPU_DEFAULT
+    tiers: dict[StateKind, Tier] = {}
+    for state in present:
+        tier = config.policy.get(state, base[state])
+        if device is not None and dev == "cpu" and tier is Tier.nvme:
+            tier = base[state]
+        if wanted is not None and state not in wanted:
+            tier = Tier.device
+        if tier is Tier.pinned_cpu and not pin:
+            tier = Tier.cpu
+        if tier is Tier.discard and state.holds_data:
+            raise ConfigError(f"policy.{state.value}: 'discard' would lose data")
+        tiers[state] = tier
+    placement = Placement(tiers)
+    if placement.uses_nvme and not config.path:
+        users = ", ".join(s.value for s in placement.states_on(Tier.nvme))
+        raise ConfigError(f"offload_states.path is required: {users} placed on the 'nvme' tier")
+    return placement

@@ -1,0 +1,203 @@
+"""The storage backend interface: write named tensors to a private directory, read them back in place.
+
+Every backend moves raw bytes (so bf16/fp16/bool are lossless), returns futures (I/O runs on the
+backend's own worker thread), checksums each chunk with crc32c and commits a manifest last.
+Subclasses implement three small hooks; the conformance suite in tests/ covers every backend.
+"""
+
+from __future__ import annotations
+
+import abc
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import ClassVar
+
+import google_crc32c
+import torch
+
+from ..errors import IntegrityError, TierIOError
+from .manifest import TensorRecord, WriterDirectory, check_name
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend needs and guarantees; callers plan around these, not around class names."""
+
+    name: str
+    alignment: int  # on-disk lengths and offsets are padded to this many bytes
+    needs_libaio: bool
+    o_direct: bool  # bypasses the page cache
+
+
+def as_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """A flat uint8 view of a contiguous tensor (any dtype, any device), without copying."""
+    if not tensor.is_contiguous():
+        raise ValueError("nvme_tier stores contiguous tensors only; call .contiguous() first")
+    flat = tensor.detach().reshape(-1)
+    return flat if flat.dtype == torch.uint8 else flat.view(torch.uint8)
+
+
+def crc32c(host_bytes: torch.Tensor) -> int:
+    """crc32c of a CPU uint8 tensor (hardware-accelerated in google-crc32c)."""
+    return google_crc32c.value(host_bytes.numpy()) if host_bytes.numel() else 0
+
+
+def chunk_ranges(nbytes: int, chunk: int) -> list[tuple[int, int]]:
+    return [(start, min(start + chunk, nbytes)) for start in range(0, nbytes, chunk)]
+
+
+class StorageBackend(abc.ABC):
+    """Base of every backend. Constructors do no I/O; the directory is created on first write."""
+
+    capabilities: ClassVar[Capabilities]
+
+    def __init__(self, directory: WriterDirectory, *, checksum: bool = True):
+        self.directory = directory
+        self.checksum = checksum
+        self._records: dict[str, TensorRecord] = {}
+        self._lock = threading.Lock()
+        self._executor: ThreadPoolExecutor | None = None
+        self._closed = False
+
+    # -- the public, future-returning API ------------------------------------------------------
+    def write(self, name: str, tensor: torch.Tensor) -> Future[TensorRecord]:
+        """Write ``tensor``'s bytes under ``name`` (replacing an older version) asynchronously."""
+        check_name(name)
+        src = as_bytes(tensor)
+        meta = (str(tensor.dtype).removeprefix("torch."), tuple(tensor.shape))
+        return self._submit(lambda: self._write_job(name, src, meta))
+
+    def read_into(self, name: str, out: torch.Tensor) -> Future[None]:
+        """Read ``name`` into the preallocated ``out`` (same byte size), asynchronously."""
+        record = self.record(name)
+        dst = as_bytes(out)
+        if dst.numel() != record.nbytes:
+            raise ValueError(
+                f"read_into({name!r}): destination holds {dst.numel()} bytes, the stored tensor "
+                f"{record.nbytes} ({record.dtype}{list(record.shape)})"
+            )
+        return self._submit(lambda: self._read_job(record, dst))
+
+    def delete(self, name: str) -> None:
+        """Remove ``name``'s files once queued I/O on them is done."""
+        self._submit(lambda: self._delete_job(name)).result()
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return sorted(self._records)
+
+    def record(self, name: str) -> TensorRecord:
+        with self._lock:
+            try:
+                return self._records[name]
+            except KeyError:
+                raise KeyError(f"no stored tensor named {name!r} in {self.directory.path}") from None
+
+    def stored_bytes(self) -> int:
+        with self._lock:
+            return sum(r.nbytes for r in self._records.values())
+
+    def commit(self) -> None:
+        """Write the manifest (last, atomically) after every queued write has finished."""
+        self._submit(lambda: self.directory.commit_manifest(dict(self._records))).result()
+
+    def verify_manifest(self) -> None:
+        """Check that the committed manifest on disk is ours and matches what we wrote."""
+        on_disk = self.directory.load_manifest()
+        with self._lock:
+            mine = dict(self._records)
+        for name, rec in mine.items():
+            if on_disk.get(name) != rec:
+                path = self.directory.file_path(rec.file)
+                raise IntegrityError(f"manifest entry for {path} does not match what was written", path)
+
+    def release(self) -> None:
+        """Wait for queued I/O, free staging memory and delete every file this writer owns."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+        self._release_resources()
+        with self._lock:
+            self._records.clear()
+        self.directory.remove()
+
+    close = release
+
+    # -- hooks for subclasses --------------------------------------------------------------------
+    @abc.abstractmethod
+    def _write_bytes(self, name: str, src: torch.Tensor) -> tuple[str, int, list[int] | None]:
+        """Write ``src`` (flat uint8, any device); return (file, chunk_bytes, crcs)."""
+
+    @abc.abstractmethod
+    def _read_bytes(self, record: TensorRecord, dst: torch.Tensor) -> None:
+        """Fill ``dst`` (flat uint8, any device) from ``record``, verifying checksums."""
+
+    @abc.abstractmethod
+    def _remove(self, record: TensorRecord) -> None:
+        """Delete ``record``'s files."""
+
+    def _release_resources(self) -> None:
+        """Free pinned buffers and handles (subclasses override)."""
+
+    # -- internals -------------------------------------------------------------------------------
+    def _submit(self, fn: Callable):
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=type(self).__name__)
+        return self._executor.submit(_with_device(fn))
+
+    def _write_job(self, name: str, src: torch.Tensor, meta: tuple[str, tuple[int, ...]]) -> TensorRecord:
+        self.directory.create()
+        with self._lock:
+            old = self._records.pop(name, None)
+        if old is not None:
+            self._remove(old)
+        try:
+            if src.numel() == 0:
+                file, chunk, crcs = "", 0, [] if self.checksum else None
+            else:
+                file, chunk, crcs = self._write_bytes(name, src)
+        except OSError as exc:
+            self._remove(TensorRecord(name, _default_file(self, name), 0, "", (), 0))
+            if isinstance(exc, TierIOError):
+                raise
+            path = exc.filename or self.directory.path
+            raise TierIOError(f"writing {path} failed: {exc.strerror or exc}", path, exc.errno) from exc
+        record = TensorRecord(name, file, src.numel(), meta[0], meta[1], chunk, tuple(crcs) if crcs is not None else None)
+        with self._lock:
+            self._records[name] = record
+        return record
+
+    def _read_job(self, record: TensorRecord, dst: torch.Tensor) -> None:
+        if record.nbytes:
+            self._read_bytes(record, dst)
+
+    def _delete_job(self, name: str) -> None:
+        with self._lock:
+            rec = self._records.pop(name, None)
+        if rec is not None and rec.file:
+            self._remove(rec)
+
+    def _check_crc(self, record: TensorRecord, index: int, host: torch.Tensor) -> None:
+        if record.crc32c is None or not self.checksum:
+            return
+        if crc32c(host) != record.crc32c[index]:
+            path = self.directory.file_path(record.file)
+            raise IntegrityError(f"checksum mismatch in {path} (chunk {index})", path)
+
+
+def _default_file(backend: StorageBackend, name: str) -> str:
+    return getattr(backend, "file_name", lambda n: n)(name)
+
+
+def _with_device(fn: Callable) -> Callable:
+    """Run ``fn`` on the caller's CUDA device (worker threads start on device 0)."""
+    device = torch.cuda.current_device() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+
+    def run():
+        if device is not None:
+            torch.cuda.set_device(device)
+        return fn()
+
+    return run

@@ -1,0 +1,299 @@
+"""Writer directories and manifests: who owns a set of files, and what the files must contain.
+
+Each writer (one engine instance on one rank) owns a private 0700 directory under the configured
+path, so two writers on one path never collide. The manifest is written last (tmp + fsync +
+rename): a crash mid-offload never leaves a readable half-state. Nothing here unpickles.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import re
+import shutil
+import socket
+import stat
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+
+import psutil
+
+from ..errors import ConfigError, IntegrityError, TierIOError
+
+FORMAT = "nvme_tier/1"
+OWNER_FILE = "owner.json"
+MANIFEST_FILE = "manifest.json"
+WRITER_PREFIX = "ntier-"
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+def check_name(name: str) -> str:
+    """Names become file names: only a safe alphabet, never a path component like '..'."""
+    if not isinstance(name, str) or not _NAME_RE.match(name) or ".." in name:
+        raise ConfigError(f"invalid tensor name {name!r}: use letters, digits, '_', '-', '.' (max 128)")
+    return name
+
+
+@dataclass(frozen=True)
+class OwnerInfo:
+    """Identity of a writer; ``pid_start`` guards against a recycled pid looking alive."""
+
+    writer_id: str
+    host: str
+    pid: int
+    pid_start: float
+    rank: int
+    created: float
+    label: str = ""
+
+    @classmethod
+    def current(cls, rank: int = 0, label: str = "") -> OwnerInfo:
+        pid = os.getpid()
+        token = uuid.uuid4().hex[:10]
+        return cls(
+            writer_id=f"{WRITER_PREFIX}{socket.gethostname()}-{pid}-{token}-r{rank}",
+            host=socket.gethostname(),
+            pid=pid,
+            pid_start=_process_start(pid) or 0.0,
+            rank=rank,
+            created=time.time(),
+            label=label,
+        )
+
+    def is_alive(self) -> bool:
+        """True unless we can prove the owner process is gone (other hosts count as alive)."""
+        if self.host != socket.gethostname():
+            return True
+        start = _process_start(self.pid)
+        return start is not None and abs(start - self.pid_start) < 1.0
+
+
+def _process_start(pid: int) -> float | None:
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, ProcessLookupError):
+        return None
+
+
+@dataclass(frozen=True)
+class TensorRecord:
+    """What one stored tensor must look like on read: its bytes, layout and checksums."""
+
+    name: str
+    file: str
+    nbytes: int
+    dtype: str
+    shape: tuple[int, ...]
+    chunk_bytes: int
+    crc32c: tuple[int, ...] | None = None
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        out["shape"] = list(self.shape)
+        out["crc32c"] = list(self.crc32c) if self.crc32c is not None else None
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict) -> TensorRecord:
+        return cls(
+            name=str(data["name"]),
+            file=str(data["file"]),
+            nbytes=int(data["nbytes"]),
+            dtype=str(data["dtype"]),
+            shape=tuple(int(x) for x in data["shape"]),
+            chunk_bytes=int(data["chunk_bytes"]),
+            crc32c=tuple(int(x) for x in data["crc32c"]) if data.get("crc32c") is not None else None,
+            extra=dict(data.get("extra") or {}),
+        )
+
+
+def _open_flags(write: bool, direct: bool) -> int:
+    flags = os.O_CLOEXEC | os.O_NOFOLLOW
+    flags |= (os.O_WRONLY | os.O_CREAT | os.O_TRUNC) if write else os.O_RDONLY
+    if direct:
+        flags |= os.O_DIRECT
+    return flags
+
+
+class WriterDirectory:
+    """A private directory owned by one writer. The constructor does no I/O; ``create`` does."""
+
+    def __init__(self, root: str, owner: OwnerInfo):
+        self.root = os.path.abspath(root)
+        self.owner = owner
+        self.path = os.path.join(self.root, owner.writer_id)
+        self._created = False
+
+    def create(self) -> None:
+        if self._created:
+            return
+        _ensure_root(self.root)
+        try:
+            os.mkdir(self.path, 0o700)
+        except FileExistsError:
+            raise TierIOError(f"writer directory already exists: {self.path}", self.path, errno.EEXIST) from None
+        except OSError as exc:
+            raise TierIOError(f"cannot create {self.path}: {exc.strerror}", self.path, exc.errno) from None
+        os.chmod(self.path, 0o700)
+        atomic_write_json(self.file_path(OWNER_FILE), asdict(self.owner))
+        self._created = True
+
+    def file_path(self, filename: str) -> str:
+        return os.path.join(self.path, check_name(filename))
+
+    def open(self, filename: str, *, write: bool, direct: bool = False) -> int:
+        path = self.file_path(filename)
+        try:
+            return os.open(path, _open_flags(write, direct), 0o600)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise TierIOError(f"refusing to follow a symlink: {path}", path, exc.errno) from None
+            if not write and exc.errno == errno.ENOENT:
+                raise IntegrityError(f"missing file: {path}", path, exc.errno) from None
+            raise TierIOError(f"cannot open {path}: {exc.strerror}", path, exc.errno) from None
+
+    def remove_file(self, filename: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.file_path(filename))
+
+    def remove(self) -> None:
+        """Delete this writer's directory (and only it)."""
+        if os.path.isdir(self.path) and not os.path.islink(self.path):
+            shutil.rmtree(self.path, ignore_errors=True)
+        self._created = False
+
+    def commit_manifest(self, records: dict[str, TensorRecord]) -> None:
+        data = {
+            "format": FORMAT,
+            "owner": asdict(self.owner),
+            "records": {name: rec.to_json() for name, rec in sorted(records.items())},
+        }
+        atomic_write_json(self.file_path(MANIFEST_FILE), data)
+
+    def load_manifest(self) -> dict[str, TensorRecord]:
+        path = self.file_path(MANIFEST_FILE)
+        data = read_json(path)
+        if data.get("format") != FORMAT:
+            raise IntegrityError(f"{path}: unknown manifest format {data.get('format')!r}", path)
+        writer = (data.get("owner") or {}).get("writer_id")
+        if writer != self.owner.writer_id:
+            raise IntegrityError(f"{path}: manifest belongs to writer {writer!r}, not {self.owner.writer_id!r}", path)
+        return {name: TensorRecord.from_json(rec) for name, rec in data.get("records", {}).items()}
+
+
+def _ensure_root(root: str) -> None:
+    try:
+        st = os.lstat(root)
+    except FileNotFoundError:
+        try:
+            os.makedirs(root, 0o700, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"offload_states.path {root!r}: cannot create directory ({exc.strerror})") from None
+        st = os.lstat(root)
+    if stat.S_ISLNK(st.st_mode):
+        # A symlinked root is the admin's choice (e.g. /scratch -> /mnt/nvme0); resolve it once.
+        st = os.stat(root)
+    if not stat.S_ISDIR(st.st_mode):
+        raise ConfigError(f"offload_states.path {root!r} is not a directory")
+    if not os.access(root, os.W_OK | os.X_OK):
+        raise ConfigError(f"offload_states.path {root!r} is not writable")
+
+
+def atomic_write_json(path: str, data: dict) -> None:
+    """tmp + fsync + rename + fsync(dir): readers see the old file or the new one, never half."""
+    tmp = f"{path}.tmp"
+    fd = os.open(tmp, _open_flags(write=True, direct=False), 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", closefd=False) as fh:
+            json.dump(data, fh, indent=1, sort_keys=True)
+            fh.flush()
+        os.fsync(fd)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise TierIOError(f"cannot write {path}: {exc.strerror}", path, exc.errno) from None
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dfd = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def read_json(path: str) -> dict:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise IntegrityError(f"missing file: {path}", path, errno.ENOENT) from None
+    except OSError as exc:
+        raise TierIOError(f"cannot open {path}: {exc.strerror}", path, exc.errno) from None
+    with os.fdopen(fd, encoding="utf-8") as fh:
+        try:
+            data = json.load(fh)
+        except ValueError as exc:
+            raise IntegrityError(f"{path}: not valid JSON ({exc})", path) from None
+    if not isinstance(data, dict):
+        raise IntegrityError(f"{path}: not a JSON object", path)
+    return data
+
+
+@dataclass(frozen=True)
+class WriterInfo:
+    """What ``status``/``clean`` see of a writer directory on disk."""
+
+    path: str
+    owner: OwnerInfo | None
+    live: bool
+    bytes: int
+    age_s: float
+    committed: bool
+
+
+def scan_writers(root: str) -> Iterator[WriterInfo]:
+    """Writer directories under ``root``; unreadable owners count as live (never deleted blindly)."""
+    try:
+        entries = sorted(os.scandir(root), key=lambda e: e.name)
+    except FileNotFoundError:
+        return
+    for entry in entries:
+        if not entry.name.startswith(WRITER_PREFIX) or not entry.is_dir(follow_symlinks=False):
+            continue
+        owner: OwnerInfo | None
+        try:
+            owner = OwnerInfo(**read_json(os.path.join(entry.path, OWNER_FILE)))
+        except (TierIOError, TypeError):
+            owner = None
+        size = 0
+        for dirpath, _dirs, files in os.walk(entry.path):
+            for f in files:
+                with contextlib.suppress(OSError):
+                    size += os.lstat(os.path.join(dirpath, f)).st_size
+        created = owner.created if owner else entry.stat(follow_symlinks=False).st_mtime
+        yield WriterInfo(
+            path=entry.path,
+            owner=owner,
+            live=owner.is_alive() if owner else True,
+            bytes=size,
+            age_s=max(0.0, time.time() - created),
+            committed=os.path.exists(os.path.join(entry.path, MANIFEST_FILE)),
+        )
+
+
+def clean_writers(root: str, include_live: bool = False) -> list[WriterInfo]:
+    """Remove stale writer directories (owner process gone); live ones only when asked."""
+    removed = []
+    for info in scan_writers(root):
+        if info.owner is None and not include_live:
+            continue
+        if info.live and not include_live:
+            continue
+        shutil.rmtree(info.path, ignore_errors=True)
+        removed.append(info)
+    return removed
