@@ -46,17 +46,23 @@ class OffloadStatesConfig(_Strict):
     """Where an idle engine's states go and how they get there."""
 
     device: Literal["nvme", "cpu"] = Field(
-        "nvme", description="Base policy: 'nvme' (optimizer states to disk) or 'cpu' (everything in host RAM)."
+        "nvme",
+        description="Base policy: 'nvme' (optimizer states to disk) or 'cpu' (everything in host RAM).",
     )
-    path: str | None = Field(None, description="Directory for NVMe files; required when any state goes to nvme.")
+    path: str | None = Field(
+        None, description="Directory for NVMe files; required when any state goes to nvme."
+    )
     backend: Literal["auto", "aio", "zarr"] = Field(
-        "auto", description="'aio' (DeepSpeed async_io, O_DIRECT), 'zarr', or 'auto' (aio when usable, else zarr)."
+        "auto",
+        description="'aio' (DeepSpeed async_io, O_DIRECT), 'zarr', or 'auto' (aio when usable, else zarr).",
     )
     policy: dict[StateKind, Tier] = Field(
-        default_factory=dict, description="Per-state tier overrides, e.g. {\"hp_params\": \"nvme\"}."
+        default_factory=dict, description='Per-state tier overrides, e.g. {"hp_params": "nvme"}.'
     )
     include: list[StateKind] | None = Field(None, description="States offloaded by default (None: all).")
-    pin_memory: bool = Field(True, description="Use page-locked host memory for host tiers (pinned_cpu vs cpu).")
+    pin_memory: bool = Field(
+        True, description="Use page-locked host memory for host tiers (pinned_cpu vs cpu)."
+    )
     non_blocking: bool = Field(False, description="Default of offload_states/reload_states non_blocking.")
     staging_budget_mb: int = Field(
         512, ge=2, le=65536, description="Pinned host memory for NVMe staging (double-buffered), in MiB."

@@ -52,7 +52,9 @@ def load_aio_op():
     try:
         return AsyncIOBuilder().load(verbose=False)
     except Exception as exc:
-        raise BackendUnavailableError(f"building DeepSpeed's async_io op failed ({exc}); {INSTALL_HINT}") from exc
+        raise BackendUnavailableError(
+            f"building DeepSpeed's async_io op failed ({exc}); {INSTALL_HINT}"
+        ) from exc
 
 
 class AioBackend(StorageBackend):

@@ -164,7 +164,9 @@ class StorageBackend(abc.ABC):
                 raise
             path = exc.filename or self.directory.path
             raise TierIOError(f"writing {path} failed: {exc.strerror or exc}", path, exc.errno) from exc
-        record = TensorRecord(name, file, src.numel(), meta[0], meta[1], chunk, tuple(crcs) if crcs is not None else None)
+        record = TensorRecord(
+            name, file, src.numel(), meta[0], meta[1], chunk, tuple(crcs) if crcs is not None else None
+        )
         with self._lock:
             self._records[name] = record
         return record
@@ -193,7 +195,9 @@ def _default_file(backend: StorageBackend, name: str) -> str:
 
 def _with_device(fn: Callable) -> Callable:
     """Run ``fn`` on the caller's CUDA device (worker threads start on device 0)."""
-    device = torch.cuda.current_device() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    device = (
+        torch.cuda.current_device() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    )
 
     def run():
         if device is not None:

@@ -136,7 +136,9 @@ class WriterDirectory:
         try:
             os.mkdir(self.path, 0o700)
         except FileExistsError:
-            raise TierIOError(f"writer directory already exists: {self.path}", self.path, errno.EEXIST) from None
+            raise TierIOError(
+                f"writer directory already exists: {self.path}", self.path, errno.EEXIST
+            ) from None
         except OSError as exc:
             raise TierIOError(f"cannot create {self.path}: {exc.strerror}", self.path, exc.errno) from None
         os.chmod(self.path, 0o700)
@@ -182,7 +184,9 @@ class WriterDirectory:
             raise IntegrityError(f"{path}: unknown manifest format {data.get('format')!r}", path)
         writer = (data.get("owner") or {}).get("writer_id")
         if writer != self.owner.writer_id:
-            raise IntegrityError(f"{path}: manifest belongs to writer {writer!r}, not {self.owner.writer_id!r}", path)
+            raise IntegrityError(
+                f"{path}: manifest belongs to writer {writer!r}, not {self.owner.writer_id!r}", path
+            )
         return {name: TensorRecord.from_json(rec) for name, rec in data.get("records", {}).items()}
 
 
@@ -193,7 +197,9 @@ def _ensure_root(root: str) -> None:
         try:
             os.makedirs(root, 0o700, exist_ok=True)
         except OSError as exc:
-            raise ConfigError(f"offload_states.path {root!r}: cannot create directory ({exc.strerror})") from None
+            raise ConfigError(
+                f"offload_states.path {root!r}: cannot create directory ({exc.strerror})"
+            ) from None
         st = os.lstat(root)
     if stat.S_ISLNK(st.st_mode):
         # A symlinked root is the admin's choice (e.g. /scratch -> /mnt/nvme0); resolve it once.

@@ -1,0 +1,87 @@
+"""The public functions. Controllers are kept in a weak map so an engine's lifetime is its own."""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+from . import engine as ds
+from .config import CONFIG_KEY, OffloadStatesConfig
+from .controller import OffloadController
+from .errors import NvmeTierError
+from .status import format_table
+from .types import StateStatus
+
+_controllers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def attach(engine: Any, config: OffloadStatesConfig | dict | None = None) -> OffloadController:
+    """Make ``engine.offload_states()``/``reload_states()`` use nvme_tier.
+
+    ``config`` defaults to the engine's ``"offload_states"`` block (or the defaults when absent).
+    Everything is validated here, before anything moves. Attaching twice returns the same
+    controller when the config is unchanged.
+    """
+    ds.check_deepspeed_version()
+    if config is None:
+        config = ds.engine_config_block(engine, CONFIG_KEY)
+    cfg = OffloadStatesConfig.parse(config)
+    existing = _controllers.get(engine)
+    if existing is not None:
+        if existing.config == cfg:
+            return existing
+        existing.detach()
+    controller = OffloadController(engine, cfg)
+    _controllers[engine] = controller
+    return controller
+
+
+def initialize(*args: Any, **kwargs: Any):
+    """``deepspeed.initialize`` that attaches nvme_tier when the config has an offload_states block."""
+    import deepspeed
+
+    result = deepspeed.initialize(*args, **kwargs)
+    block = ds.engine_config_block(result[0], CONFIG_KEY)
+    if block is not None:
+        attach(result[0], block)
+    return result
+
+
+def controller_of(engine: Any) -> OffloadController:
+    try:
+        return _controllers[engine]
+    except KeyError:
+        raise NvmeTierError(
+            "nvme_tier is not attached to this engine; call nvme_tier.attach(engine)"
+        ) from None
+
+
+def offload_status(engine: Any) -> dict[str, StateStatus]:
+    """Where each state is: ``{"optim_states": StateStatus(tier=..., bytes=...), ...}``."""
+    return controller_of(engine).status()
+
+
+def format_status(engine: Any) -> str:
+    return format_table(offload_status(engine))
+
+
+def wait(engine: Any) -> None:
+    """Block until a non-blocking offload/reload of ``engine`` has finished."""
+    controller_of(engine).wait()
+
+
+def mark_dirty(engine: Any) -> None:
+    """Tell nvme_tier the states changed outside backward/step (e.g. edited in place)."""
+    controller_of(engine).mark_dirty()
+
+
+def release(engine: Any) -> None:
+    """Delete ``engine``'s NVMe files and free its pinned host buffers."""
+    controller_of(engine).release()
+
+
+def detach(engine: Any) -> None:
+    """Undo ``attach``: restore DeepSpeed's own offload_states/reload_states."""
+    controller = _controllers.pop(engine, None)
+    if controller is not None:
+        controller.detach()

@@ -1,0 +1,249 @@
+"""The ONLY module that touches DeepSpeed internals.
+
+It answers three questions for a live engine: which tensors hold each state (per ZeRO stage and
+DeepSpeed version), how to quiesce the engine before its memory is freed, and how to hook the
+engine so it cannot compute while states are away. Version differences are detected by feature
+(attribute presence), each commented with the versions that need it.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+
+from .errors import UnsupportedEngineError
+from .tiers import StateBuffer
+from .types import StateKind
+
+SUPPORTED_DEEPSPEED = (">=0.16.9", "<0.20")
+
+
+def check_deepspeed_version(version: str | None = None) -> str:
+    """Raise ``UnsupportedEngineError`` naming the installed and supported versions."""
+    from packaging.version import Version
+
+    if version is None:
+        import deepspeed
+
+        version = deepspeed.__version__
+    v = Version(version)
+    if not (Version("0.16.9") <= v < Version("0.20")):
+        raise UnsupportedEngineError(
+            f"nvme_tier supports DeepSpeed {','.join(SUPPORTED_DEEPSPEED)}; installed is {version}. "
+            "Install a supported version, e.g. pip install 'deepspeed==0.19.8'"
+        )
+    return version
+
+
+# -- which optimizer wrapper is this? ---------------------------------------------------------------
+def zero_stage(engine: Any) -> int:
+    fn = getattr(engine, "zero_optimization_stage", None)
+    return int(fn()) if callable(fn) else 0
+
+
+def _zero_optimizer(engine: Any) -> Any | None:
+    """The ZeRO optimizer wrapper, or None for engines without a (real) optimizer."""
+    opt = getattr(engine, "optimizer", None)
+    if opt is None or type(opt).__name__ == "DeepSpeedZeRoOffload":  # ZeRO-3 inference engine
+        return None
+    return opt
+
+
+def _inner_optimizer(opt: Any) -> Any:
+    """The torch optimizer that owns ``.state`` (FusedAdam, DeepSpeedCPUAdam, torch Adam...)."""
+    inner = getattr(opt, "optimizer", None)
+    return inner if inner is not None and hasattr(inner, "state") else opt
+
+
+def _tensors(values: Iterable[Any]) -> Iterator[torch.Tensor]:
+    for v in values:
+        if torch.is_tensor(v):
+            yield v
+        elif isinstance(v, (list, tuple)):
+            yield from _tensors(v)
+
+
+def _state_tensors(engine: Any) -> dict[StateKind, list[torch.Tensor]]:
+    opt = _zero_optimizer(engine)
+    params = list(engine.module.parameters())
+    found: dict[StateKind, list[torch.Tensor]] = {k: [] for k in StateKind}
+    if opt is None:
+        # Reference/reward models: only the parameters exist (ZeRO-3: the partitions).
+        found[StateKind.lp_params] = [
+            getattr(p, "ds_tensor", None) if hasattr(p, "ds_tensor") else p for p in params
+        ]
+        if zero_stage(engine) == 3:
+            found[StateKind.lp_params] += params
+        return found
+
+    # Adam moments etc. Reached through .state, never through param_groups, because ZeRO-3
+    # empties the inner optimizer's param_groups between steps.
+    inner = _inner_optimizer(opt)
+    for state in list(getattr(inner, "state", {}).values()):
+        found[StateKind.optim_states].extend(_tensors(state.values()))
+
+    if hasattr(opt, "fp32_partitioned_groups_flat"):  # ZeRO-3
+        found[StateKind.hp_params] = list(_tensors(opt.fp32_partitioned_groups_flat))
+        lp = getattr(opt, "lp_param_buffer", None)  # 0.16.9 and 0.19.x
+        found[StateKind.lp_params] = [lp] if torch.is_tensor(lp) else [p.ds_tensor for p in params]
+        # Persistent (small) params stay gathered on the device between steps; the others hold
+        # an empty placeholder then, which discovery skips.
+        found[StateKind.lp_params] += params
+        grads = getattr(opt, "grad_partitions_flat_buffer", None)
+        found[StateKind.lp_grads] = [grads] if torch.is_tensor(grads) else []
+        buckets = getattr(opt, "ipg_buckets", None)  # 0.17+: one bucket per comm dtype
+        if isinstance(buckets, dict):
+            found[StateKind.contiguous_grad_buffer] = [
+                b.buffer for b in buckets.values() if torch.is_tensor(b.buffer)
+            ]
+        else:  # 0.16.x: a single name-mangled flat bucket
+            flat = getattr(opt, "_DeepSpeedZeroOptimizer_Stage3__ipg_bucket_flat_buffer", None)
+            found[StateKind.contiguous_grad_buffer] = [flat] if torch.is_tensor(flat) else []
+    elif hasattr(opt, "single_partition_of_fp32_groups"):  # ZeRO-1/2
+        found[StateKind.hp_params] = list(_tensors(opt.single_partition_of_fp32_groups))
+        found[StateKind.lp_params] = list(_tensors(opt.bit16_groups_flat))
+        avg = getattr(opt, "averaged_gradients", {})
+        found[StateKind.lp_grads] = list(_tensors(avg.values() if isinstance(avg, dict) else avg))
+        buckets = getattr(opt, "ipg_buckets", None)  # 0.17+
+        if isinstance(buckets, dict):
+            found[StateKind.contiguous_grad_buffer] = list(_tensors(b.buffer for b in buckets.values()))
+        else:  # 0.16.x
+            found[StateKind.contiguous_grad_buffer] = list(_tensors(getattr(opt, "ipg_buffer", None) or []))
+    else:
+        raise UnsupportedEngineError(
+            f"nvme_tier supports ZeRO stages 1-3 and engines without an optimizer; got {type(opt).__name__}"
+        )
+    return found
+
+
+def discover_buffers(engine: Any) -> dict[StateKind, list[StateBuffer]]:
+    """Group each state's tensors by storage; a storage claimed by two states goes to the first."""
+    seen: set[tuple[str, int]] = set()
+    out: dict[StateKind, list[StateBuffer]] = {}
+    for kind, tensors in _state_tensors(engine).items():
+        groups: dict[tuple[str, int], list[torch.Tensor]] = {}
+        for t in tensors:
+            if t is None or t.device.type == "meta":
+                continue
+            storage = t.untyped_storage()
+            if storage.nbytes() == 0:
+                continue
+            key = (str(t.device), storage.data_ptr())
+            if key in seen and key not in groups:
+                continue
+            seen.add(key)
+            groups.setdefault(key, []).append(t)
+        out[kind] = [StateBuffer.of(kind, f"{kind.value}.{i}", ts) for i, ts in enumerate(groups.values())]
+    return out
+
+
+def buffers_present(engine: Any) -> dict[StateKind, int]:
+    """Bytes per state the engine currently holds (cheap: no copies)."""
+    return {k: sum(b.nbytes for b in bufs) for k, bufs in discover_buffers(engine).items()}
+
+
+# -- quiescing and device facts --------------------------------------------------------------------
+def quiesce(engine: Any) -> None:
+    """Finish in-flight work so no kernel touches memory we are about to free.
+
+    ZeRO-3: release gathered/prefetched params first (DeepSpeed's own fix for "param still in
+    flight", #6557), exactly as upstream offload_states does.
+    """
+    opt = getattr(engine, "optimizer", None)
+    empty = getattr(opt, "empty_partition_cache", None)
+    if callable(empty):
+        empty()
+    synchronize()
+
+
+def synchronize() -> None:
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    if acc.is_available():
+        acc.synchronize()
+
+
+def empty_cache() -> None:
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    if acc.is_available():
+        acc.empty_cache()
+
+
+def accelerator_device() -> torch.device:
+    from deepspeed.accelerator import get_accelerator
+
+    return torch.device(get_accelerator().current_device_name())
+
+
+def rank_of(engine: Any) -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def engine_config_block(engine: Any, key: str) -> Any:
+    """The raw top-level ``key`` of the engine's DeepSpeed config (DeepSpeed keeps unknown keys)."""
+    params = getattr(getattr(engine, "_config", None), "_param_dict", None)
+    if isinstance(params, dict) and key in params:
+        return params[key]
+    cfg = getattr(engine, "config", None)
+    return cfg.get(key) if isinstance(cfg, dict) else None
+
+
+# -- hooking the engine -----------------------------------------------------------------------------
+GUARDED_METHODS = ("backward", "step", "save_checkpoint", "load_checkpoint", "eval_batch", "train_batch")
+MUTATING_METHODS = frozenset({"backward", "step", "load_checkpoint", "train_batch"})
+
+
+def install_hooks(
+    engine: Any,
+    guard: Callable[[str], None],
+    mutated: Callable[[], None],
+    offload: Callable[..., None],
+    reload: Callable[..., None],
+) -> Callable[[], None]:
+    """Route offload_states/reload_states to nvme_tier and guard compute; returns an undo."""
+    originals: dict[str, Any] = {}
+
+    def wrap(name: str):
+        method = getattr(engine, name)
+
+        @functools.wraps(method)
+        def guarded(*args, **kwargs):
+            guard(name)
+            try:
+                return method(*args, **kwargs)
+            finally:
+                if name in MUTATING_METHODS:
+                    mutated()
+
+        return guarded
+
+    for name in GUARDED_METHODS:
+        if hasattr(engine, name):
+            originals[name] = engine.__dict__.get(name)
+            object.__setattr__(engine, name, wrap(name))
+    for name, fn in (("offload_states", offload), ("reload_states", reload)):
+        originals[name] = engine.__dict__.get(name)
+        object.__setattr__(engine, name, fn)
+
+    # A forward pre-hook on the module covers engine(x) and engine.module(x) alike.
+    handle = engine.module.register_forward_pre_hook(lambda _m, _a: guard("forward"))
+    handle_engine = engine.register_forward_pre_hook(lambda _m, _a: guard("forward"))
+
+    def undo() -> None:
+        handle.remove()
+        handle_engine.remove()
+        for name, orig in originals.items():
+            if orig is None:
+                engine.__dict__.pop(name, None)
+            else:
+                object.__setattr__(engine, name, orig)
+
+    return undo

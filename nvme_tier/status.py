@@ -1,0 +1,61 @@
+"""``offload_status``: where each state is now, how many bytes, and a printable table."""
+
+from __future__ import annotations
+
+from .tiers import Placed, StateBuffer
+from .types import StateKind, StateStatus, Tier
+
+
+def build_status(
+    buffers: dict[StateKind, list[StateBuffer]],
+    placed: dict[StateKind, list[Placed]],
+    nvme_dir: str | None,
+    device: str,
+) -> dict[str, StateStatus]:
+    out: dict[str, StateStatus] = {}
+    for kind in StateKind:
+        moved = placed.get(kind, [])
+        if moved:
+            tier = moved[0].tier
+            nbytes = sum(p.buffer.nbytes for p in moved)
+            where = {
+                Tier.nvme: nvme_dir or "?",
+                Tier.pinned_cpu: "host (page-locked)",
+                Tier.cpu: "host",
+                Tier.discard: "freed (rebuilt on reload)",
+            }.get(tier, device)
+            out[kind.value] = StateStatus(kind.value, tier.value, nbytes, where, len(moved), nbytes)
+        else:
+            bufs = [b for b in buffers.get(kind, []) if not b.is_freed]
+            nbytes = sum(b.nbytes for b in bufs)
+            where = ", ".join(sorted({str(b.device) for b in bufs})) or device
+            out[kind.value] = StateStatus(kind.value, Tier.device.value, nbytes, where, len(bufs), 0)
+    return out
+
+
+def format_table(status: dict[str, StateStatus]) -> str:
+    """A fixed-width table, one row per state, plus totals."""
+    rows = [("state", "tier", "bytes", "where")]
+    for entry in status.values():
+        rows.append((entry.state, entry.tier, human_bytes(entry.bytes), entry.location))
+    freed = sum(e.device_bytes_freed for e in status.values())
+    rows.append(
+        (
+            "total",
+            "",
+            human_bytes(sum(e.bytes for e in status.values())),
+            f"device memory freed: {human_bytes(freed)}",
+        )
+    )
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"

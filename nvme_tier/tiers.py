@@ -1,0 +1,252 @@
+"""Move a set of state buffers to their tiers and back, all-or-nothing.
+
+A *state buffer* is one tensor storage (the unit memory is allocated in). Freeing the storage
+frees it for every view that shares it (params that are views into a flat buffer, optimizer
+fragments...), and restoring it in place brings every view back with its identity intact, so the
+engine's own bookkeeping needs no re-pointing.
+
+Offload order: copy/write everything, wait, verify, commit the manifest, and only then free
+device memory. Any failure before that point removes what this call wrote and leaves every
+state where it was.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import IntegrityError, TierIOError
+from .storage.base import StorageBackend
+from .storage.staging import DeviceCopier
+from .types import StateKind, Tier
+
+log = logging.getLogger("nvme_tier")
+
+
+@dataclass(eq=False)
+class StateBuffer:
+    """One storage holding (part of) a state, addressed as a flat uint8 view over all of it."""
+
+    kind: StateKind
+    name: str
+    view: torch.Tensor
+    owners: tuple[torch.Tensor, ...] = ()
+    _rebound: list = field(default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        self.nbytes = self.view.numel()
+        self.device = self.view.device
+        self.pinned = self.device.type == "cpu" and _is_pinned(self.view)
+
+    @classmethod
+    def of(cls, kind: StateKind, name: str, tensors: Iterable[torch.Tensor]) -> StateBuffer:
+        tensors = tuple(tensors)
+        storage = tensors[0].untyped_storage()
+        view = torch.empty(0, dtype=torch.uint8, device=tensors[0].device).set_(storage)
+        return cls(kind, name, view, tensors)
+
+    @property
+    def is_freed(self) -> bool:
+        return self.view.untyped_storage().nbytes() == 0 or bool(self._rebound)
+
+    def free(self) -> None:
+        """Release the memory. Resizable storages shrink in place; others are rebound (fallback)."""
+        storage = self.view.untyped_storage()
+        if storage.resizable():
+            storage.resize_(0)
+            return
+        # Page-locked host storages cannot be resized: point each known owner at an empty tensor.
+        for t in self.owners:
+            self._rebound.append((t, t.storage_offset(), tuple(t.shape), tuple(t.stride())))
+            t.data = torch.empty(0, dtype=t.dtype, device=t.device)
+        self.view = torch.empty(self.nbytes, dtype=torch.uint8, device="meta")
+
+    def restore(self) -> None:
+        """Re-allocate the memory (contents undefined until filled)."""
+        if self._rebound:
+            fresh = torch.empty(self.nbytes, dtype=torch.uint8, device=self.device, pin_memory=self.pinned)
+            storage = fresh.untyped_storage()
+            for t, offset, shape, stride in self._rebound:
+                t.data = torch.empty(0, dtype=t.dtype, device=self.device).set_(
+                    storage, offset, shape, stride
+                )
+            self._rebound.clear()
+            self.view = fresh
+            return
+        self.view.untyped_storage().resize_(self.nbytes)
+
+
+def _is_pinned(t: torch.Tensor) -> bool:
+    try:
+        return bool(t.is_pinned())
+    except RuntimeError:
+        return False
+
+
+@dataclass(eq=False)
+class Placed:
+    """Where one buffer went: a host copy, a stored record, or nowhere (discarded)."""
+
+    buffer: StateBuffer
+    tier: Tier
+    host: torch.Tensor | None = None
+
+
+@dataclass
+class TransferStats:
+    bytes_written: int = 0
+    bytes_skipped: int = 0
+    bytes_to_host: int = 0
+    bytes_read: int = 0
+    seconds: float = 0.0
+
+
+class TierMover:
+    """Executes placements. Keeps page-locked host copies for reuse across cycles."""
+
+    def __init__(self, backend: Callable[[], StorageBackend], progress: Callable | None = None):
+        self._backend_factory = backend
+        self._backend: StorageBackend | None = None
+        self._pinned_cache: dict[str, torch.Tensor] = {}
+        self._copier = DeviceCopier()
+        self._progress = progress
+
+    @property
+    def backend(self) -> StorageBackend:
+        if self._backend is None:
+            self._backend = self._backend_factory()
+        return self._backend
+
+    @property
+    def has_backend(self) -> bool:
+        return self._backend is not None
+
+    @property
+    def pinned_bytes(self) -> int:
+        cache = sum(t.numel() for t in self._pinned_cache.values())
+        return cache + (getattr(self._backend, "pinned_bytes", 0) if self._backend else 0)
+
+    def _host_buffer(self, buf: StateBuffer, pinned: bool) -> torch.Tensor:
+        if not pinned:
+            return torch.empty(buf.nbytes, dtype=torch.uint8)
+        cached = self._pinned_cache.get(buf.name)
+        if cached is None or cached.numel() != buf.nbytes:
+            cached = torch.empty(buf.nbytes, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
+            self._pinned_cache[buf.name] = cached
+        return cached
+
+    def offload(
+        self, items: list[tuple[StateBuffer, Tier]], unchanged: Callable[[StateBuffer], bool]
+    ) -> tuple[list[Placed], TransferStats]:
+        stats = TransferStats()
+        start = time.perf_counter()
+        placed: list[Placed] = []
+        written: list[str] = []
+        futures: list[tuple[StateBuffer, Future]] = []
+        try:
+            for buf, tier in items:
+                if tier is Tier.nvme:
+                    if unchanged(buf):
+                        stats.bytes_skipped += buf.nbytes
+                    else:
+                        futures.append((buf, self.backend.write(buf.name, buf.view)))
+                        written.append(buf.name)
+                    placed.append(Placed(buf, tier))
+            for buf, tier in items:
+                if tier in (Tier.cpu, Tier.pinned_cpu):
+                    host = self._host_buffer(buf, pinned=tier is Tier.pinned_cpu)
+                    self._copier.copy(host, buf.view)
+                    stats.bytes_to_host += buf.nbytes
+                    placed.append(Placed(buf, tier, host))
+                elif tier is Tier.discard:
+                    placed.append(Placed(buf, tier))
+            for buf, fut in futures:
+                fut.result()
+                stats.bytes_written += buf.nbytes
+                if self._progress:
+                    self._progress(buf.nbytes)
+            if futures:
+                self.backend.commit()
+        except BaseException as exc:
+            self._undo_writes(written)
+            for p in placed:
+                p.host = None
+            if isinstance(exc, (TierIOError, KeyboardInterrupt)):
+                raise
+            if isinstance(exc, OSError):
+                path = exc.filename or (self._backend.directory.path if self._backend else "?")
+                raise TierIOError(
+                    f"offload to {path} failed: {exc}; nothing was freed", path, exc.errno
+                ) from exc
+            raise
+        # Everything is safely elsewhere: now (and only now) release device memory.
+        for p in placed:
+            p.buffer.free()
+        stats.seconds = time.perf_counter() - start
+        return placed, stats
+
+    def _undo_writes(self, names: list[str]) -> None:
+        if not names or self._backend is None:
+            return
+        for name in names:
+            try:
+                self._backend.delete(name)
+            except Exception as exc:  # keep the original error; report the leftover
+                log.warning("nvme_tier: could not remove partial file for %s: %s", name, exc)
+
+    def reload(self, placed: list[Placed], keep_files: bool) -> TransferStats:
+        """Restore every buffer; on a verification failure free them again and raise."""
+        stats = TransferStats()
+        start = time.perf_counter()
+        futures: list[tuple[Placed, Future]] = []
+        for p in placed:
+            p.buffer.restore()
+        try:
+            for p in placed:
+                if p.tier is Tier.nvme:
+                    futures.append((p, self.backend.read_into(p.buffer.name, p.buffer.view)))
+            for p in placed:
+                if p.host is not None:
+                    self._copier.copy(p.buffer.view, p.host)
+                elif p.tier is Tier.discard:
+                    p.buffer.view.zero_()
+            for p, fut in futures:
+                fut.result()
+                stats.bytes_read += p.buffer.nbytes
+                if self._progress:
+                    self._progress(p.buffer.nbytes)
+        except BaseException:
+            for _, fut in futures:
+                try:
+                    fut.result()
+                except Exception:  # noqa: S110 - the first error is the one re-raised
+                    pass
+            for p in placed:
+                p.buffer.free()
+            raise
+        for p in placed:
+            if p.tier is Tier.cpu:
+                p.host = None
+            if p.tier is Tier.nvme and not keep_files:
+                self.backend.delete(p.buffer.name)
+        stats.seconds = time.perf_counter() - start
+        return stats
+
+    def verify_on_disk(self) -> None:
+        if self._backend is not None and self._backend.names():
+            self._backend.verify_manifest()
+
+    def release(self) -> None:
+        """Free pinned host copies and staging; delete this writer's files."""
+        self._pinned_cache.clear()
+        if self._backend is not None:
+            self._backend.release()
+            self._backend = None
+
+
+__all__ = ["IntegrityError", "Placed", "StateBuffer", "TierMover", "TransferStats"]
