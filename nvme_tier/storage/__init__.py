@@ -25,6 +25,7 @@ BACKENDS: dict[str, type[StorageBackend]] = {"aio": AioBackend, "zarr": ZarrBack
 _warned: set[str] = set()
 
 __all__ = [
+    "aio_compatible_reason",
     "BACKENDS",
     "AioBackend",
     "Capabilities",
@@ -92,3 +93,8 @@ def open_backend(config: OffloadStatesConfig, directory: WriterDirectory, name: 
     if name == "aio":
         return AioBackend(directory, settings=config.aio, **common)
     return ZarrBackend(directory, settings=config.zarr, **common)
+
+
+def aio_compatible_reason() -> tuple[bool, str]:
+    """(usable, why) for the aio backend, without building the op."""
+    return aio_compatible()

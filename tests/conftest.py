@@ -1,0 +1,104 @@
+"""Shared fixtures: tiny real DeepSpeed engines on the CPU accelerator, a train loop, snapshots."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+
+from nvme_tier.storage import aio_compatible_reason
+
+os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+os.environ.setdefault("RANK", "0")
+os.environ.setdefault("WORLD_SIZE", "1")
+os.environ.setdefault("LOCAL_RANK", "0")
+if "MASTER_PORT" not in os.environ:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+
+AIO_OK, AIO_WHY = aio_compatible_reason()
+requires_aio = pytest.mark.skipif(not AIO_OK, reason=f"aio backend unavailable: {AIO_WHY} (apt-get install -y libaio-dev)")
+
+
+class TinyNet(torch.nn.Module):
+    def __init__(self, width: int = 64):
+        super().__init__()
+        self.l1 = torch.nn.Linear(16, width)
+        self.l2 = torch.nn.Linear(width, width)
+        self.l3 = torch.nn.Linear(width, 4)
+
+    def forward(self, x):
+        return self.l3(torch.relu(self.l2(torch.relu(self.l1(x)))))
+
+
+def ds_config(stage: int, path=None, dtype: str = "bf16", optimizer: str | None = "Adam", **offload) -> dict:
+    cfg: dict = {
+        "train_micro_batch_size_per_gpu": 2,
+        "zero_optimization": {"stage": stage, "reduce_bucket_size": 10000, "allgather_bucket_size": 10000},
+        dtype: {"enabled": True},
+    }
+    if dtype == "fp16":
+        cfg["fp16"].update({"initial_scale_power": 8, "loss_scale_window": 100})
+    if optimizer:
+        cfg["optimizer"] = {"type": optimizer, "params": {"lr": 1e-2}}
+    block = {"progress": False, **offload}
+    if path is not None:
+        block["path"] = str(path)
+    cfg["offload_states"] = block
+    return cfg
+
+
+def make_engine(stage: int, path=None, dtype: str = "bf16", optimizer: str | None = "Adam", width: int = 64, seed: int = 0, **offload):
+    import deepspeed
+
+    torch.manual_seed(seed)
+    model = TinyNet(width)
+    cfg = ds_config(stage, path, dtype, optimizer, **offload)
+    kwargs = {"model_parameters": model.parameters()} if optimizer else {}
+    engine, *_ = deepspeed.initialize(model=model, config=cfg, **kwargs)
+    return engine
+
+
+def input_dtype(engine) -> torch.dtype:
+    return next(engine.module.parameters()).dtype
+
+
+def train(engine, steps: int, seed: int = 1) -> list[float]:
+    """A few deterministic steps; returns the losses."""
+    g = torch.Generator().manual_seed(seed)
+    losses = []
+    for _ in range(steps):
+        x = torch.randn(2, 16, generator=g).to(input_dtype(engine))
+        loss = engine(x).float().pow(2).mean()
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    return losses
+
+
+def snapshot(engine) -> dict:
+    """Byte copies of every state buffer, keyed by (state, index)."""
+    from nvme_tier.engine import discover_buffers
+
+    out = {}
+    for kind, bufs in discover_buffers(engine).items():
+        for b in bufs:
+            out[b.name] = b.view.clone()
+    return out
+
+
+def params_of(engine) -> list[torch.Tensor]:
+    """Full fp32 master weights (ZeRO-aware), for twin comparisons."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    return [safe_get_full_fp32_param(p).clone() for p in engine.module.parameters()]
+
+
+@pytest.fixture
+def offload_dir(tmp_path):
+    d = tmp_path / "nvme dir é"
+    d.mkdir()
+    return d
