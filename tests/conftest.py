@@ -80,9 +80,14 @@ def train(engine, steps: int, seed: int = 1) -> list[float]:
 
 
 def snapshot(engine) -> dict:
-    """Byte copies of every state buffer, keyed by (state, index)."""
-    from nvme_tier.engine import discover_buffers
+    """Byte copies of every state buffer, keyed by (state, index).
 
+    Quiesced first, as offload_states does: ZeRO-3 releases gathered params, which then hold no
+    state of their own.
+    """
+    from nvme_tier.engine import discover_buffers, quiesce
+
+    quiesce(engine)
     out = {}
     for kind, bufs in discover_buffers(engine).items():
         for b in bufs:
