@@ -49,6 +49,10 @@ def _zero_optimizer(engine: Any) -> Any | None:
     opt = getattr(engine, "optimizer", None)
     if opt is None or type(opt).__name__ == "DeepSpeedZeRoOffload":  # ZeRO-3 inference engine
         return None
+    inner = getattr(opt, "optimizer", opt)
+    # ZeRO-0 bf16 without a client optimizer: DeepSpeed wraps a DummyOptim in BF16_Optimizer.
+    if inner is None or type(inner).__name__ == "DummyOptim":
+        return None
     return opt
 
 
@@ -112,6 +116,10 @@ def _state_tensors(engine: Any) -> dict[StateKind, list[torch.Tensor]]:
             found[StateKind.contiguous_grad_buffer] = list(_tensors(b.buffer for b in buckets.values()))
         else:  # 0.16.x
             found[StateKind.contiguous_grad_buffer] = list(_tensors(getattr(opt, "ipg_buffer", None) or []))
+    elif hasattr(opt, "fp32_groups_flat_partition"):  # BF16_Optimizer (ZeRO-0 with bf16)
+        found[StateKind.hp_params] = list(_tensors(opt.fp32_groups_flat_partition))
+        found[StateKind.lp_params] = list(_tensors(opt.bf16_groups_flat))
+        found[StateKind.lp_grads] = list(_tensors(getattr(opt, "fp32_groups_gradients_flat", [])))
     else:
         raise UnsupportedEngineError(
             f"nvme_tier supports ZeRO stages 1-3 and engines without an optimizer; got {type(opt).__name__}"
