@@ -128,9 +128,9 @@ class OffloadController:
         tiers = dict(placement.tiers)
         for kind in present:
             # States that already live in host RAM (ZeRO-Offload) gain nothing from a host tier.
-            if tiers[kind] in (Tier.cpu, Tier.pinned_cpu) and not host_is_device:
-                if all(b.device.type == "cpu" for b in buffers[kind]):
-                    tiers[kind] = Tier.device
+            already_on_host = all(b.device.type == "cpu" for b in buffers[kind])
+            if tiers[kind] in (Tier.cpu, Tier.pinned_cpu) and not host_is_device and already_on_host:
+                tiers[kind] = Tier.device
         return Placement(tiers), buffers
 
     def offload_states(self, include=None, device=None, pin_memory=None, non_blocking=None) -> None:

@@ -12,6 +12,7 @@ state where it was.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -221,11 +222,9 @@ class TierMover:
                 if self._progress:
                     self._progress(p.buffer.nbytes)
         except BaseException:
-            for _, fut in futures:
-                try:
+            for _, fut in futures:  # let every read finish before its memory is freed again
+                with contextlib.suppress(Exception):
                     fut.result()
-                except Exception:  # noqa: S110 - the first error is the one re-raised
-                    pass
             for p in placed:
                 p.buffer.free()
             raise

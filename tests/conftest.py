@@ -20,7 +20,9 @@ if "MASTER_PORT" not in os.environ:
         os.environ["MASTER_PORT"] = str(s.getsockname()[1])
 
 AIO_OK, AIO_WHY = aio_compatible_reason()
-requires_aio = pytest.mark.skipif(not AIO_OK, reason=f"aio backend unavailable: {AIO_WHY} (apt-get install -y libaio-dev)")
+requires_aio = pytest.mark.skipif(
+    not AIO_OK, reason=f"aio backend unavailable: {AIO_WHY} (apt-get install -y libaio-dev)"
+)
 
 
 class TinyNet(torch.nn.Module):
@@ -51,7 +53,15 @@ def ds_config(stage: int, path=None, dtype: str = "bf16", optimizer: str | None 
     return cfg
 
 
-def make_engine(stage: int, path=None, dtype: str = "bf16", optimizer: str | None = "Adam", width: int = 64, seed: int = 0, **offload):
+def make_engine(
+    stage: int,
+    path=None,
+    dtype: str = "bf16",
+    optimizer: str | None = "Adam",
+    width: int = 64,
+    seed: int = 0,
+    **offload,
+):
     import deepspeed
 
     torch.manual_seed(seed)
@@ -89,7 +99,7 @@ def snapshot(engine) -> dict:
 
     quiesce(engine)
     out = {}
-    for kind, bufs in discover_buffers(engine).items():
+    for bufs in discover_buffers(engine).values():
         for b in bufs:
             out[b.name] = b.view.clone()
     return out

@@ -35,7 +35,12 @@ def test_cpu_adam_engine_states_go_to_nvme(stage, offload_dir):
     status = nvme_tier.offload_status(engine)
     assert status["optim_states"].tier == "nvme" and status["optim_states"].bytes > 0
     inner = engine.optimizer.optimizer
-    assert all(t.untyped_storage().nbytes() == 0 for s in inner.state.values() for t in s.values() if torch.is_tensor(t) and t.dim())
+    assert all(
+        t.untyped_storage().nbytes() == 0
+        for s in inner.state.values()
+        for t in s.values()
+        if torch.is_tensor(t) and t.dim()
+    )
     engine.reload_states()
     after = snapshot(engine)
     assert all(torch.equal(v, after[k]) for k, v in before.items() if not k.startswith("contiguous"))

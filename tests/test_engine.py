@@ -86,7 +86,9 @@ NVME_EXPECT = {
 @pytest.mark.parametrize("stage", [1, 2, 3])
 @pytest.mark.parametrize("backend", ["zarr", pytest.param("aio", marks=[requires_aio, pytest.mark.aio])])
 def test_nvme_default_policy(stage, backend, offload_dir):
-    run_cycle_and_twin({"stage": stage, "path": offload_dir, "backend": backend}, {}, NVME_EXPECT, offload_dir)
+    run_cycle_and_twin(
+        {"stage": stage, "path": offload_dir, "backend": backend}, {}, NVME_EXPECT, offload_dir
+    )
 
 
 @pytest.mark.parametrize(
@@ -120,14 +122,19 @@ def test_upstream_arguments(offload_dir):
 def test_explicit_cpu_device_over_nvme_config(offload_dir):
     expect = {"optim_states": "pinned_cpu", "hp_params": "pinned_cpu"}
     run_cycle_and_twin(
-        {"stage": 2, "path": offload_dir, "backend": "zarr"}, {"device": OffloadDeviceEnum.cpu}, expect, offload_dir
+        {"stage": 2, "path": offload_dir, "backend": "zarr"},
+        {"device": OffloadDeviceEnum.cpu},
+        expect,
+        offload_dir,
     )
 
 
 def test_custom_policy(offload_dir):
     policy = {"hp_params": "nvme", "lp_params": "cpu", "lp_grads": "device"}
     expect = {"optim_states": "nvme", "hp_params": "nvme", "lp_params": "cpu"}
-    run_cycle_and_twin({"stage": 3, "path": offload_dir, "backend": "zarr", "policy": policy}, {}, expect, offload_dir)
+    run_cycle_and_twin(
+        {"stage": 3, "path": offload_dir, "backend": "zarr", "policy": policy}, {}, expect, offload_dir
+    )
 
 
 def test_initialize_attaches_from_config(offload_dir):

@@ -14,7 +14,13 @@ HERE = os.path.dirname(__file__)
 
 
 def _worker(rank: int, world: int, port: int, stage: int, path: str, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )
     sys.path.insert(0, HERE)
     import torch
     from conftest import make_engine, params_of, snapshot, train
@@ -59,7 +65,9 @@ def test_two_ranks_gloo(stage, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.start_processes(_worker, args=(2, port, stage, str(path), str(out)), nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(
+        _worker, args=(2, port, stage, str(path), str(out)), nprocs=2, join=True, start_method="spawn"
+    )
     for rank in range(2):
         result = json.loads((out / f"rank{rank}.json").read_text())
         assert result["tier"] == "nvme"
