@@ -131,6 +131,13 @@ class OffloadController:
             already_on_host = all(b.device.type == "cpu" for b in buffers[kind])
             if tiers[kind] in (Tier.cpu, Tier.pinned_cpu) and not host_is_device and already_on_host:
                 tiers[kind] = Tier.device
+        for kind, tier in tiers.items():
+            stuck = [b for b in buffers[kind] if tier.frees_device and not b.resizable]
+            if stuck:
+                raise ConfigError(
+                    f"policy.{kind.value}: {stuck[0].name} lives in page-locked host memory, which cannot be "
+                    f"freed in place; keep it where it is with policy {{\"{kind.value}\": \"device\"}}"
+                )
         return Placement(tiers), buffers
 
     def offload_states(self, include=None, device=None, pin_memory=None, non_blocking=None) -> None:

@@ -144,7 +144,7 @@ def discover_buffers(engine: Any) -> dict[StateKind, list[StateBuffer]]:
                 continue
             seen.add(key)
             groups.setdefault(key, []).append(t)
-        out[kind] = [StateBuffer.of(kind, f"{kind.value}.{i}", ts) for i, ts in enumerate(groups.values())]
+        out[kind] = [StateBuffer.of(kind, f"{kind.value}.{i}", ts[0]) for i, ts in enumerate(groups.values())]
     return out
 
 

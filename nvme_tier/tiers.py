@@ -15,9 +15,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -36,57 +36,32 @@ class StateBuffer:
     kind: StateKind
     name: str
     view: torch.Tensor
-    owners: tuple[torch.Tensor, ...] = ()
-    _rebound: list = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         self.nbytes = self.view.numel()
         self.device = self.view.device
-        self.pinned = self.device.type == "cpu" and _is_pinned(self.view)
 
     @classmethod
-    def of(cls, kind: StateKind, name: str, tensors: Iterable[torch.Tensor]) -> StateBuffer:
-        tensors = tuple(tensors)
-        storage = tensors[0].untyped_storage()
-        view = torch.empty(0, dtype=torch.uint8, device=tensors[0].device).set_(storage)
-        return cls(kind, name, view, tensors)
+    def of(cls, kind: StateKind, name: str, tensor: torch.Tensor) -> StateBuffer:
+        storage = tensor.untyped_storage()
+        return cls(kind, name, torch.empty(0, dtype=torch.uint8, device=tensor.device).set_(storage))
+
+    @property
+    def resizable(self) -> bool:
+        """False for page-locked host storages: they cannot be freed in place."""
+        return self.view.untyped_storage().resizable()
 
     @property
     def is_freed(self) -> bool:
-        return self.view.untyped_storage().nbytes() == 0 or bool(self._rebound)
+        return self.view.untyped_storage().nbytes() == 0
 
     def free(self) -> None:
-        """Release the memory. Resizable storages shrink in place; others are rebound (fallback)."""
-        storage = self.view.untyped_storage()
-        if storage.resizable():
-            storage.resize_(0)
-            return
-        # Page-locked host storages cannot be resized: point each known owner at an empty tensor.
-        for t in self.owners:
-            self._rebound.append((t, t.storage_offset(), tuple(t.shape), tuple(t.stride())))
-            t.data = torch.empty(0, dtype=t.dtype, device=t.device)
-        self.view = torch.empty(self.nbytes, dtype=torch.uint8, device="meta")
+        """Release the memory for every view of this storage at once."""
+        self.view.untyped_storage().resize_(0)
 
     def restore(self) -> None:
-        """Re-allocate the memory (contents undefined until filled)."""
-        if self._rebound:
-            fresh = torch.empty(self.nbytes, dtype=torch.uint8, device=self.device, pin_memory=self.pinned)
-            storage = fresh.untyped_storage()
-            for t, offset, shape, stride in self._rebound:
-                t.data = torch.empty(0, dtype=t.dtype, device=self.device).set_(
-                    storage, offset, shape, stride
-                )
-            self._rebound.clear()
-            self.view = fresh
-            return
+        """Re-grow the same storage (contents undefined until filled): every view is valid again."""
         self.view.untyped_storage().resize_(self.nbytes)
-
-
-def _is_pinned(t: torch.Tensor) -> bool:
-    try:
-        return bool(t.is_pinned())
-    except RuntimeError:
-        return False
 
 
 @dataclass(eq=False)
