@@ -8,6 +8,7 @@ Subclasses implement three small hooks; the conformance suite in tests/ covers e
 from __future__ import annotations
 
 import abc
+import ctypes
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import google_crc32c
+import numpy as np
 import torch
 
 from ..errors import IntegrityError, TierIOError
@@ -39,9 +41,22 @@ def as_bytes(tensor: torch.Tensor) -> torch.Tensor:
     return flat if flat.dtype == torch.uint8 else flat.view(torch.uint8)
 
 
+def host_array(host_bytes: torch.Tensor) -> np.ndarray:
+    """A numpy view of a contiguous CPU uint8 tensor that leaves the tensor's storage resizable.
+
+    ``Tensor.numpy()`` permanently marks the storage non-resizable, and nvme_tier frees engine
+    storages in place with ``resize_(0)``; so the view is built from the raw address instead.
+    The caller keeps the tensor alive while the array is in use.
+    """
+    n = host_bytes.numel()
+    if n == 0:
+        return np.empty(0, dtype=np.uint8)
+    return np.ctypeslib.as_array((ctypes.c_uint8 * n).from_address(host_bytes.data_ptr()))
+
+
 def crc32c(host_bytes: torch.Tensor) -> int:
     """crc32c of a CPU uint8 tensor (hardware-accelerated in google-crc32c)."""
-    return google_crc32c.value(host_bytes.numpy()) if host_bytes.numel() else 0
+    return google_crc32c.value(host_array(host_bytes)) if host_bytes.numel() else 0
 
 
 def chunk_ranges(nbytes: int, chunk: int) -> list[tuple[int, int]]:

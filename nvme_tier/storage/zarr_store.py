@@ -13,7 +13,7 @@ import torch
 
 from ..config import ZarrSettings
 from ..errors import BackendUnavailableError, IntegrityError, TierIOError
-from .base import Capabilities, StorageBackend, chunk_ranges, crc32c
+from .base import Capabilities, StorageBackend, chunk_ranges, crc32c, host_array
 from .manifest import TensorRecord, WriterDirectory
 from .staging import DeviceCopier, round_up
 
@@ -112,7 +112,7 @@ class ZarrBackend(StorageBackend):
                 host = src[a:b]
             if crcs is not None:
                 crcs.extend(crc32c(host[x:y]) for x, y in chunk_ranges(b - a, chunk))
-            array[a:b] = host.numpy()
+            array[a:b] = host_array(host)
         self._restrict_permissions(file)
         return file, chunk, crcs
 
