@@ -21,6 +21,7 @@ from .policy import Placement, decide
 from .progress import Progress
 from .status import build_status
 from .storage import open_backend, select_backend
+from .storage.base import on_callers_device
 from .storage.manifest import OwnerInfo, WriterDirectory, clean_writers
 from .tiers import Placed, StateBuffer, TierMover, TransferStats
 from .types import OffloadPhase, StateKind, StateStatus, Tier
@@ -161,7 +162,7 @@ class OffloadController:
             if blocking:
                 self._run_offload(items)
             else:
-                self._pending = self._pool().submit(self._run_offload, items)
+                self._pending = self._pool().submit(on_callers_device(lambda: self._run_offload(items)))
 
     def _run_offload(self, items: list[tuple[StateBuffer, Tier]]) -> None:
         total = sum(b.nbytes for b, t in items if t is not Tier.discard)
@@ -209,7 +210,7 @@ class OffloadController:
             if blocking:
                 self._run_reload()
             else:
-                self._pending = self._pool().submit(self._run_reload)
+                self._pending = self._pool().submit(on_callers_device(self._run_reload))
 
     def _run_reload(self) -> None:
         placed = [p for ps in self._placed.values() for p in ps]

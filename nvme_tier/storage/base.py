@@ -153,14 +153,14 @@ class StorageBackend(abc.ABC):
     def _remove(self, record: TensorRecord) -> None:
         """Delete ``record``'s files."""
 
-    def _release_resources(self) -> None:
+    def _release_resources(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Free pinned buffers and handles (subclasses override)."""
 
     # -- internals -------------------------------------------------------------------------------
     def _submit(self, fn: Callable):
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=type(self).__name__)
-        return self._executor.submit(_with_device(fn))
+        return self._executor.submit(on_callers_device(fn))
 
     def _write_job(self, name: str, src: torch.Tensor, meta: tuple[str, tuple[int, ...]]) -> TensorRecord:
         self.directory.create()
@@ -208,7 +208,7 @@ def _default_file(backend: StorageBackend, name: str) -> str:
     return getattr(backend, "file_name", lambda n: n)(name)
 
 
-def _with_device(fn: Callable) -> Callable:
+def on_callers_device(fn: Callable) -> Callable:
     """Run ``fn`` on the caller's CUDA device (worker threads start on device 0)."""
     device = (
         torch.cuda.current_device() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
