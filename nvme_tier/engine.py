@@ -9,6 +9,7 @@ engine so it cannot compute while states are away. Version differences are detec
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -245,13 +246,19 @@ def install_hooks(
     handle = engine.module.register_forward_pre_hook(lambda _m, _a: guard("forward"))
     handle_engine = engine.register_forward_pre_hook(lambda _m, _a: guard("forward"))
 
+    # The undo closure is held by the controller: it must not keep the engine alive.
+    engine_ref = weakref.ref(engine)
+
     def undo() -> None:
         handle.remove()
         handle_engine.remove()
+        eng = engine_ref()
+        if eng is None:
+            return
         for name, orig in originals.items():
             if orig is None:
-                engine.__dict__.pop(name, None)
+                eng.__dict__.pop(name, None)
             else:
-                object.__setattr__(engine, name, orig)
+                object.__setattr__(eng, name, orig)
 
     return undo

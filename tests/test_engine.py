@@ -164,3 +164,38 @@ def test_status_table_and_release(offload_dir):
     engine.reload_states()
     nvme_tier.release(engine)
     assert files_under(offload_dir) == 0
+
+
+def test_detach_restores_upstream_and_removes_files(offload_dir):
+    engine = make_engine(2, offload_dir, backend="zarr")
+    nvme_tier.attach(engine)
+    train(engine, 1)
+    engine.offload_states()
+    engine.reload_states()  # files stay (skip_unchanged) for the next offload
+    assert files_under(offload_dir) > 0
+    nvme_tier.detach(engine)
+    assert files_under(offload_dir) == 0
+    assert "offload_states" not in engine.__dict__ and "step" not in engine.__dict__
+    train(engine, 1)
+
+
+def test_process_exit_removes_files(offload_dir):
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        f"""
+        import sys; sys.path.insert(0, {os.path.dirname(__file__)!r})
+        from conftest import make_engine, train
+        import nvme_tier
+        engine = make_engine(3, {str(offload_dir)!r}, backend="zarr")
+        nvme_tier.attach(engine)
+        train(engine, 1)
+        engine.offload_states()
+        engine.reload_states()
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "MASTER_PORT"}  # ours is bound by this process
+    subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, timeout=300, env=env)
+    assert files_under(offload_dir) == 0
