@@ -19,10 +19,10 @@ from .config import OffloadStatesConfig
 from .errors import ConfigError, StatesOffloadedError, TierIOError
 from .policy import Placement, decide
 from .progress import Progress
-from .status import build_status
+from .status import build_status, human_bytes
 from .storage import open_backend, select_backend
 from .storage.base import on_callers_device
-from .storage.manifest import OwnerInfo, WriterDirectory, clean_writers
+from .storage.manifest import OwnerInfo, WriterDirectory, clean_writers, ensure_root
 from .tiers import Placed, StateBuffer, TierMover, TransferStats
 from .types import OffloadPhase, StateKind, StateStatus, Tier
 
@@ -66,6 +66,7 @@ class OffloadController:
     def _resolve_backend(self) -> str:
         if self.backend_name is None:
             path = self._require_path()
+            ensure_root(path)  # the O_DIRECT probe needs the directory; bad paths fail typed here
             self.backend_name, why = select_backend(self.config.backend, path)
             log.info("nvme_tier: rank %d uses backend %s (%s)", self.rank, self.backend_name, why)
         return self.backend_name
@@ -88,16 +89,12 @@ class OffloadController:
 
     def _check_free_space(self, needed: int) -> None:
         path = self._require_path()
-        probe = path
-        while not os.path.exists(probe):
-            probe = os.path.dirname(probe)
-        if not os.access(probe, os.W_OK | os.X_OK):
-            raise ConfigError(f"offload_states.path {path!r} is not writable")
-        free = shutil.disk_usage(probe).free
+        ensure_root(path)  # ConfigError for a file, a file as parent, a read-only or unwritable dir
+        free = shutil.disk_usage(path).free
         if free < needed + _FREE_SPACE_MARGIN:
             raise TierIOError(
-                f"not enough free space on {path!r}: the offload needs {needed / 2**30:.2f} GiB "
-                f"(+{_FREE_SPACE_MARGIN >> 20} MiB margin), {free / 2**30:.2f} GiB free",
+                f"not enough free space on {path!r}: the offload needs {human_bytes(needed)} "
+                f"(+{human_bytes(_FREE_SPACE_MARGIN)} margin), {human_bytes(free)} free",
                 path,
                 28,  # ENOSPC
             )

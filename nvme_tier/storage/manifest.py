@@ -132,7 +132,7 @@ class WriterDirectory:
     def create(self) -> None:
         if self._created:
             return
-        _ensure_root(self.root)
+        ensure_root(self.root)
         try:
             os.mkdir(self.path, 0o700)
         except FileExistsError:
@@ -190,7 +190,8 @@ class WriterDirectory:
         return {name: TensorRecord.from_json(rec) for name, rec in data.get("records", {}).items()}
 
 
-def _ensure_root(root: str) -> None:
+def ensure_root(root: str) -> None:
+    """Create ``root`` (0700) if missing; ConfigError unless it is a writable directory."""
     try:
         st = os.lstat(root)
     except FileNotFoundError:
