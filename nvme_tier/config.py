@@ -120,15 +120,23 @@ def _explain(exc: ValidationError) -> str:
     for err in exc.errors():
         where = ".".join(str(p) for p in (CONFIG_KEY, *err["loc"]))
         if err["type"] == "extra_forbidden":
-            lines.append(f"{where}: unknown key")
+            # Name the keys allowed where the culprit is (top level, aio or zarr), not elsewhere.
+            model = _SECTIONS.get(tuple(err["loc"][:-1]), OffloadStatesConfig)
+            lines.append(f"{where}: unknown key (allowed: {', '.join(model.model_fields)})")
             continue
         msg = err["msg"]
         allowed = (err.get("ctx") or {}).get("expected")
         if allowed:
             msg = f"{msg} (got {err.get('input')!r})"
         lines.append(f"{where}: {msg}")
-    allowed_keys = ", ".join(OffloadStatesConfig.model_fields)
-    return "invalid offload_states config:\n  " + "\n  ".join(lines) + f"\n  (allowed keys: {allowed_keys})"
+    return "invalid offload_states config:\n  " + "\n  ".join(lines)
+
+
+_SECTIONS: dict[tuple, type[BaseModel]] = {
+    (): OffloadStatesConfig,
+    ("aio",): AioSettings,
+    ("zarr",): ZarrSettings,
+}
 
 
 def config_from_engine(engine: Any) -> OffloadStatesConfig | None:
