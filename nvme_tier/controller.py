@@ -90,7 +90,10 @@ class OffloadController:
     def _check_free_space(self, needed: int) -> None:
         path = self._require_path()
         ensure_root(path)  # ConfigError for a file, a file as parent, a read-only or unwritable dir
-        free = shutil.disk_usage(path).free
+        usage = shutil.disk_usage(path)
+        if usage.total == 0:  # ramfs and some FUSE mounts report no capacity: nothing to check
+            return
+        free = usage.free
         if free < needed + _FREE_SPACE_MARGIN:
             raise TierIOError(
                 f"not enough free space on {path!r}: the offload needs {human_bytes(needed)} "

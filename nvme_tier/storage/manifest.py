@@ -193,18 +193,20 @@ class WriterDirectory:
 def ensure_root(root: str) -> None:
     """Create ``root`` (0700) if missing; ConfigError unless it is a writable directory."""
     try:
-        st = os.lstat(root)
+        # A symlinked root is the admin's choice (e.g. /scratch -> /mnt/nvme0): follow it once.
+        st = os.stat(root)
     except FileNotFoundError:
+        if os.path.islink(root):
+            raise ConfigError(f"offload_states.path {root!r} is a dangling symlink") from None
         try:
             os.makedirs(root, 0o700, exist_ok=True)
+            st = os.stat(root)
         except OSError as exc:
             raise ConfigError(
                 f"offload_states.path {root!r}: cannot create directory ({exc.strerror})"
             ) from None
-        st = os.lstat(root)
-    if stat.S_ISLNK(st.st_mode):
-        # A symlinked root is the admin's choice (e.g. /scratch -> /mnt/nvme0); resolve it once.
-        st = os.stat(root)
+    except OSError as exc:  # ENOTDIR (a file used as a parent), EACCES, ELOOP...
+        raise ConfigError(f"offload_states.path {root!r}: {exc.strerror}") from None
     if not stat.S_ISDIR(st.st_mode):
         raise ConfigError(f"offload_states.path {root!r} is not a directory")
     if not os.access(root, os.W_OK | os.X_OK):
