@@ -1,0 +1,263 @@
+"""Environment checks behind ``nvme-tier check``: will nvme_tier run well on this machine and path?
+
+Like DeepSpeed's ``ds_report``, but about what the NVMe tier needs: a supported DeepSpeed, libaio
+and the async_io op, a path on a filesystem that takes O_DIRECT, free space, and a page-locked
+memory limit (``ulimit -l``) large enough for the staging buffers. Each check says what it found
+and, when something is off, the one command or setting that fixes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import logging
+import os
+import platform
+import resource
+import shutil
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+
+from .config import OffloadStatesConfig
+
+OK, INFO, WARN, FAIL = "ok", "info", "warn", "fail"
+CAP_IPC_LOCK = 14  # capability bit that lifts RLIMIT_MEMLOCK (root in most containers)
+LOW_FREE_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class Check:
+    """One line of the report: what was checked, the verdict, what was found, how to fix it."""
+
+    name: str
+    level: str
+    detail: str
+    hint: str = ""
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def human_bytes(n: float) -> str:
+    from .status import human_bytes as _hb
+
+    return _hb(n)
+
+
+# -- software ------------------------------------------------------------------------------------
+def check_versions() -> Iterator[Check]:
+    import torch
+
+    from . import __version__
+
+    yield Check("nvme_tier", INFO, __version__)
+    yield Check("python", INFO, platform.python_version())
+    cuda = f", CUDA {torch.version.cuda}" if torch.version.cuda else ", CPU build"
+    yield Check("torch", INFO, f"{torch.__version__}{cuda}")
+    try:
+        import deepspeed
+    except ImportError as exc:
+        yield Check("deepspeed", FAIL, f"not importable ({exc})", "pip install 'deepspeed>=0.16.9,<0.20'")
+        return
+    from .engine import SUPPORTED_DEEPSPEED, check_deepspeed_version
+    from .errors import UnsupportedEngineError
+
+    try:
+        check_deepspeed_version(deepspeed.__version__)
+        yield Check("deepspeed", OK, f"{deepspeed.__version__} (supported: {','.join(SUPPORTED_DEEPSPEED)})")
+    except UnsupportedEngineError as exc:
+        yield Check("deepspeed", FAIL, deepspeed.__version__, str(exc))
+    for mod in ("zarr", "pydantic"):
+        try:
+            version = __import__(mod).__version__
+        except ImportError as exc:
+            yield Check(mod, FAIL, f"not importable ({exc})", f"pip install {mod}")
+        else:
+            yield Check(mod, OK, version)
+
+
+def check_accelerator() -> Iterator[Check]:
+    try:
+        from deepspeed.accelerator import get_accelerator
+
+        acc = get_accelerator()
+        name, comm = acc.device_name(), acc.communication_backend_name()
+        count = acc.device_count() if name != "cpu" else 0
+    except Exception as exc:  # a broken accelerator setup is worth reporting, not crashing on
+        yield Check("accelerator", WARN, f"DeepSpeed could not pick an accelerator ({exc})")
+        return
+    where = f"{count} x {name}" if count else name
+    yield Check("accelerator", INFO, f"{where} (communication backend {comm})")
+
+
+def _aio_op_state() -> tuple[str, str]:
+    """Where DeepSpeed's async_io op would come from: prebuilt, a cached JIT build, or a fresh build."""
+    try:
+        from deepspeed.git_version_info import installed_ops
+    except ImportError:
+        installed_ops = {}
+    if installed_ops.get("async_io"):
+        return OK, "prebuilt into the DeepSpeed install"
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.expanduser("~/.cache/torch_extensions")
+    built = glob.glob(os.path.join(root, "**", "async_io", "*.so"), recursive=True)
+    if built:
+        return OK, f"JIT-built and cached ({os.path.dirname(built[0])})"
+    return (
+        INFO,
+        "not built yet: the first aio offload JIT-compiles it (a minute or two, needs a C++ compiler)",
+    )
+
+
+def check_aio() -> Iterator[Check]:
+    from .storage.aio import INSTALL_HINT, aio_compatible
+
+    ok, why = aio_compatible()
+    if not ok:
+        yield Check("libaio / async_io", WARN, f"{why}: backend 'auto' uses zarr", INSTALL_HINT)
+        return
+    yield Check("libaio / async_io", OK, why)
+    level, state = _aio_op_state()
+    yield Check("async_io op", level, state)
+
+
+def _has_cap_ipc_lock() -> bool:
+    with contextlib.suppress(OSError, ValueError), open("/proc/self/status", encoding="ascii") as fh:
+        for line in fh:
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> CAP_IPC_LOCK & 1)
+    return os.geteuid() == 0
+
+
+def check_memlock(staging_budget_bytes: int, cuda: bool | None = None) -> Iterator[Check]:
+    """RLIMIT_MEMLOCK caps mlock()ed memory unless the process holds CAP_IPC_LOCK.
+
+    Without CUDA, the aio backend's staging buffers come from DeepSpeed's mlock allocator, which
+    aborts the whole process (a C assert, no Python exception) when the limit is too low. CUDA
+    pinned memory (cudaHostAlloc) is not bound by this limit.
+    """
+    if cuda is None:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    name = "pinned memory (ulimit -l)"
+    soft, _hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    shown = "unlimited" if soft == resource.RLIM_INFINITY else human_bytes(soft)
+    need = human_bytes(staging_budget_bytes)
+    if soft == resource.RLIM_INFINITY:
+        yield Check(name, OK, shown)
+    elif _has_cap_ipc_lock():
+        yield Check(name, OK, f"{shown}, but CAP_IPC_LOCK lifts the limit")
+    elif cuda:
+        yield Check(name, OK, f"{shown}; CUDA pinned memory (cudaHostAlloc) is not bound by it")
+    elif soft < staging_budget_bytes:
+        yield Check(
+            name,
+            WARN,
+            f"{shown}: below the staging budget ({need}); the aio backend's mlock()ed staging "
+            "buffers would fail and DeepSpeed aborts the process",
+            "raise it: `ulimit -l unlimited` (needs the hard limit), `memlock unlimited` in "
+            "/etc/security/limits.conf, or `docker run --ulimit memlock=-1`; or lower "
+            "staging_budget_mb, or use backend 'zarr'",
+        )
+    else:
+        yield Check(name, OK, f"{shown} (staging budget {need})")
+
+
+# -- the offload path ----------------------------------------------------------------------------
+def _existing_ancestor(path: str) -> str:
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    return probe
+
+
+def filesystem_of(path: str) -> tuple[str, str]:
+    """(fstype, mountpoint) of the mount holding ``path``."""
+    import psutil
+
+    real = os.path.realpath(path)
+    best = ("?", "/")
+    for part in psutil.disk_partitions(all=True):
+        mp = part.mountpoint
+        inside = real == mp or real.startswith(mp.rstrip("/") + "/")
+        if inside and len(mp) >= len(best[1]):
+            best = (part.fstype, mp)
+    return best
+
+
+def check_path(path: str, backend: str = "auto") -> Iterator[Check]:
+    from .errors import NvmeTierError
+    from .storage import select_backend, supports_o_direct
+
+    path = os.path.abspath(os.path.expanduser(path))
+    probe = _existing_ancestor(path)
+    if probe != path:
+        yield Check("path", INFO, f"{path} does not exist yet; checking {probe}, where it would be created")
+    elif not os.path.isdir(path):
+        yield Check("path", FAIL, f"{path} is not a directory")
+        return
+    else:
+        yield Check("path", OK, path)
+    if not os.access(probe, os.W_OK | os.X_OK):
+        yield Check("writable", FAIL, f"{probe} is not writable by uid {os.geteuid()}", "chown/chmod it")
+        return
+    fstype, mountpoint = filesystem_of(probe)
+    direct = supports_o_direct(probe)
+    if direct:
+        yield Check("O_DIRECT", OK, f"supported ({fstype} mounted at {mountpoint})")
+    else:
+        yield Check(
+            "O_DIRECT",
+            WARN,
+            f"refused by {fstype} at {mountpoint} (tmpfs and some FUSE/overlay mounts do this)",
+            "put the path on a local NVMe filesystem (ext4, xfs) for the aio backend; zarr works anywhere",
+        )
+    usage = shutil.disk_usage(probe)
+    free = f"{human_bytes(usage.free)} free of {human_bytes(usage.total)}"
+    if usage.free < LOW_FREE_BYTES:
+        yield Check("free space", WARN, free, "offloads need room for every state placed on nvme")
+    else:
+        yield Check("free space", OK, free)
+    # select_backend warns once when auto falls back; the report already says why.
+    logger = logging.getLogger("nvme_tier")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        name, why = select_backend(backend, probe)
+        yield Check(f"backend '{backend}'", OK, f"{name} ({why})")
+    except NvmeTierError as exc:
+        yield Check(f"backend '{backend}'", FAIL, str(exc))
+    finally:
+        logger.setLevel(level)
+
+
+def run_checks(path: str | None = None, config: OffloadStatesConfig | None = None) -> list[Check]:
+    """Every check, in report order. ``config`` supplies the staging budget and backend to test."""
+    config = config or OffloadStatesConfig()
+    checks = [
+        *check_versions(),
+        *check_accelerator(),
+        *check_aio(),
+        *check_memlock(config.staging_budget_bytes),
+    ]
+    path = path or config.path
+    if path:
+        checks += check_path(path, config.backend)
+    else:
+        checks.append(Check("path", INFO, "no path given: pass --path DIR to check an offload directory"))
+    return checks
+
+
+def format_report(checks: list[Check]) -> str:
+    marks = {OK: "[ OK ]", INFO: "[INFO]", WARN: "[WARN]", FAIL: "[FAIL]"}
+    width = max(len(c.name) for c in checks)
+    lines = ["nvme_tier environment report", "-" * 28]
+    for c in checks:
+        lines.append(f"{marks[c.level]} {c.name.ljust(width)}  {c.detail}")
+        if c.hint:
+            lines.append(f"       {' ' * width}  fix: {c.hint}")
+    fails = sum(c.level == FAIL for c in checks)
+    warns = sum(c.level == WARN for c in checks)
+    lines.append("-" * 28)
+    lines.append(f"{fails} failed, {warns} warnings" if fails or warns else "all checks passed")
+    return "\n".join(lines)

@@ -1,0 +1,472 @@
+"""``nvme-tier`` / ``python -m nvme_tier``: check the machine, inspect and clean offload paths, run the demo.
+
+Exit codes: 0 success; 1 a check failed, the demo found a mismatch or a benchmark failed;
+2 bad usage or an nvme_tier error (printed as one line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel
+from pydantic.fields import FieldInfo
+
+from .config import CONFIG_KEY, AioSettings, OffloadStatesConfig, ZarrSettings
+from .errors import ConfigError, NvmeTierError
+from .status import human_bytes
+from .types import StateKind, Tier
+
+EXIT_OK, EXIT_FAILED, EXIT_ERROR = 0, 1, 2
+BENCH_DEFAULT_GB = 0.25
+BENCH_SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "swap_bandwidth.py"
+
+
+# -- check ---------------------------------------------------------------------------------------
+def load_block(config_path: str | None) -> OffloadStatesConfig | None:
+    """The validated offload_states block of a DeepSpeed JSON config file (or None)."""
+    if not config_path:
+        return None
+    try:
+        with open(config_path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {config_path}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise ConfigError(f"{config_path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{config_path}: a DeepSpeed config must be a JSON object")
+    return OffloadStatesConfig.parse(data.get(CONFIG_KEY))
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from .checks import FAIL, format_report, run_checks
+
+    config = load_block(args.config)
+    checks = run_checks(args.path, config)
+    if args.json:
+        print(json.dumps([c.as_dict() for c in checks], indent=1))
+    else:
+        print(format_report(checks))
+    return EXIT_FAILED if any(c.level == FAIL for c in checks) else EXIT_OK
+
+
+# -- status / clean ------------------------------------------------------------------------------
+def _require_dir(path: str) -> str:
+    path = os.path.abspath(os.path.expanduser(path))
+    if not os.path.isdir(path):
+        raise ConfigError(f"{path}: no such directory")
+    return path
+
+
+def human_age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def writer_rows(path: str) -> list[dict[str, Any]]:
+    from .storage.manifest import scan_writers
+
+    rows = []
+    for w in scan_writers(path):
+        o = w.owner
+        rows.append(
+            {
+                "dir": os.path.basename(w.path),
+                "host": o.host if o else "?",
+                "pid": o.pid if o else None,
+                "rank": o.rank if o else None,
+                "label": (o.label if o else "") or "-",
+                "bytes": w.bytes,
+                "age_s": round(w.age_s, 1),
+                "state": ("live" if w.live else "stale") if o else "unknown owner",
+                "committed": w.committed,
+            }
+        )
+    return rows
+
+
+def format_rows(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = [
+        "  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    path = _require_dir(args.path)
+    rows = writer_rows(path)
+    if args.json:
+        print(json.dumps({"path": path, "writers": rows}, indent=1))
+        return EXIT_OK
+    if not rows:
+        print(f"{path}: no nvme_tier writer directories")
+        return EXIT_OK
+    table = [
+        [
+            r["dir"],
+            r["host"],
+            str(r["pid"] if r["pid"] is not None else "?"),
+            str(r["rank"] if r["rank"] is not None else "?"),
+            r["label"],
+            human_bytes(r["bytes"]),
+            human_age(r["age_s"]),
+            r["state"],
+            "yes" if r["committed"] else "no",
+        ]
+        for r in rows
+    ]
+    header = ["writer", "host", "pid", "rank", "label", "bytes", "age", "state", "committed"]
+    print(format_rows(header, table))
+    stale = [r for r in rows if r["state"] == "stale"]
+    total = human_bytes(sum(r["bytes"] for r in rows))
+    print(
+        f"\n{len(rows)} writer dirs, {total}; {len(stale)} stale ({human_bytes(sum(r['bytes'] for r in stale))})"
+    )
+    if stale:
+        print(f"remove the stale ones with: nvme-tier clean {path}")
+    return EXIT_OK
+
+
+def cmd_clean(args: argparse.Namespace) -> int:
+    from .storage.manifest import clean_writers, scan_writers
+
+    path = _require_dir(args.path)
+    if args.dry_run:
+        doomed = [w for w in scan_writers(path) if args.all or (w.owner is not None and not w.live)]
+    else:
+        doomed = clean_writers(path, include_live=args.all)
+    verb = "would remove" if args.dry_run else "removed"
+    for w in doomed:
+        state = ("live" if w.live else "stale") if w.owner else "unknown owner"
+        print(f"{verb} {os.path.basename(w.path)} ({state}, {human_bytes(w.bytes)})")
+    freed = human_bytes(sum(w.bytes for w in doomed))
+    print(f"{verb} {len(doomed)} writer dirs, {freed}")
+    if args.all and any(w.live for w in doomed):
+        print(
+            "warning: live writers' files were included; those processes can no longer reload",
+            file=sys.stderr,
+        )
+    return EXIT_OK
+
+
+# -- bench ---------------------------------------------------------------------------------------
+def load_bench(script: Path = BENCH_SCRIPT) -> types.ModuleType:
+    """benchmarks/swap_bandwidth.py ships with the source tree, not the wheel: load it by path."""
+    if not script.is_file():
+        raise ConfigError(
+            f"the benchmark script {script} is not here (it ships with the source checkout, "
+            "not the installed package); clone the repository to run it"
+        )
+    spec = importlib.util.spec_from_file_location("nvme_tier_swap_bandwidth", script)
+    if spec is None or spec.loader is None:
+        raise ConfigError(f"cannot load {script}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(spec.name, None)
+        raise
+    if not callable(getattr(module, "main", None)):
+        raise ConfigError(f"{script} has no main()")
+    return module
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    rest = [a for a in args.bench_args if a != "--"]
+    module = load_bench()
+    if "-h" in rest or "--help" in rest:
+        return _bench_exit(module, rest)
+    if not any(a == "--size-gb" or a.startswith("--size-gb=") for a in rest):
+        rest += ["--size-gb", str(BENCH_DEFAULT_GB)]
+    if any(a == "--path" or a.startswith("--path=") for a in rest):
+        return _bench_exit(module, rest)
+    scratch = tempfile.mkdtemp(prefix="nvme_tier_bench_", dir=args.scratch_root)
+    print(f"bench: scratch directory {scratch} (removed at the end; pass --path to choose the disk)")
+    try:
+        return _bench_exit(module, [*rest, "--path", scratch])
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _bench_exit(module: types.ModuleType, argv: list[str]) -> int:
+    try:
+        report = module.main(argv)
+    except SystemExit as exc:  # argparse --help / usage errors inside the script
+        code = exc.code
+        return code if isinstance(code, int) else (EXIT_OK if code is None else EXIT_ERROR)
+    methods = report.get("methods", {}) if isinstance(report, dict) else {}
+    inexact = [name for name, m in methods.items() if m.get("round_trip_exact") is False]
+    if inexact:
+        print(f"bench: round trip NOT exact for {', '.join(inexact)}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+# -- demo ----------------------------------------------------------------------------------------
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run
+
+    return run(args)
+
+
+# -- docs-config ---------------------------------------------------------------------------------
+TIER_HELP: dict[Tier, str] = {
+    Tier.device: "not moved: stays in device memory",
+    Tier.cpu: "pageable host memory; the host copy is freed on reload",
+    Tier.pinned_cpu: "page-locked host memory (fastest device copies); kept and reused across cycles",
+    Tier.nvme: "files under `path`, written through the backend; device memory freed",
+    Tier.discard: "memory freed, contents not kept (rebuilt on reload); scratch buffers only",
+}
+STATE_HELP: dict[StateKind, str] = {
+    StateKind.optim_states: "optimizer moments (Adam exp_avg, exp_avg_sq): the largest state",
+    StateKind.hp_params: "fp32 master weights (the optimizer's partition)",
+    StateKind.lp_params: "bf16/fp16 weights the model computes with (ZeRO-3: partitions)",
+    StateKind.lp_grads: "low-precision gradient partitions",
+    StateKind.contiguous_grad_buffer: "scratch reduce buckets, rebuilt every step",
+}
+
+
+def _type_name(annotation: Any) -> str:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Literal:
+        return "string"
+    if origin in (typing.Union, types.UnionType):
+        parts = [_type_name(a) for a in args if a is not type(None)]
+        return " or ".join(parts) + (" or null" if type(None) in args else "")
+    if origin is dict:
+        return f"object ({_type_name(args[0])} → {_type_name(args[1])})"
+    if origin is list:
+        return f"list of {_type_name(args[0])}"
+    if isinstance(annotation, type):
+        if issubclass(annotation, BaseModel):
+            return "object"
+        if issubclass(annotation, StateKind):
+            return "state"
+        if issubclass(annotation, Tier):
+            return "tier"
+        return {bool: "boolean", int: "integer", str: "string", float: "number"}.get(
+            annotation, annotation.__name__
+        )
+    return str(annotation)
+
+
+def _allowed(field: FieldInfo) -> str:
+    annotation = field.annotation
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        annotation = inner[0] if len(inner) == 1 else annotation
+        origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Literal:
+        return ", ".join(f"`{a}`" for a in args)
+    if origin is dict:
+        return "keys: states; values: tiers (see below)"
+    if origin is list and args and args[0] is StateKind:
+        return "states (see below)"
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return f"see [`{_section(annotation)}`](#{_section(annotation)})"
+    bounds = []
+    for meta in field.metadata:
+        for attr, sym in (("ge", "≥"), ("gt", ">"), ("le", "≤"), ("lt", "<")):
+            value = getattr(meta, attr, None)
+            if value is not None:
+                bounds.append(f"{sym} {value:,}" if isinstance(value, int) else f"{sym} {value}")
+    return ", ".join(bounds) or "any"
+
+
+def _default(field: FieldInfo) -> str:
+    value = field.get_default(call_default_factory=True)
+    if isinstance(value, BaseModel):
+        return "(object)"
+    return f"`{json.dumps(value)}`"
+
+
+def _section(model: type[BaseModel]) -> str:
+    return {OffloadStatesConfig: CONFIG_KEY, AioSettings: "aio", ZarrSettings: "zarr"}[model]
+
+
+def _field_table(model: type[BaseModel], prefix: str) -> list[str]:
+    lines = ["| key | type | allowed | default | description |", "|---|---|---|---|---|"]
+    for name, field in model.model_fields.items():
+        description = field.description
+        annotation = field.annotation
+        if description is None and isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            description = (annotation.__doc__ or "").strip().splitlines()[0]
+        if not description:
+            raise ValueError(f"{model.__name__}.{name} has no description; add one in nvme_tier/config.py")
+        cells = [
+            f"`{prefix}{name}`",
+            _type_name(field.annotation),
+            _allowed(field),
+            _default(field),
+            description,
+        ]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return lines
+
+
+def render_config_reference() -> str:
+    """docs/configuration.md, generated from the pydantic models so it cannot drift from them."""
+    missing = [t.value for t in Tier if t not in TIER_HELP] + [
+        s.value for s in StateKind if s not in STATE_HELP
+    ]
+    if missing:
+        raise ValueError(f"no help text for {', '.join(missing)}; add it to nvme_tier/cli.py")
+    out = [
+        "# Configuration reference",
+        "",
+        "<!-- Generated by `python -m nvme_tier docs-config > docs/configuration.md`; do not edit by hand.",
+        "     tests/test_docs.py fails when this file and nvme_tier/config.py disagree. -->",
+        "",
+        f'nvme_tier reads the top-level `"{CONFIG_KEY}"` block of a DeepSpeed config. DeepSpeed itself',
+        "ignores the key; `nvme_tier.attach(engine)` (or `nvme_tier.initialize(...)`) validates it before",
+        "anything moves. Unknown keys are refused with an error naming them; every key is optional.",
+        "See [policy.md](policy.md) for how `device`, `policy` and `include` combine, and",
+        "[backends.md](backends.md) for choosing and tuning a backend.",
+        "",
+        f"## `{CONFIG_KEY}`",
+        "",
+        (OffloadStatesConfig.__doc__ or "").strip(),
+        "",
+        *_field_table(OffloadStatesConfig, ""),
+    ]
+    for model in (AioSettings, ZarrSettings):
+        section = _section(model)
+        out += [
+            "",
+            f"## `{section}`",
+            "",
+            (model.__doc__ or "").strip(),
+            "",
+            *_field_table(model, f"{section}."),
+        ]
+    out += [
+        "",
+        "## States",
+        "",
+        "Names as in DeepSpeed's `OffloadStateTypeEnum`; keys of `policy` and items of `include`.",
+        "",
+        "| state | holds | may be discarded |",
+        "|---|---|---|",
+        *[f"| `{s.value}` | {STATE_HELP[s]} | {'no' if s.holds_data else 'yes'} |" for s in StateKind],
+        "",
+        "## Tiers",
+        "",
+        "Values of `policy`.",
+        "",
+        "| tier | meaning |",
+        "|---|---|",
+        *[f"| `{t.value}` | {TIER_HELP[t]} |" for t in Tier],
+        "",
+        "## Every key at its default",
+        "",
+        "```json",
+        json.dumps({CONFIG_KEY: OffloadStatesConfig().model_dump(mode="json")}, indent=2),
+        "```",
+        "",
+    ]
+    return "\n".join(out)
+
+
+def cmd_docs_config(args: argparse.Namespace) -> int:
+    text = render_config_reference()
+    if args.check:
+        try:
+            current = Path(args.check).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"cannot read {args.check}: {exc.strerror}") from None
+        if current != text:
+            print(f"{args.check} is out of date: run python -m nvme_tier docs-config > {args.check}")
+            return EXIT_FAILED
+        print(f"{args.check} is up to date")
+        return EXIT_OK
+    sys.stdout.write(text)
+    return EXIT_OK
+
+
+# -- parser and entry point ----------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    from .demo import add_arguments as demo_arguments
+
+    p = argparse.ArgumentParser(
+        prog="nvme-tier",
+        description="NVMe and pinned-CPU tiers for DeepSpeed's offload_states/reload_states.",
+        epilog="exit codes: 0 ok, 1 check/demo/bench failed, 2 usage or nvme_tier error",
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    c = sub.add_parser("check", help="report whether this machine and path suit nvme_tier (like ds_report)")
+    c.add_argument("--path", help="offload directory to check (O_DIRECT, free space, backend choice)")
+    c.add_argument("--config", help="a DeepSpeed JSON config: validate its offload_states block and use it")
+    c.add_argument("--json", action="store_true", help="machine-readable output")
+    c.set_defaults(func=cmd_check)
+
+    s = sub.add_parser("status", help="list the writer directories under an offload path")
+    s.add_argument("path", metavar="PATH")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(func=cmd_status)
+
+    cl = sub.add_parser("clean", help="remove writer directories of dead processes under PATH")
+    cl.add_argument("path", metavar="PATH")
+    cl.add_argument("--all", action="store_true", help="also remove live writers' directories (dangerous)")
+    cl.add_argument("--dry-run", action="store_true", help="only list what would be removed")
+    cl.set_defaults(func=cmd_clean)
+
+    # Every argument of bench but --scratch-root goes to the script (-h shows the script's help).
+    b = sub.add_parser(
+        "bench",
+        add_help=False,
+        help=f"swap bandwidth per method (benchmarks/swap_bandwidth.py; --size-gb defaults to "
+        f"{BENCH_DEFAULT_GB}, --path to a temporary directory)",
+    )
+    b.add_argument("--scratch-root", help="parent of the temporary directory used when --path is not given")
+    b.set_defaults(func=cmd_bench, bench_args=[])
+
+    d = sub.add_parser("demo", help="RLHF-style actor/critic swap with bit-exact checks (about a minute)")
+    demo_arguments(d)
+    d.set_defaults(func=cmd_demo)
+
+    dc = sub.add_parser("docs-config", help="print docs/configuration.md generated from the config model")
+    dc.add_argument("--check", metavar="FILE", help="exit 1 when FILE differs from the generated text")
+    dc.set_defaults(func=cmd_docs_config)
+    return p
+
+
+def one_line(message: str) -> str:
+    return " ".join(part.strip() for part in message.splitlines() if part.strip())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "bench":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.bench_args = extra
+    started = time.perf_counter()
+    try:
+        return int(args.func(args))
+    except NvmeTierError as exc:
+        print(f"nvme-tier {args.command}: error: {one_line(str(exc))}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print(
+            f"nvme-tier {args.command}: interrupted after {time.perf_counter() - started:.1f} s",
+            file=sys.stderr,
+        )
+        return 130
