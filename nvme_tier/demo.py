@@ -97,6 +97,7 @@ class Role:
     reloads: int = 0
     bytes_out: int = 0
     bytes_in: int = 0
+    wrote: bool = False
 
 
 def take_snapshot(engine: Any) -> dict:
@@ -247,9 +248,13 @@ def run(args: argparse.Namespace) -> int:
             moved = stats.bytes_written + stats.bytes_to_host
             role.bytes_out += moved
             skipped = f", {mb(stats.bytes_skipped)} unchanged on disk" if stats.bytes_skipped else ""
+            first = ""
+            if stats.bytes_written and not role.wrote:
+                role.wrote = True
+                first = " [first write: includes opening the backend]"
             print(
                 f"  offload {role.name:6s}: {mb(stats.bytes_written)} to nvme, {mb(stats.bytes_to_host)} to host"
-                f"{skipped}, {stats.seconds:.3f} s ({gbps(moved, stats.seconds)})"
+                f"{skipped}, {stats.seconds:.3f} s ({gbps(moved, stats.seconds)}){first}"
             )
             if show_table:
                 print("    " + nvme_tier.format_status(role.engine).replace("\n", "\n    "))
