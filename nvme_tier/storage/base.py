@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..errors import IntegrityError, TierIOError
-from .manifest import TensorRecord, WriterDirectory, check_name
+from .manifest import MANIFEST_FILE, TensorRecord, WriterDirectory, check_name
 
 
 @dataclass(frozen=True)
@@ -125,8 +125,11 @@ class StorageBackend(abc.ABC):
             mine = dict(self._records)
         for name, rec in mine.items():
             if on_disk.get(name) != rec:
-                path = self.directory.file_path(rec.file)
-                raise IntegrityError(f"manifest entry for {path} does not match what was written", path)
+                path = self.directory.file_path(MANIFEST_FILE)
+                data = self.directory.file_path(rec.file) if rec.file else name
+                raise IntegrityError(
+                    f"{path}: the entry for {data} does not match what was written", path
+                )
 
     def release(self) -> None:
         """Wait for queued I/O, free staging memory and delete every file this writer owns."""

@@ -182,12 +182,19 @@ class WriterDirectory:
         data = read_json(path)
         if data.get("format") != FORMAT:
             raise IntegrityError(f"{path}: unknown manifest format {data.get('format')!r}", path)
-        writer = (data.get("owner") or {}).get("writer_id")
+        owner = data.get("owner")
+        writer = owner.get("writer_id") if isinstance(owner, dict) else None
         if writer != self.owner.writer_id:
             raise IntegrityError(
                 f"{path}: manifest belongs to writer {writer!r}, not {self.owner.writer_id!r}", path
             )
-        return {name: TensorRecord.from_json(rec) for name, rec in data.get("records", {}).items()}
+        records = data.get("records", {})
+        try:
+            if not isinstance(records, dict):
+                raise TypeError(f"records is a {type(records).__name__}, not an object")
+            return {str(name): TensorRecord.from_json(rec) for name, rec in records.items()}
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise IntegrityError(f"{path}: malformed manifest ({type(exc).__name__}: {exc})", path) from None
 
 
 def ensure_root(root: str) -> None:

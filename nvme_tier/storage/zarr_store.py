@@ -7,6 +7,7 @@ backend's worker thread; zarr writes the chunks of each slice concurrently.
 
 from __future__ import annotations
 
+import errno
 import os
 
 import torch
@@ -85,6 +86,9 @@ class ZarrBackend(StorageBackend):
     def _write_bytes(self, name: str, src: torch.Tensor) -> tuple[str, int, list[int] | None]:
         zarr = _zarr()
         file = self.file_name(name)
+        target = self.directory.file_path(file)
+        if os.path.islink(target):  # zarr's LocalStore would write through it
+            raise TierIOError(f"refusing to follow a symlink: {target}", target, errno.ELOOP)
         nbytes = src.numel()
         try:
             array = zarr.create_array(
@@ -112,30 +116,55 @@ class ZarrBackend(StorageBackend):
                 host = src[a:b]
             if crcs is not None:
                 crcs.extend(crc32c(host[x:y]) for x, y in chunk_ranges(b - a, chunk))
-            array[a:b] = host_array(host)
+            try:
+                array[a:b] = host_array(host)
+            except OSError as exc:  # zarr reports no file name: name the array being written
+                raise TierIOError(
+                    f"writing {target} failed: {exc.strerror or exc}", target, exc.errno
+                ) from None
         self._restrict_permissions(file)
         return file, chunk, crcs
 
     def _restrict_permissions(self, file: str) -> None:
-        for dirpath, dirs, files in os.walk(self.directory.file_path(file)):
+        """zarr creates 0755/0644 entries (umask); make them 0700/0600 like every file we own."""
+        for dirpath, _dirs, files in os.walk(self.directory.file_path(file)):
             os.chmod(dirpath, 0o700)
             for f in files:
-                os.chmod(os.path.join(dirpath, f), 0o600)
+                _chmod_regular(os.path.join(dirpath, f), 0o600)
+        # The implicit root group's metadata, written by the first create_array.
+        _chmod_regular(os.path.join(self.directory.path, "zarr.json"), 0o600)
 
     def _read_bytes(self, record: TensorRecord, dst: torch.Tensor) -> None:
         zarr = _zarr()
         root = self.directory.file_path(record.file)
+        meta = os.path.join(root, "zarr.json")
+        for entry in (root, meta, os.path.join(root, "c")):
+            if os.path.islink(entry):
+                raise TierIOError(f"refusing to follow a symlink: {entry}", entry, errno.ELOOP)
+        if not os.path.isdir(root):
+            raise IntegrityError(f"missing file: {root}", root, errno.ENOENT)
         try:
             array = zarr.open_array(self._get_store(), path=record.file, mode="r")
-        except (FileNotFoundError, KeyError, ValueError) as exc:
-            raise IntegrityError(f"missing or unreadable zarr array: {root} ({exc})", root) from None
+        except Exception as exc:  # any malformed metadata (bad JSON, not an object, bad codec...)
+            raise IntegrityError(f"missing or unreadable zarr metadata: {meta} ({exc})", meta) from None
         if array.shape != (record.nbytes,) or array.chunks != (record.chunk_bytes,):
-            raise IntegrityError(f"{root}: shape {array.shape} does not match the manifest", root)
+            raise IntegrityError(
+                f"{meta}: shape {array.shape} / chunks {array.chunks} do not match the manifest "
+                f"({record.nbytes},) / ({record.chunk_bytes},)",
+                meta,
+            )
+        raw = not array.compressors  # uncompressed chunks are stored at exactly chunk_bytes
         ranges = chunk_ranges(record.nbytes, record.chunk_bytes)
         for i in range(len(ranges)):
             chunk_file = os.path.join(root, "c", str(i))
-            if not os.path.isfile(chunk_file) or os.path.islink(chunk_file):
+            if os.path.islink(chunk_file) or not os.path.isfile(chunk_file):
                 raise IntegrityError(f"missing file: {chunk_file}", chunk_file)
+            size = os.path.getsize(chunk_file)
+            if raw and size != record.chunk_bytes:
+                raise IntegrityError(
+                    f"wrong size: {chunk_file} holds {size} bytes, the manifest {record.chunk_bytes}",
+                    chunk_file,
+                )
         per_slice = max(1, self.slice_bytes // record.chunk_bytes)
         for first in range(0, len(ranges), per_slice):
             last = min(first + per_slice, len(ranges)) - 1
@@ -143,7 +172,8 @@ class ZarrBackend(StorageBackend):
             try:
                 data = array[a:b]
             except Exception as exc:  # zarr raises codec errors on truncated chunks
-                raise IntegrityError(f"cannot decode {root}[{a}:{b}] ({exc})", root) from None
+                where = os.path.join(root, "c", str(first) if first == last else f"{{{first}..{last}}}")
+                raise IntegrityError(f"cannot decode {where} ({exc})", where) from None
             host = torch.from_numpy(data)
             for i in range(first, last + 1):
                 x, y = ranges[i]
@@ -160,9 +190,17 @@ class ZarrBackend(StorageBackend):
         import shutil
 
         path = self.directory.file_path(record.file)
-        if os.path.isdir(path) and not os.path.islink(path):
+        if os.path.islink(path):  # planted where our array was: remove the link, not its target
+            os.unlink(path)
+        elif os.path.isdir(path):
             shutil.rmtree(path, ignore_errors=True)
 
     def _release_resources(self) -> None:
         self._host = None
         self._store = None
+
+
+def _chmod_regular(path: str, mode: int) -> None:
+    """chmod a regular file; never through a symlink."""
+    if os.path.isfile(path) and not os.path.islink(path):
+        os.chmod(path, mode)

@@ -1,0 +1,253 @@
+"""Corruption on reload: a flipped byte, a truncated, extended or missing file, a foreign or malformed
+manifest. Each reload raises IntegrityError naming the file; the engine is then in phase ``failed``
+and refuses to compute (StatesOffloadedError) instead of training on garbage. Nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import sys
+
+import pytest
+import torch
+from conftest import make_engine, requires_aio, train
+from faults import writer_dirs
+
+import nvme_tier
+from nvme_tier.errors import IntegrityError, StatesOffloadedError
+from nvme_tier.types import OffloadPhase
+
+ZARR_CHUNK = "optim_states.0.zarr/c/0"
+ZARR_META = "optim_states.0.zarr/zarr.json"
+AIO_FILE = "optim_states.0.bin"
+
+
+def flip(path: str, offset: int = 100) -> None:
+    with open(path, "r+b") as fh:
+        fh.seek(offset)
+        byte = fh.read(1)
+        fh.seek(offset)
+        fh.write(bytes([byte[0] ^ 0x01]))
+
+
+def truncate(path: str) -> None:
+    os.truncate(path, os.path.getsize(path) // 3)
+
+
+def extend(path: str) -> None:
+    with open(path, "ab") as fh:
+        fh.write(b"\0" * 17)
+
+
+def remove(path: str) -> None:
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    else:
+        os.unlink(path)
+
+
+def write_text(text: str):
+    def corrupt(path: str) -> None:
+        with open(path, "w") as fh:
+            fh.write(text)
+
+    return corrupt
+
+
+def edit_manifest(change):
+    def corrupt(path: str) -> None:
+        with open(path) as fh:
+            data = json.load(fh)
+        change(data)
+        with open(path, "w") as fh:
+            json.dump(data, fh)
+
+    return corrupt
+
+
+def _bump_crc(data: dict) -> None:
+    rec = data["records"]["optim_states.0"]
+    rec["crc32c"][0] ^= 1
+
+
+def offloaded(backend: str, path, **extra):
+    engine = make_engine(3, path, backend=backend, **extra)
+    nvme_tier.attach(engine)
+    train(engine, 2)
+    engine.offload_states()
+    (writer,) = writer_dirs(path)
+    return engine, writer
+
+
+def assert_failed_safely(engine, culprit: str, exc_type=IntegrityError) -> None:
+    with pytest.raises(exc_type) as err:
+        engine.reload_states()
+    assert culprit in str(err.value), str(err.value)
+    assert err.value.filename and culprit in err.value.filename
+    controller = nvme_tier.controller_of(engine)
+    assert controller.phase is OffloadPhase.failed
+    # Every state stays freed: nothing half-loaded is left for a step to compute on.
+    inner = engine.optimizer.optimizer
+    assert all(
+        t.untyped_storage().nbytes() == 0
+        for s in inner.state.values()
+        for t in s.values()
+        if torch.is_tensor(t) and t.dim()
+    )
+    with pytest.raises(StatesOffloadedError):
+        train(engine, 1)
+    with pytest.raises(StatesOffloadedError):
+        engine.offload_states()
+    with pytest.raises(exc_type):  # asking again does not load garbage either
+        engine.reload_states()
+    assert controller.phase is OffloadPhase.failed
+
+
+ZARR_CASES = [
+    ("flipped byte", ZARR_CHUNK, flip),
+    ("truncated chunk", ZARR_CHUNK, truncate),
+    ("extended chunk", ZARR_CHUNK, extend),
+    ("missing chunk", ZARR_CHUNK, remove),
+    ("missing array", "optim_states.0.zarr", remove),
+    ("garbage metadata", ZARR_META, write_text("{not json")),
+    ("metadata not an object", ZARR_META, write_text("[1, 2, 3]")),
+    ("metadata wrong shape", ZARR_META, edit_manifest(lambda m: m.update(shape=[8]))),
+]
+AIO_CASES = [
+    ("flipped byte", AIO_FILE, flip),
+    ("truncated file", AIO_FILE, truncate),
+    ("missing file", AIO_FILE, remove),
+]
+MANIFEST_CASES = [
+    ("missing manifest", "manifest.json", remove),
+    ("manifest not json", "manifest.json", write_text("\x00\xff garbage")),
+    ("records not a mapping", "manifest.json", edit_manifest(lambda d: d.update(records=[1]))),
+    ("record missing fields", "manifest.json", edit_manifest(lambda d: d.update(records={"x": {}}))),
+    ("owner not a mapping", "manifest.json", edit_manifest(lambda d: d.update(owner="me"))),
+    ("checksum edited", "manifest.json", edit_manifest(_bump_crc)),
+]
+
+
+@pytest.mark.parametrize(
+    "what, rel, corrupt", ZARR_CASES + MANIFEST_CASES, ids=[c[0] for c in ZARR_CASES + MANIFEST_CASES]
+)
+def test_zarr_corruption(what, rel, corrupt, offload_dir):
+    engine, writer = offloaded("zarr", offload_dir)
+    corrupt(os.path.join(writer, rel))
+    assert_failed_safely(engine, os.path.join(writer, rel))
+
+
+@requires_aio
+@pytest.mark.aio
+@pytest.mark.parametrize(
+    "what, rel, corrupt", AIO_CASES + MANIFEST_CASES[:3], ids=[c[0] for c in AIO_CASES + MANIFEST_CASES[:3]]
+)
+def test_aio_corruption(what, rel, corrupt, offload_dir):
+    engine, writer = offloaded("aio", offload_dir)
+    corrupt(os.path.join(writer, rel))
+    assert_failed_safely(engine, os.path.join(writer, rel))
+
+
+@pytest.mark.parametrize("backend", ["zarr", pytest.param("aio", marks=[requires_aio, pytest.mark.aio])])
+def test_manifest_swapped_from_another_engine(backend, offload_dir):
+    """Two writers on one path; A's manifest replaced by B's (same names, other bytes)."""
+    a = make_engine(3, offload_dir, backend=backend, seed=0)
+    b = make_engine(3, offload_dir, backend=backend, seed=1)
+    for engine in (a, b):
+        nvme_tier.attach(engine)
+        train(engine, 1)
+        engine.offload_states()
+    dir_a = nvme_tier.controller_of(a)._mover.backend.directory.path
+    dir_b = nvme_tier.controller_of(b)._mover.backend.directory.path
+    assert dir_a != dir_b
+    shutil.copyfile(os.path.join(dir_b, "manifest.json"), os.path.join(dir_a, "manifest.json"))
+    assert_failed_safely(a, os.path.join(dir_a, "manifest.json"))
+    b.reload_states()  # the other writer is unaffected
+    train(b, 1)
+
+
+@pytest.mark.parametrize("backend", ["zarr", pytest.param("aio", marks=[requires_aio, pytest.mark.aio])])
+def test_data_swapped_from_another_engine(backend, offload_dir):
+    """A's data file replaced by B's (a valid file of the right size): checksums catch it."""
+    a = make_engine(3, offload_dir, backend=backend, seed=0)
+    b = make_engine(3, offload_dir, backend=backend, seed=1)
+    for engine in (a, b):
+        nvme_tier.attach(engine)
+        train(engine, 1)
+        engine.offload_states()
+    dir_a = nvme_tier.controller_of(a)._mover.backend.directory.path
+    dir_b = nvme_tier.controller_of(b)._mover.backend.directory.path
+    rel = AIO_FILE if backend == "aio" else "optim_states.0.zarr"
+    remove(os.path.join(dir_a, rel))
+    copy = shutil.copyfile if backend == "aio" else shutil.copytree
+    copy(os.path.join(dir_b, rel), os.path.join(dir_a, rel))
+    assert_failed_safely(a, os.path.join(dir_a, rel))
+
+
+class _Payload:
+    """Unpickling this creates a marker file: proof that someone unpickled our files."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def test_nothing_is_unpickled(offload_dir, tmp_path):
+    marker = str(tmp_path / "UNPICKLED")
+    events: list[str] = []
+
+    def hook(event: str, args) -> None:
+        if event == "pickle.find_class" and hook.armed:
+            events.append(f"{args}")
+
+    hook.armed = False
+    sys.addaudithook(hook)  # cannot be removed; it is disarmed after the test
+
+    engine, writer = offloaded("zarr", offload_dir)
+    try:
+        hook.armed = True
+        engine.reload_states()  # a clean reload: no unpickling at all
+        train(engine, 1)
+        engine.offload_states()
+        payload = pickle.dumps(_Payload(marker))
+        with open(os.path.join(writer, ZARR_CHUNK), "wb") as fh:
+            fh.write(payload)
+        with open(os.path.join(writer, "manifest.json"), "wb") as fh:
+            fh.write(payload)
+        with pytest.raises(IntegrityError, match="manifest.json"):
+            engine.reload_states()
+    finally:
+        hook.armed = False
+    assert events == []
+    assert not os.path.exists(marker)
+
+
+def test_checksums_verified_with_skip_unchanged(offload_dir):
+    """A file kept on disk for skip_unchanged is re-verified on every reload, not trusted."""
+    engine, writer = offloaded("zarr", offload_dir)
+    engine.reload_states()
+    engine.offload_states()  # unchanged: nothing rewritten
+    assert nvme_tier.controller_of(engine).last_stats["offload"].bytes_written == 0
+    flip(os.path.join(writer, ZARR_CHUNK))
+    assert_failed_safely(engine, os.path.join(writer, ZARR_CHUNK))
+
+
+def test_pinned_host_copy_not_corrupted_by_failure(offload_dir):
+    """After a failed reload the host-tier copies are still intact (nothing was overwritten)."""
+    engine, writer = offloaded("zarr", offload_dir)
+    controller = nvme_tier.controller_of(engine)
+    hosts = {
+        p.buffer.name: p.host.clone() for ps in controller._placed.values() for p in ps if p.host is not None
+    }
+    assert hosts
+    flip(os.path.join(writer, ZARR_CHUNK))
+    with pytest.raises(IntegrityError):
+        engine.reload_states()
+    after = {p.buffer.name: p.host for ps in controller._placed.values() for p in ps if p.host is not None}
+    assert hosts.keys() == after.keys()
+    assert all(torch.equal(hosts[k], after[k]) for k in hosts)
