@@ -64,19 +64,56 @@ class OwnerInfo:
             label=label,
         )
 
+    @classmethod
+    def from_json(cls, data: object) -> OwnerInfo:
+        """Parse an owner.json strictly: a file we cannot fully understand is nobody's to delete."""
+        if not isinstance(data, dict):
+            raise ValueError("owner.json is not an object")
+        types = {"writer_id": str, "host": str, "pid": int, "pid_start": (int, float), "rank": int,
+                 "created": (int, float), "label": str}  # fmt: skip
+        for key, kind in types.items():
+            value = data.get(key, "" if key == "label" else None)
+            if isinstance(value, bool) or not isinstance(value, kind):
+                raise ValueError(f"owner.json: {key} is {value!r}")
+        if set(data) - set(types) or data["pid"] <= 0:
+            raise ValueError("owner.json: unexpected keys or pid")
+        return cls(**data)
+
     def is_alive(self) -> bool:
         """True unless we can prove the owner process is gone (other hosts count as alive)."""
         if self.host != socket.gethostname():
             return True
         start = _process_start(self.pid)
-        return start is not None and abs(start - self.pid_start) < 1.0
+        if start is None:
+            return False
+        return start == _UNKNOWN or abs(start - self.pid_start) < 1.0
+
+
+_UNKNOWN = -1.0
 
 
 def _process_start(pid: int) -> float | None:
+    """Start time of a running process; None if provably gone (or a zombie); _UNKNOWN if hidden."""
     try:
-        return psutil.Process(pid).create_time()
-    except (psutil.NoSuchProcess, psutil.AccessDenied, ProcessLookupError):
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:  # killed, not yet reaped: it writes nothing more
+            return None
+        return proc.create_time()
+    except (psutil.NoSuchProcess, ProcessLookupError):
         return None
+    except (psutil.AccessDenied, ValueError, TypeError, OverflowError):
+        return _UNKNOWN  # cannot tell: count it as alive, never delete its files
+
+
+_WRITER_NAME = re.compile(r"^ntier-(?P<host>.+)-(?P<pid>[0-9]+)-[0-9a-f]{10}-r[0-9]+$")
+
+
+def _dead_by_name(name: str) -> bool:
+    """For a writer killed before its owner.json existed: its name says host and pid."""
+    m = _WRITER_NAME.match(name)
+    if m is None or m["host"] != socket.gethostname():
+        return False
+    return _process_start(int(m["pid"])) is None
 
 
 @dataclass(frozen=True)
@@ -273,7 +310,9 @@ class WriterInfo:
 
 
 def scan_writers(root: str) -> Iterator[WriterInfo]:
-    """Writer directories under ``root``; unreadable owners count as live (never deleted blindly)."""
+    """Writer directories under ``root``. A directory counts as stale only when its owner process
+    is provably gone: from a valid owner.json, or from its name when owner.json was never written
+    (killed right after mkdir). Anything unreadable or ambiguous counts as live."""
     try:
         entries = sorted(os.scandir(root), key=lambda e: e.name)
     except FileNotFoundError:
@@ -281,11 +320,13 @@ def scan_writers(root: str) -> Iterator[WriterInfo]:
     for entry in entries:
         if not entry.name.startswith(WRITER_PREFIX) or not entry.is_dir(follow_symlinks=False):
             continue
-        owner: OwnerInfo | None
-        try:
-            owner = OwnerInfo(**read_json(os.path.join(entry.path, OWNER_FILE)))
-        except (TierIOError, TypeError):
-            owner = None
+        owner: OwnerInfo | None = None
+        owner_path = os.path.join(entry.path, OWNER_FILE)
+        has_owner_file = os.path.lexists(owner_path)
+        with contextlib.suppress(TierIOError, TypeError, ValueError):
+            owner = OwnerInfo.from_json(read_json(owner_path))
+        if owner is not None and owner.writer_id != entry.name:
+            owner = None  # an owner.json copied from elsewhere proves nothing about this directory
         size = 0
         for dirpath, _dirs, files in os.walk(entry.path):
             for f in files:
@@ -295,7 +336,7 @@ def scan_writers(root: str) -> Iterator[WriterInfo]:
         yield WriterInfo(
             path=entry.path,
             owner=owner,
-            live=owner.is_alive() if owner else True,
+            live=owner.is_alive() if owner else has_owner_file or not _dead_by_name(entry.name),
             bytes=size,
             age_s=max(0.0, time.time() - created),
             committed=os.path.exists(os.path.join(entry.path, MANIFEST_FILE)),
@@ -306,8 +347,6 @@ def clean_writers(root: str, include_live: bool = False) -> list[WriterInfo]:
     """Remove stale writer directories (owner process gone); live ones only when asked."""
     removed = []
     for info in scan_writers(root):
-        if info.owner is None and not include_live:
-            continue
         if info.live and not include_live:
             continue
         shutil.rmtree(info.path, ignore_errors=True)
