@@ -118,7 +118,7 @@ class OffloadStatesConfig(_Strict):
 def _explain(exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():
-        where = ".".join(str(p) for p in (CONFIG_KEY, *err["loc"]))
+        where = ".".join(_loc_part(p) for p in (CONFIG_KEY, *err["loc"]))
         if err["type"] == "extra_forbidden":
             # Name the keys allowed where the culprit is (top level, aio or zarr), not elsewhere.
             model = _SECTIONS.get(tuple(err["loc"][:-1]), OffloadStatesConfig)
@@ -130,6 +130,12 @@ def _explain(exc: ValidationError) -> str:
             msg = f"{msg} (got {err.get('input')!r})"
         lines.append(f"{where}: {msg}")
     return "invalid offload_states config:\n  " + "\n  ".join(lines)
+
+
+def _loc_part(part: object) -> str:
+    """A key as the user would type it; odd keys (newlines, dots, spaces) quoted so lines stay whole."""
+    text = str(part)
+    return text if text.replace("_", "a").isalnum() and text.isascii() or text == "[key]" else repr(text)
 
 
 _SECTIONS: dict[tuple, type[BaseModel]] = {
