@@ -172,8 +172,8 @@ class TierMover:
         for name in names:
             try:
                 self._backend.delete(name)
-            except Exception as exc:  # keep the original error; report the leftover
-                log.warning("nvme_tier: could not remove partial file for %s: %s", name, exc)
+            except Exception as exc:  # keep the original error (if any); report the leftover
+                log.warning("nvme_tier: could not remove the file of %s: %s", name, exc)
 
     def reload(self, placed: list[Placed], keep_files: bool) -> TransferStats:
         """Restore every buffer; on a verification failure free them again and raise."""
@@ -206,8 +206,9 @@ class TierMover:
         for p in placed:
             if p.tier is Tier.cpu:
                 p.host = None
-            if p.tier is Tier.nvme and not keep_files:
-                self.backend.delete(p.buffer.name)
+        if not keep_files:
+            # Every state is back: a file that cannot be removed is a leftover, not a failed reload.
+            self._undo_writes([p.buffer.name for p in placed if p.tier is Tier.nvme])
         stats.seconds = time.perf_counter() - start
         return stats
 

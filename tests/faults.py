@@ -37,9 +37,12 @@ class Injector:
     fail_commit: bool = False  # the manifest commit raises instead (after every data write)
     copy_fail_at: int | None = None  # the k-th device->host copy raises ``copy_exc``
     copy_exc: type[BaseException] = RuntimeError
+    read_fail_at: int | None = None  # the k-th tensor read raises ``errno`` (after a real read)
+    remove_fails: bool = False  # removing a stored tensor's files raises ``errno`` (files stay)
     once: bool = True
     writes: int = 0
     copies: int = 0
+    reads: int = 0
     fired: int = 0
     hanging: threading.Event = field(default_factory=threading.Event)
     _undo: list = field(default_factory=list)
@@ -105,6 +108,25 @@ class Injector:
 
         backend._write_bytes = write_bytes
         self._undo.append(lambda: backend.__dict__.pop("_write_bytes", None))
+        if self.read_fail_at is not None:
+            real_read = backend._read_bytes
+
+            def read_bytes(record, dst: torch.Tensor) -> None:
+                self.reads += 1
+                real_read(record, dst)  # the destination really is overwritten
+                if self._due(self.reads, self.read_fail_at):
+                    raise OSError(self.errno, os.strerror(self.errno), directory.file_path(record.file))
+
+            backend._read_bytes = read_bytes
+            self._undo.append(lambda: backend.__dict__.pop("_read_bytes", None))
+        if self.remove_fails:
+
+            def remove(record) -> None:
+                self.fired += 1
+                raise OSError(self.errno, os.strerror(self.errno), directory.file_path(record.file))
+
+            backend._remove = remove
+            self._undo.append(lambda: backend.__dict__.pop("_remove", None))
         if self.fail_commit:
             real_commit = directory.commit_manifest
 
@@ -180,7 +202,9 @@ def assert_resident(engine: Any, before: dict, scratch: bool = True) -> None:
     for name, data in before.items():
         if not scratch and name.startswith("contiguous_grad_buffer"):
             continue
-        assert torch.equal(data, now[name]), f"{name} changed: {(data != now[name]).sum().item()} of {data.numel()} bytes"
+        assert torch.equal(data, now[name]), (
+            f"{name} changed: {(data != now[name]).sum().item()} of {data.numel()} bytes"
+        )
     assert all(e.tier == "device" for e in nvme_tier.offload_status(engine).values())
 
 

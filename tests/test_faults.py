@@ -31,6 +31,7 @@ from faults import (
 import nvme_tier
 from nvme_tier.errors import TierIOError
 from nvme_tier.storage import supports_o_direct
+from nvme_tier.types import OffloadPhase
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BACKENDS = ["zarr", pytest.param("aio", marks=[requires_aio, pytest.mark.aio])]
@@ -230,3 +231,53 @@ def test_file_size_limit_efbig(backend, offload_dir):
     assert error["errno"] == errno.EFBIG
     assert error["filename"].startswith(str(offload_dir)) and error["filename"] in error["message"]
     assert result["leftovers"] == []
+
+
+# -- faults while reloading ------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_transient_read_error_then_retry(backend, offload_dir):
+    """A read error fails the reload (typed, naming the file) without losing anything: a retry works."""
+    kwargs = {"stage": 3, "path": offload_dir, "backend": backend, **MULTI}
+    engine = make_engine(**kwargs)
+    controller = nvme_tier.attach(engine)
+    steps, seed = TWIN_PLAN[0]
+    losses = train(engine, steps, seed=seed)
+    before = snapshot(engine)
+    engine.offload_states()
+    injector = install(controller, read_fail_at=2)
+    with pytest.raises(TierIOError) as err:
+        engine.reload_states()
+    assert err.value.errno == errno.EIO and err.value.filename and err.value.filename in str(err.value)
+    assert controller.phase is OffloadPhase.failed
+    with pytest.raises(nvme_tier.StatesOffloadedError):
+        train(engine, 1)
+    injector.remove()
+    engine.reload_states()
+    assert_resident(engine, before, scratch=False)
+    for steps, seed in TWIN_PLAN[1:]:
+        losses += train(engine, steps, seed=seed)
+        engine.offload_states()
+        engine.reload_states()
+    assert_twin(kwargs, losses, params_of(engine))
+    nvme_tier.detach(engine)
+
+
+def test_file_removal_failure_after_reload_is_not_fatal(offload_dir, caplog):
+    """skip_unchanged=False deletes files after a reload; a failing delete is a leftover, not a failure."""
+    kwargs = {"stage": 3, "path": offload_dir, "backend": "zarr", "skip_unchanged": False}
+    engine = make_engine(**kwargs)
+    controller = nvme_tier.attach(engine)
+    train(engine, 2)
+    before = snapshot(engine)
+    engine.offload_states()
+    injector = install(controller, remove_fails=True)
+    engine.reload_states()
+    assert injector.fired >= 1
+    assert any("could not remove" in r.getMessage() for r in caplog.records)
+    assert_resident(engine, before, scratch=False)
+    injector.remove()
+    train(engine, 1)
+    engine.offload_states()
+    engine.reload_states()
+    nvme_tier.detach(engine)
+    assert writer_dirs(offload_dir) == []

@@ -190,8 +190,15 @@ class StorageBackend(abc.ABC):
         return record
 
     def _read_job(self, record: TensorRecord, dst: torch.Tensor) -> None:
-        if record.nbytes:
+        if not record.nbytes:
+            return
+        try:
             self._read_bytes(record, dst)
+        except OSError as exc:
+            if isinstance(exc, TierIOError):
+                raise
+            path = exc.filename or self.directory.file_path(record.file)
+            raise TierIOError(f"reading {path} failed: {exc.strerror or exc}", path, exc.errno) from exc
 
     def _delete_job(self, name: str) -> None:
         with self._lock:
