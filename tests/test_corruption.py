@@ -251,3 +251,15 @@ def test_pinned_host_copy_not_corrupted_by_failure(offload_dir):
     after = {p.buffer.name: p.host for ps in controller._placed.values() for p in ps if p.host is not None}
     assert hosts.keys() == after.keys()
     assert all(torch.equal(hosts[k], after[k]) for k in hosts)
+
+
+def test_non_blocking_reload_of_corrupt_file(offload_dir):
+    """A prefetch that hits corruption raises at the first compute call; the engine then stays failed."""
+    engine, writer = offloaded("zarr", offload_dir)
+    flip(os.path.join(writer, ZARR_CHUNK))
+    engine.reload_states(non_blocking=True)
+    with pytest.raises(IntegrityError, match="checksum mismatch"):
+        train(engine, 1)
+    assert nvme_tier.controller_of(engine).phase is OffloadPhase.failed
+    with pytest.raises(StatesOffloadedError):
+        train(engine, 1)
