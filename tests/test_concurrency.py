@@ -160,6 +160,7 @@ def live_stranger(root):
         proc.wait()
 
 
+@pytest.mark.slow
 @pytest.mark.multiproc
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_two_processes_then_sigkill_mid_offload(backend, offload_dir):

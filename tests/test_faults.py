@@ -212,6 +212,7 @@ def child_env() -> dict:
     return env
 
 
+@pytest.mark.slow
 @pytest.mark.multiproc
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_file_size_limit_efbig(backend, offload_dir):
