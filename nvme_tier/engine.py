@@ -2,8 +2,9 @@
 
 It answers three questions for a live engine: which tensors hold each state (per ZeRO stage and
 DeepSpeed version), how to quiesce the engine before its memory is freed, and how to hook the
-engine so it cannot compute while states are away. Version differences are detected by feature
-(attribute presence), each commented with the versions that need it.
+engine so it cannot compute while states are away. It also hides the one difference of DeepSpeed's
+async_io op binding that the aio backend meets (``aio_async_pwrite``). Version differences are
+detected by feature (attribute presence), each commented with the versions that need it.
 """
 
 from __future__ import annotations
@@ -203,6 +204,30 @@ def engine_config_block(engine: Any, key: str) -> Any:
         return params[key]
     cfg = getattr(engine, "config", None)
     return cfg.get(key) if isinstance(cfg, dict) else None
+
+
+# -- DeepSpeed's async_io op binding ----------------------------------------------------------------
+@functools.lru_cache(maxsize=8)
+def _aio_pwrite_takes_fd(handle_type: type) -> bool:
+    """Whether ``aio_handle.async_pwrite`` has the ``(buffer, fd, file_offset)`` overload.
+
+    DeepSpeed 0.17.1+ binds it beside ``(buffer, filename, file_offset)``; 0.16.x (and 0.17.0)
+    bind only the filename one. pybind11 lists every overload's signature in the docstring.
+    """
+    doc = getattr(getattr(handle_type, "async_pwrite", None), "__doc__", None) or ""
+    return "fd:" in doc
+
+
+def aio_async_pwrite(handle: Any, buffer: torch.Tensor, fd: int, path: str, file_offset: int) -> int:
+    """Submit one O_DIRECT write through whichever ``async_pwrite`` overload this DeepSpeed has.
+
+    0.17.1+: the fd we opened (O_NOFOLLOW, space reserved with posix_fallocate). 0.16.x: the op
+    opens ``path`` itself with O_WRONLY|O_CREAT|O_DIRECT and no O_TRUNC, so the reservation made
+    through ``fd`` stays; ``path`` is the file we just opened inside our private 0700 directory.
+    """
+    if _aio_pwrite_takes_fd(type(handle)):
+        return handle.async_pwrite(buffer, fd, file_offset)
+    return handle.async_pwrite(buffer, path, file_offset)
 
 
 # -- hooking the engine -----------------------------------------------------------------------------
