@@ -1,4 +1,4 @@
-"""NVMe backend on DeepSpeed's async_io op (libaio, O_DIRECT) with double-buffered pinned staging.
+"""NVMe backend on DeepSpeed's async_io op (libaio, O_DIRECT) with a ring of pinned staging buffers.
 
 Alignment: O_DIRECT needs buffer addresses, lengths and file offsets aligned. DeepSpeed splits a
 request across ``intra_op_parallelism`` threads, so every on-disk length is padded to
@@ -9,8 +9,10 @@ byte moves, because the async_io op does not report ENOSPC itself.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import threading
 
 import torch
 
@@ -18,7 +20,7 @@ from ..config import AioSettings
 from ..errors import BackendUnavailableError, IntegrityError, TierIOError
 from .base import Capabilities, StorageBackend, chunk_ranges, crc32c
 from .manifest import TensorRecord, WriterDirectory
-from .staging import DeviceCopier, StagingPool, round_up
+from .staging import DeviceCopier, round_down, round_up
 
 INSTALL_HINT = (
     "the 'aio' backend needs libaio and DeepSpeed's async_io op: run `apt-get install -y libaio-dev` "
@@ -57,10 +59,79 @@ def load_aio_op():
         ) from exc
 
 
+# Idle aio handles, reused across backends. Creating a handle starts intra_op_parallelism threads
+# and io_setup()s as many kernel aio contexts; destroying one io_destroy()s them, which waits for an
+# RCU grace period each (~0.3 s per handle here). A backend takes its handles on first I/O and gives
+# them back (idle, nothing in flight, buffers freed) on release().
+_IDLE_HANDLES: dict[tuple, list] = {}
+_IDLE_LOCK = threading.Lock()
+_MAX_IDLE_PER_KIND = 8
+
+
+def _handle_key(settings: AioSettings) -> tuple:
+    s = settings
+    return (s.block_size, s.queue_depth, s.single_submit, s.overlap_events, s.intra_op_parallelism)
+
+
+def _take_handle(settings: AioSettings):
+    key = _handle_key(settings)
+    with _IDLE_LOCK:
+        idle = _IDLE_HANDLES.get(key)
+        if idle:
+            return idle.pop()
+    return load_aio_op().aio_handle(*key)
+
+
+def _give_back_handle(settings: AioSettings, handle) -> None:
+    with _IDLE_LOCK:
+        idle = _IDLE_HANDLES.setdefault(_handle_key(settings), [])
+        if len(idle) < _MAX_IDLE_PER_KIND:
+            idle.append(handle)
+
+
+class _Slot:
+    """One aio handle and the page-locked buffer it owns; at most one request in flight.
+
+    ``aio_handle.wait()`` waits for *every* request of its handle, so keeping several requests in
+    flight needs several handles. A buffer is allocated by its own handle: the op only skips its
+    bounce-buffer copy for torch-pinned memory or memory its *own* pinned-tensor manager allocated.
+    """
+
+    __slots__ = ("buffer", "handle", "locked_by_handle", "pending")
+
+    def __init__(self, handle, buffer: torch.Tensor):
+        self.handle = handle
+        self.buffer = buffer
+        self.locked_by_handle = False
+        self.pending = False
+
+    def wait(self, path: str) -> None:
+        self.pending = False
+        done = self.handle.wait()
+        if done != 1:
+            raise TierIOError(f"async I/O on {path} completed {done} of 1 requests", path)
+
+    def drain(self) -> None:
+        """After an error: let an in-flight request finish before its buffer or fd go away."""
+        if self.pending:
+            self.pending = False
+            with contextlib.suppress(Exception):
+                self.handle.wait()
+
+
 class AioBackend(StorageBackend):
-    """One file per tensor, written and read in staging-sized chunks by one aio handle."""
+    """One file per tensor, moved in chunks through a ring of pinned buffers, one aio handle each.
+
+    The staging budget is split into ``slots`` buffers of at most ``max_chunk_bytes``: while the
+    disk works on one or more chunks, the CPU/DMA fills (write) or drains (read) the next, so the
+    disk never idles between requests, and only one chunk of copy + crc32c work is left
+    un-overlapped at the start of a write or the end of a read (small chunks keep that short;
+    see benchmarks/swap_bandwidth.py).
+    """
 
     capabilities = Capabilities(name="aio", alignment=PAGE, needs_libaio=True, o_direct=True)
+    max_chunk_bytes = 16 << 20
+    max_slots = 4
 
     def __init__(
         self,
@@ -74,8 +145,16 @@ class AioBackend(StorageBackend):
         self.settings = settings or AioSettings()
         self.alignment = self.settings.intra_op_parallelism * PAGE
         self.staging_budget_bytes = staging_budget_bytes
-        self._handle = None
-        self._pool: StagingPool | None = None
+        count = min(self.max_slots, max(2, staging_budget_bytes // self.max_chunk_bytes))
+        self.chunk_bytes = round_down(
+            min(staging_budget_bytes // count, self.max_chunk_bytes), self.alignment
+        )
+        if self.chunk_bytes <= 0:
+            raise ValueError(
+                f"staging budget {staging_budget_bytes} B is below 2 x the aio alignment {self.alignment} B"
+            )
+        self.slot_count = count
+        self._slots: list[_Slot] = []
         self._copier = DeviceCopier()
 
     @staticmethod
@@ -83,51 +162,36 @@ class AioBackend(StorageBackend):
         return f"{name}.bin"
 
     # -- lazily built resources (on the worker thread) -------------------------------------------
-    def _get_handle(self):
-        if self._handle is None:
-            op = load_aio_op()
-            s = self.settings
-            self._handle = op.aio_handle(
-                s.block_size, s.queue_depth, s.single_submit, s.overlap_events, s.intra_op_parallelism
-            )
-        return self._handle
-
-    def _get_pool(self) -> StagingPool:
-        if self._pool is None:
-            handle = self._get_handle()
-            if torch.cuda.is_available():
-                pool = StagingPool(self.staging_budget_bytes, self.alignment)
-            else:  # no CUDA pinning here: the op's own page-locked, aligned allocation
-                example = torch.empty(0, dtype=torch.uint8)
-                pool = StagingPool(
-                    self.staging_budget_bytes,
-                    self.alignment,
-                    allocator=lambda n: handle.new_cpu_locked_tensor(n, example),
-                    free=handle.free_cpu_locked_tensor,
-                )
-            self._pool = pool
-        return self._pool
+    def _get_slots(self) -> list[_Slot]:
+        if not self._slots:
+            example = torch.empty(0, dtype=torch.uint8)
+            for _ in range(self.slot_count):
+                handle = _take_handle(self.settings)
+                if torch.cuda.is_available():
+                    buf = torch.empty(self.chunk_bytes, dtype=torch.uint8, pin_memory=True)
+                    slot = _Slot(handle, buf)
+                else:  # no CUDA pinning here: the op's own page-locked, page-aligned allocation
+                    slot = _Slot(handle, handle.new_cpu_locked_tensor(self.chunk_bytes, example))
+                    slot.locked_by_handle = True
+                self._slots.append(slot)
+        return self._slots
 
     @property
     def pinned_bytes(self) -> int:
-        return self._pool.allocated_bytes if self._pool else 0
+        return sum(slot.buffer.numel() for slot in self._slots)
 
     def _release_resources(self) -> None:
-        if self._pool is not None:
-            self._pool.release()
-            self._pool = None
-        self._handle = None
-
-    def _wait_one(self, path: str) -> None:
-        done = self._handle.wait()
-        if done != 1:
-            raise TierIOError(f"async I/O on {path} completed {done} of 1 requests", path)
+        slots, self._slots = self._slots, []
+        for slot in slots:
+            slot.drain()
+            if slot.locked_by_handle:
+                slot.handle.free_cpu_locked_tensor(slot.buffer)
+            _give_back_handle(self.settings, slot.handle)
 
     # -- hooks -----------------------------------------------------------------------------------
     def _write_bytes(self, name: str, src: torch.Tensor) -> tuple[str, int, list[int] | None]:
-        handle = self._get_handle()
-        pool = self._get_pool()
-        bufs, chunk = pool.buffers, pool.buffer_bytes
+        slots = self._get_slots()
+        chunk = self.chunk_bytes
         file = self.file_name(name)
         path = self.directory.file_path(file)
         nbytes = src.numel()
@@ -142,37 +206,36 @@ class AioBackend(StorageBackend):
                     path,
                     exc.errno,
                 ) from None
-            in_flight = False
             for i, (a, b) in enumerate(chunk_ranges(nbytes, chunk)):
-                buf, length = bufs[i % 2], b - a
+                slot = slots[i % len(slots)]
+                if slot.pending:
+                    slot.wait(path)
+                buf, length = slot.buffer, b - a
                 padded = round_up(length, self.alignment)
                 self._copier.copy(buf[:length], src[a:b])
                 if padded > length:
                     buf[length:padded].zero_()
                 if crcs is not None:
                     crcs.append(crc32c(buf[:length]))
-                if in_flight:
-                    self._wait_one(path)
-                if handle.async_pwrite(buf[:padded], fd, a) != 0:
+                if slot.handle.async_pwrite(buf[:padded], fd, a) != 0:
                     raise TierIOError(f"async write to {path} was refused", path)
-                in_flight = True
-            if in_flight:
-                self._wait_one(path)
-            if os.fstat(fd).st_size < nbytes:
-                raise TierIOError(f"short write to {path}", path)
+                slot.pending = True
+            for slot in slots:
+                if slot.pending:
+                    slot.wait(path)
         finally:
+            for slot in slots:
+                slot.drain()
             os.close(fd)
         return file, chunk, crcs
 
     def _read_bytes(self, record: TensorRecord, dst: torch.Tensor) -> None:
-        handle = self._get_handle()
-        pool = self._get_pool()
-        bufs = pool.buffers
-        if record.chunk_bytes > pool.buffer_bytes:
+        slots = self._get_slots()
+        if record.chunk_bytes > self.chunk_bytes:
             # Written with a larger budget: read with the chunking it was checksummed with.
             raise TierIOError(
                 f"{record.file} was written in {record.chunk_bytes} B chunks, larger than this staging "
-                f"buffer ({pool.buffer_bytes} B); raise staging_budget_mb",
+                f"buffer ({self.chunk_bytes} B); raise staging_budget_mb",
             )
         path = self.directory.file_path(record.file)
         fd = self.directory.open(record.file, write=False, direct=True)
@@ -184,25 +247,26 @@ class AioBackend(StorageBackend):
 
             def submit(i: int) -> None:
                 a, b = ranges[i]
+                slot = slots[i % len(slots)]
                 # The op has no fd overload for reads; the name is inside our 0700 directory and
                 # was just opened with O_NOFOLLOW above, so it is the regular file we wrote.
-                if handle.async_pread(bufs[i % 2][: round_up(b - a, self.alignment)], path, a) != 0:
+                if slot.handle.async_pread(slot.buffer[: round_up(b - a, self.alignment)], path, a) != 0:
                     raise TierIOError(f"async read of {path} was refused", path)
+                slot.pending = True
 
-            submit(0)
+            for i in range(min(len(slots), len(ranges))):
+                submit(i)
             for i, (a, b) in enumerate(ranges):
-                self._wait_one(path)
-                if i + 1 < len(ranges):
-                    submit(i + 1)
-                host = bufs[i % 2][: b - a]
-                try:
-                    self._check_crc(record, i, host)
-                except IntegrityError:
-                    if i + 1 < len(ranges):
-                        self._wait_one(path)
-                    raise
+                slot = slots[i % len(slots)]
+                slot.wait(path)
+                host = slot.buffer[: b - a]
+                self._check_crc(record, i, host)
                 self._copier.copy(dst[a:b], host)
+                if i + len(slots) < len(ranges):
+                    submit(i + len(slots))
         finally:
+            for slot in slots:
+                slot.drain()
             os.close(fd)
 
     def _remove(self, record: TensorRecord) -> None:

@@ -72,6 +72,9 @@ class StorageBackend(abc.ABC):
         self.directory = directory
         self.checksum = checksum
         self._records: dict[str, TensorRecord] = {}
+        # (nbytes, dtype, shape) of the newest write queued per name but not finished yet, so that a
+        # read_into queued behind it is checked against, and reads, what that write stores.
+        self._queued: dict[str, tuple[int, str, tuple[int, ...]]] = {}
         self._lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
         self._closed = False
@@ -82,18 +85,35 @@ class StorageBackend(abc.ABC):
         check_name(name)
         src = as_bytes(tensor)
         meta = (str(tensor.dtype).removeprefix("torch."), tuple(tensor.shape))
-        return self._submit(lambda: self._write_job(name, src, meta))
+        queued = (src.numel(), *meta)
+        with self._lock:
+            self._queued[name] = queued
+        try:
+            return self._submit(lambda: self._write_job(name, src, meta, queued))
+        except BaseException:
+            self._forget_queued(name, queued)
+            raise
 
     def read_into(self, name: str, out: torch.Tensor) -> Future[None]:
-        """Read ``name`` into the preallocated ``out`` (same byte size), asynchronously."""
-        record = self.record(name)
+        """Read ``name`` into the preallocated ``out`` (same byte size), asynchronously.
+
+        Jobs run in order, so a read queued right behind a write of ``name`` reads what that write
+        stores (its size is what ``out`` is checked against).
+        """
+        with self._lock:
+            expected = self._queued.get(name)
+        if expected is None:
+            record = self.record(name)
+            expected = (record.nbytes, record.dtype, record.shape)
         dst = as_bytes(out)
-        if dst.numel() != record.nbytes:
-            raise ValueError(
-                f"read_into({name!r}): destination holds {dst.numel()} bytes, the stored tensor "
-                f"{record.nbytes} ({record.dtype}{list(record.shape)})"
-            )
-        return self._submit(lambda: self._read_job(record, dst))
+        _check_size(name, dst, *expected)
+
+        def job() -> None:
+            record = self.record(name)  # now: after every write queued before this read
+            _check_size(name, dst, record.nbytes, record.dtype, record.shape)
+            self._read_job(record, dst)
+
+        return self._submit(job)
 
     def delete(self, name: str) -> None:
         """Remove ``name``'s files once queued I/O on them is done."""
@@ -127,9 +147,7 @@ class StorageBackend(abc.ABC):
             if on_disk.get(name) != rec:
                 path = self.directory.file_path(MANIFEST_FILE)
                 data = self.directory.file_path(rec.file) if rec.file else name
-                raise IntegrityError(
-                    f"{path}: the entry for {data} does not match what was written", path
-                )
+                raise IntegrityError(f"{path}: the entry for {data} does not match what was written", path)
 
     def release(self) -> None:
         """Wait for queued I/O, free staging memory and delete every file this writer owns."""
@@ -139,6 +157,7 @@ class StorageBackend(abc.ABC):
         self._release_resources()
         with self._lock:
             self._records.clear()
+            self._queued.clear()
         self.directory.remove()
 
     close = release
@@ -165,7 +184,22 @@ class StorageBackend(abc.ABC):
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=type(self).__name__)
         return self._executor.submit(on_callers_device(fn))
 
-    def _write_job(self, name: str, src: torch.Tensor, meta: tuple[str, tuple[int, ...]]) -> TensorRecord:
+    def _forget_queued(self, name: str, queued: tuple | None) -> None:
+        with self._lock:
+            if queued is None or self._queued.get(name) is queued:
+                self._queued.pop(name, None)
+
+    def _write_job(
+        self, name: str, src: torch.Tensor, meta: tuple[str, tuple[int, ...]], queued: tuple | None = None
+    ) -> TensorRecord:
+        try:
+            return self._write_job_inner(name, src, meta)
+        finally:
+            self._forget_queued(name, queued)
+
+    def _write_job_inner(
+        self, name: str, src: torch.Tensor, meta: tuple[str, tuple[int, ...]]
+    ) -> TensorRecord:
         self.directory.create()
         with self._lock:
             old = self._records.pop(name, None)
@@ -202,6 +236,7 @@ class StorageBackend(abc.ABC):
 
     def _delete_job(self, name: str) -> None:
         with self._lock:
+            self._queued.pop(name, None)
             rec = self._records.pop(name, None)
         if rec is not None and rec.file:
             self._remove(rec)
@@ -212,6 +247,14 @@ class StorageBackend(abc.ABC):
         if crc32c(host) != record.crc32c[index]:
             path = self.directory.file_path(record.file)
             raise IntegrityError(f"checksum mismatch in {path} (chunk {index})", path)
+
+
+def _check_size(name: str, dst: torch.Tensor, nbytes: int, dtype: str, shape: tuple[int, ...]) -> None:
+    if dst.numel() != nbytes:
+        raise ValueError(
+            f"read_into({name!r}): destination holds {dst.numel()} bytes, the stored tensor "
+            f"{nbytes} ({dtype}{list(shape)})"
+        )
 
 
 def _default_file(backend: StorageBackend, name: str) -> str:

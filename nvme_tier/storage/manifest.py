@@ -258,26 +258,39 @@ def ensure_root(root: str) -> None:
 
 
 def atomic_write_json(path: str, data: dict) -> None:
-    """tmp + fsync + rename + fsync(dir): readers see the old file or the new one, never half."""
+    """tmp + fsync + rename + fsync(dir): readers see the old file or the new one, never half.
+
+    Any failure (an OSError as TierIOError naming ``path``, or unserialisable data) leaves the old
+    file untouched and no ``.tmp`` behind.
+    """
     tmp = f"{path}.tmp"
-    fd = os.open(tmp, _open_flags(write=True, direct=False), 0o600)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", closefd=False) as fh:
-            json.dump(data, fh, indent=1, sort_keys=True)
-            fh.flush()
-        os.fsync(fd)
-    except OSError as exc:
+        fd = os.open(tmp, _open_flags(write=True, direct=False), 0o600)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8", closefd=False) as fh:
+                json.dump(data, fh, indent=1, sort_keys=True)
+                fh.flush()
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        raise TierIOError(f"cannot write {path}: {exc.strerror}", path, exc.errno) from None
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dfd = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+        if isinstance(exc, OSError) and not isinstance(exc, TierIOError):
+            raise TierIOError(f"cannot write {path}: {exc.strerror or exc}", path, exc.errno) from None
+        raise
+    try:  # make the rename durable
+        dfd = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):  # some filesystems cannot fsync a dir
+            raise TierIOError(
+                f"cannot sync the directory of {path}: {exc.strerror}", path, exc.errno
+            ) from None
 
 
 def read_json(path: str) -> dict:

@@ -44,7 +44,8 @@ class ZarrBackend(StorageBackend):
     ):
         super().__init__(directory, checksum=checksum)
         self.settings = settings or ZarrSettings()
-        self.chunk_bytes = self.settings.chunk_mb * MiB
+        # A chunk never exceeds the staging budget: a device source's host copy holds whole chunks.
+        self.chunk_bytes = max(1, min(self.settings.chunk_mb * MiB, staging_budget_bytes))
         # A slice of several chunks is handed to zarr at once so it can write them concurrently;
         # its host copy (device sources only) stays within the staging budget.
         per_slice = max(1, min(self.settings.concurrency, staging_budget_bytes // self.chunk_bytes))
