@@ -190,6 +190,8 @@ class AioBackend(StorageBackend):
 
     # -- hooks -----------------------------------------------------------------------------------
     def _write_bytes(self, name: str, src: torch.Tensor) -> tuple[str, int, list[int] | None]:
+        from ..engine import aio_async_pwrite  # the op's binding differs by DeepSpeed version
+
         slots = self._get_slots()
         chunk = self.chunk_bytes
         file = self.file_name(name)
@@ -217,7 +219,7 @@ class AioBackend(StorageBackend):
                     buf[length:padded].zero_()
                 if crcs is not None:
                     crcs.append(crc32c(buf[:length]))
-                if slot.handle.async_pwrite(buf[:padded], fd, a) != 0:
+                if aio_async_pwrite(slot.handle, buf[:padded], fd, path, a) != 0:
                     raise TierIOError(f"async write to {path} was refused", path)
                 slot.pending = True
             for slot in slots:
