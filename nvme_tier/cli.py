@@ -143,13 +143,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_clean(args: argparse.Namespace) -> int:
-    from .storage.manifest import clean_writers, scan_writers
+    from .storage.manifest import clean_writers
 
     path = _require_dir(args.path)
-    if args.dry_run:
-        doomed = [w for w in scan_writers(path) if args.all or (w.owner is not None and not w.live)]
-    else:
-        doomed = clean_writers(path, include_live=args.all)
+    doomed = clean_writers(path, include_live=args.all, dry_run=args.dry_run)
     verb = "would remove" if args.dry_run else "removed"
     for w in doomed:
         state = ("live" if w.live else "stale") if w.owner else "unknown owner"

@@ -356,12 +356,16 @@ def scan_writers(root: str) -> Iterator[WriterInfo]:
         )
 
 
-def clean_writers(root: str, include_live: bool = False) -> list[WriterInfo]:
-    """Remove stale writer directories (owner process gone); live ones only when asked."""
+def clean_writers(root: str, include_live: bool = False, dry_run: bool = False) -> list[WriterInfo]:
+    """Remove stale writer directories (owner process gone); live ones only when asked.
+
+    ``dry_run`` selects exactly what would be removed, without removing it.
+    """
     removed = []
     for info in scan_writers(root):
         if info.live and not include_live:
             continue
-        shutil.rmtree(info.path, ignore_errors=True)
+        if not dry_run:
+            shutil.rmtree(info.path, ignore_errors=True)
         removed.append(info)
     return removed
