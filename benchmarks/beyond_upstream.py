@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import tempfile
 import time
 
@@ -22,14 +21,9 @@ import torch
 
 
 def _dist_env() -> None:
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    if "MASTER_PORT" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    from nvme_tier.demo import default_launch_env
+
+    os.environ.update(default_launch_env())
 
 
 def stack(params: float, hidden: int) -> torch.nn.Module:

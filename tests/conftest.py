@@ -3,21 +3,14 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 
+from nvme_tier.demo import default_launch_env
 from nvme_tier.storage import aio_compatible_reason
 
-os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-os.environ.setdefault("RANK", "0")
-os.environ.setdefault("WORLD_SIZE", "1")
-os.environ.setdefault("LOCAL_RANK", "0")
-if "MASTER_PORT" not in os.environ:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+os.environ.update(default_launch_env())  # single-process rendezvous, a free port
 
 AIO_OK, AIO_WHY = aio_compatible_reason()
 requires_aio = pytest.mark.skipif(
