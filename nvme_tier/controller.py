@@ -53,6 +53,7 @@ class OffloadController:
             engine, self.guard, self.mark_dirty, self.offload_states, self.reload_states
         )
         self._finalizer = weakref.finalize(engine, TierMover.release, self._mover)
+        self._preallocate()
 
     # -- engine access ---------------------------------------------------------------------------
     @property
@@ -101,6 +102,22 @@ class OffloadController:
                 path,
                 28,  # ENOSPC
             )
+
+    def _preallocate(self) -> None:
+        """Start page-locking the host copies this config's policy will need (background thread).
+
+        Set NVME_TIER_PREALLOC=0 to allocate them at the first offload instead.
+        """
+        if os.environ.get("NVME_TIER_PREALLOC", "1") == "0":
+            return
+        try:
+            placement, buffers = self.plan()
+        except Exception as exc:  # the first offload reports any problem with the plan
+            log.debug("nvme_tier: no pinned pre-allocation: %s", exc)
+            return
+        self._mover.preallocate(
+            [b for kind, tier in placement.tiers.items() if tier is Tier.pinned_cpu for b in buffers[kind]]
+        )
 
     # -- guards ----------------------------------------------------------------------------------
     def guard(self, what: str) -> None:

@@ -14,16 +14,19 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 
+import psutil
 import torch
 
 from .errors import IntegrityError, TierIOError
 from .storage.base import StorageBackend
-from .storage.staging import DeviceCopier
+from .storage.staging import DeviceCopier, PinnedHostMemory
 from .types import StateKind, Tier
 
 log = logging.getLogger("nvme_tier")
@@ -88,7 +91,10 @@ class TierMover:
     def __init__(self, backend: Callable[[], StorageBackend], progress: Callable | None = None):
         self._backend_factory = backend
         self._backend: StorageBackend | None = None
-        self._pinned_cache: dict[str, torch.Tensor] = {}
+        self._pinned_cache: dict[str, PinnedHostMemory] = {}
+        self._cache_lock = threading.Lock()
+        self._prealloc: threading.Thread | None = None
+        self._prealloc_stop = threading.Event()
         self._copier = DeviceCopier()
         self._progress = progress
 
@@ -104,17 +110,60 @@ class TierMover:
 
     @property
     def pinned_bytes(self) -> int:
-        cache = sum(t.numel() for t in self._pinned_cache.values())
+        with self._cache_lock:
+            cache = sum(m.nbytes for m in self._pinned_cache.values())
         return cache + (getattr(self._backend, "pinned_bytes", 0) if self._backend else 0)
+
+    def preallocate(self, buffers: list[StateBuffer]) -> None:
+        """Allocate the page-locked host copies of ``buffers`` on a background thread.
+
+        Page-locking tens of GB takes seconds (page faults, pinning); done at attach it overlaps
+        with training, so the first offload to pinned_cpu costs what later ones do. Only with
+        CUDA (elsewhere host copies are plain memory), and only when RAM is plentiful.
+        """
+        if not torch.cuda.is_available() or self._prealloc is not None:
+            return
+        with self._cache_lock:
+            wanted = [(b.name, b.nbytes) for b in buffers if b.name not in self._pinned_cache and b.nbytes]
+        total = sum(n for _, n in wanted)
+        if not total or total > psutil.virtual_memory().available // 2:
+            return
+
+        def run() -> None:
+            for name, nbytes in wanted:
+                if self._prealloc_stop.is_set():
+                    return
+                try:  # half the cores: leave the others to the training that runs meanwhile
+                    mem = PinnedHostMemory(nbytes, threads=max(1, (os.cpu_count() or 2) // 2))
+                except Exception as exc:  # the first offload allocates (and reports) instead
+                    log.info("nvme_tier: background pinned allocation stopped: %s", exc)
+                    return
+                with self._cache_lock:
+                    if name not in self._pinned_cache:
+                        self._pinned_cache[name], mem = mem, None
+                if mem is not None:
+                    mem.free()
+
+        self._prealloc = threading.Thread(target=run, name="nvme_tier-prealloc", daemon=True)
+        self._prealloc.start()
+
+    def _join_prealloc(self) -> None:
+        if self._prealloc is not None:
+            self._prealloc.join()
 
     def _host_buffer(self, buf: StateBuffer, pinned: bool) -> torch.Tensor:
         if not pinned:
             return torch.empty(buf.nbytes, dtype=torch.uint8)
-        cached = self._pinned_cache.get(buf.name)
-        if cached is None or cached.numel() != buf.nbytes:
-            cached = torch.empty(buf.nbytes, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
-            self._pinned_cache[buf.name] = cached
-        return cached
+        self._join_prealloc()
+        with self._cache_lock:
+            cached = self._pinned_cache.get(buf.name)
+        if cached is None or cached.nbytes != buf.nbytes:
+            if cached is not None:
+                cached.free()
+            cached = PinnedHostMemory(buf.nbytes)
+            with self._cache_lock:
+                self._pinned_cache[buf.name] = cached
+        return cached.tensor
 
     def offload(
         self, items: list[tuple[StateBuffer, Tier]], unchanged: Callable[[StateBuffer], bool]
@@ -136,11 +185,12 @@ class TierMover:
             for buf, tier in items:
                 if tier in (Tier.cpu, Tier.pinned_cpu):
                     host = self._host_buffer(buf, pinned=tier is Tier.pinned_cpu)
-                    self._copier.copy(host, buf.view)
+                    self._copier.copy_async(host, buf.view)  # back to back: no gap between copies
                     stats.bytes_to_host += buf.nbytes
                     placed.append(Placed(buf, tier, host))
                 elif tier is Tier.discard:
                     placed.append(Placed(buf, tier))
+            self._copier.synchronize()
             for buf, fut in futures:
                 fut.result()
                 stats.bytes_written += buf.nbytes
@@ -149,6 +199,8 @@ class TierMover:
             if futures:
                 self.backend.commit()
         except BaseException as exc:
+            with contextlib.suppress(Exception):
+                self._copier.synchronize()  # no DMA may still target a host copy being dropped
             self._undo_writes(written)
             for p in placed:
                 p.host = None
@@ -180,23 +232,29 @@ class TierMover:
         stats = TransferStats()
         start = time.perf_counter()
         futures: list[tuple[Placed, Future]] = []
-        for p in placed:
-            p.buffer.restore()
         try:
             for p in placed:
                 if p.tier is Tier.nvme:
+                    p.buffer.restore()
                     futures.append((p, self.backend.read_into(p.buffer.name, p.buffer.view)))
+            # Host copies back to back on the side stream; each device allocation (restore) overlaps
+            # the copy queued before it.
             for p in placed:
+                if p.tier is not Tier.nvme:
+                    p.buffer.restore()
                 if p.host is not None:
-                    self._copier.copy(p.buffer.view, p.host)
+                    self._copier.copy_async(p.buffer.view, p.host)
                 elif p.tier is Tier.discard:
                     p.buffer.view.zero_()
+            self._copier.synchronize()
             for p, fut in futures:
                 fut.result()
                 stats.bytes_read += p.buffer.nbytes
                 if self._progress:
                     self._progress(p.buffer.nbytes)
         except BaseException:
+            with contextlib.suppress(Exception):
+                self._copier.synchronize()
             for _, fut in futures:  # let every read finish before its memory is freed again
                 with contextlib.suppress(Exception):
                     fut.result()
@@ -218,7 +276,14 @@ class TierMover:
 
     def release(self) -> None:
         """Free pinned host copies and staging; delete this writer's files."""
-        self._pinned_cache.clear()
+        self._prealloc_stop.set()
+        self._join_prealloc()
+        self._prealloc = None
+        self._prealloc_stop.clear()
+        with self._cache_lock:
+            cache, self._pinned_cache = self._pinned_cache, {}
+        for mem in cache.values():
+            mem.free()
         if self._backend is not None:
             self._backend.release()
             self._backend = None

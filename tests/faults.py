@@ -61,7 +61,7 @@ class Injector:
         self._undo.append(lambda: setattr(mover, "_backend_factory", factory))
         if self.copy_fail_at is not None:
             copier = mover._copier
-            real_copy = copier.copy
+            real_copy = copier.copy_async  # copy() goes through it too
 
             def copy(dst: torch.Tensor, src: torch.Tensor) -> None:
                 self.copies += 1
@@ -69,8 +69,8 @@ class Injector:
                     raise self.copy_exc(f"injected fault in host copy #{self.copies}")
                 real_copy(dst, src)
 
-            copier.copy = copy
-            self._undo.append(lambda: copier.__dict__.pop("copy", None))
+            copier.copy_async = copy
+            self._undo.append(lambda: copier.__dict__.pop("copy_async", None))
         return self
 
     def remove(self) -> None:

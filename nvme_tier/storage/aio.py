@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import stat
 import threading
 
 import torch
@@ -125,13 +126,21 @@ class AioBackend(StorageBackend):
     The staging budget is split into ``slots`` buffers of at most ``max_chunk_bytes``: while the
     disk works on one or more chunks, the CPU/DMA fills (write) or drains (read) the next, so the
     disk never idles between requests, and only one chunk of copy + crc32c work is left
-    un-overlapped at the start of a write or the end of a read (small chunks keep that short;
-    see benchmarks/swap_bandwidth.py).
+    un-overlapped at the start of a write or the end of a read.
     """
 
     capabilities = Capabilities(name="aio", alignment=PAGE, needs_libaio=True, o_direct=True)
-    max_chunk_bytes = 16 << 20
+    # 4 x 128 MiB (the default 512 MiB budget): on an H100 VM's virtio ext4 disk, 128 MiB chunks
+    # rewrote 2.26-2.52 GB/s and read 1.49-1.60 vs 1.92-2.29 and 1.30-1.44 with 16 MiB (more bytes
+    # in flight); the un-overlapped first copy + crc32c of a file grows to ~10 ms (docs/performance.md).
+    max_chunk_bytes = 128 << 20
+    min_chunk_bytes = 16 << 20
     max_slots = 4
+    # Rewriting a name whose file has the same padded size overwrites that file in place. Deleting
+    # it and writing a new one halved the rewrite bandwidth on the H100 VM's ext4 (mounted with
+    # ``discard``: unlinking 4 GB took 1.2 s, and fresh blocks are allocated again; see
+    # docs/performance.md).
+    rewrite_in_place = True
 
     def __init__(
         self,
@@ -156,6 +165,7 @@ class AioBackend(StorageBackend):
         self.slot_count = count
         self._slots: list[_Slot] = []
         self._copier = DeviceCopier()
+        self._rewrite: set[str] = set()  # files kept for an in-place rewrite by the next write
 
     @staticmethod
     def file_name(name: str) -> str:
@@ -168,6 +178,8 @@ class AioBackend(StorageBackend):
             for _ in range(self.slot_count):
                 handle = _take_handle(self.settings)
                 if torch.cuda.is_available():
+                    # torch's pinned allocator (cudaHostAlloc), not PinnedHostMemory: O_DIRECT from
+                    # registered huge-page memory ran ~35 % slower here (docs/performance.md).
                     buf = torch.empty(self.chunk_bytes, dtype=torch.uint8, pin_memory=True)
                     slot = _Slot(handle, buf)
                 else:  # no CUDA pinning here: the op's own page-locked, page-aligned allocation
@@ -193,12 +205,15 @@ class AioBackend(StorageBackend):
         from ..engine import aio_async_pwrite  # the op's binding differs by DeepSpeed version
 
         slots = self._get_slots()
-        chunk = self.chunk_bytes
+        chunk = self._chunk_for(src.numel())
         file = self.file_name(name)
         path = self.directory.file_path(file)
         nbytes = src.numel()
         crcs: list[int] | None = [] if self.checksum else None
-        fd = self.directory.open(file, write=True, direct=True)
+        fd = self._open_for_rewrite(file) if file in self._rewrite else None
+        self._rewrite.discard(file)
+        if fd is None:
+            fd = self.directory.open(file, write=True, direct=True)
         try:
             try:
                 os.posix_fallocate(fd, 0, round_up(nbytes, self.alignment))
@@ -271,6 +286,36 @@ class AioBackend(StorageBackend):
                 slot.drain()
             os.close(fd)
 
+    def _chunk_for(self, nbytes: int) -> int:
+        """Large chunks for large tensors; at least 2 per slot for smaller ones (keeps them pipelined)."""
+        want = round_up(-(-nbytes // (2 * self.slot_count)), self.alignment)
+        return min(self.chunk_bytes, max(want, self.min_chunk_bytes))
+
+    def _reuses_file(self, old: TensorRecord, nbytes: int) -> bool:
+        """Keep ``old``'s file for an in-place rewrite when it is ours and exactly the padded size."""
+        if not self.rewrite_in_place or not old.file or old.file != self.file_name(old.name):
+            return False
+        try:
+            st = os.stat(self.directory.file_path(old.file), follow_symlinks=False)
+        except OSError:
+            return False
+        if not stat.S_ISREG(st.st_mode) or st.st_size != round_up(nbytes, self.alignment):
+            return False
+        self._rewrite.add(old.file)
+        return True
+
+    def _open_for_rewrite(self, file: str) -> int | None:
+        """O_DIRECT without O_CREAT/O_TRUNC: the blocks stay allocated; None if the file is gone."""
+        path = self.directory.file_path(file)
+        flags = os.O_WRONLY | os.O_DIRECT | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            return os.open(path, flags)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise TierIOError(f"cannot open {path}: {exc.strerror}", path, exc.errno) from None
+
     def _remove(self, record: TensorRecord) -> None:
+        self._rewrite.discard(record.file)
         if record.file:
             self.directory.remove_file(record.file)

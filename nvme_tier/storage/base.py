@@ -175,6 +175,10 @@ class StorageBackend(abc.ABC):
     def _remove(self, record: TensorRecord) -> None:
         """Delete ``record``'s files."""
 
+    def _reuses_file(self, old: TensorRecord, nbytes: int) -> bool:
+        """True when the next ``_write_bytes`` overwrites ``old``'s file in place (kept, not removed)."""
+        return False
+
     def _release_resources(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Free pinned buffers and handles (subclasses override)."""
 
@@ -203,7 +207,7 @@ class StorageBackend(abc.ABC):
         self.directory.create()
         with self._lock:
             old = self._records.pop(name, None)
-        if old is not None:
+        if old is not None and not self._reuses_file(old, src.numel()):
             self._remove(old)
         try:
             if src.numel() == 0:
