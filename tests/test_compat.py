@@ -37,3 +37,46 @@ def test_attach_refuses_unsupported_version_before_touching_the_engine(monkeypat
     monkeypatch.setattr(deepspeed, "__version__", "0.20.1")
     with pytest.raises(UnsupportedEngineError, match=r"installed is 0\.20\.1"):
         nvme_tier.attach(object())
+
+
+_AIO_LOOP = r"""
+import os, sys, tempfile, torch
+from nvme_tier.engine import aio_async_pread, aio_async_pwrite, aio_wait
+from nvme_tier.storage.aio import load_aio_op
+
+handle = load_aio_op().aio_handle(1 << 20, 32, False, True, 8)
+buf = handle.new_cpu_locked_tensor(1 << 18, torch.empty(0, dtype=torch.uint8))
+path = os.path.join(tempfile.mkdtemp(), "f.bin")
+fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o600)
+os.posix_fallocate(fd, 0, 1 << 18)
+for i in range(int(sys.argv[1])):
+    n = 32768 * (1 + i % 8)
+    buf[:n].fill_(i % 251)
+    assert aio_async_pwrite(handle, buf[:n], fd, path, 0) == 0 and aio_wait(handle) == 1
+    buf[:n].zero_()
+    assert aio_async_pread(handle, buf[:n], path, 0) == 0 and aio_wait(handle) == 1
+    assert int(buf[n - 1]) == i % 251, i
+os.close(fd)
+handle.free_cpu_locked_tensor(buf)
+print("ok")
+"""
+
+
+@pytest.mark.aio
+def test_aio_requests_do_not_deadlock(tmp_path):
+    """Back-to-back requests on one handle: DeepSpeed <0.18.4 keeps the GIL in wait(), and without
+    engine.aio_wait's settling this loop deadlocks within a few hundred requests (0.16.9)."""
+    import subprocess
+    import sys
+
+    from conftest import AIO_OK, AIO_WHY
+
+    if not AIO_OK:
+        pytest.skip(f"aio backend unavailable: {AIO_WHY}")
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", _AIO_LOOP, "1500"], capture_output=True, text=True, timeout=300
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("async_io requests deadlocked (wait() holding the GIL?)")
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
