@@ -38,7 +38,12 @@ def engine_for(model: torch.nn.Module, path: str, backend: str, optimizer: bool,
         "train_micro_batch_size_per_gpu": 1,
         "zero_optimization": {"stage": stage, "reduce_bucket_size": 1 << 22},
         "bf16": {"enabled": True},
-        "offload_states": {"path": path, "backend": backend, "progress": False, "policy": {"lp_params": "nvme"}},
+        "offload_states": {
+            "path": path,
+            "backend": backend,
+            "progress": False,
+            "policy": {"lp_params": "nvme"},
+        },
     }
     if optimizer:
         cfg["optimizer"] = {"type": "Adam", "params": {"lr": 1e-4}}
@@ -51,7 +56,9 @@ def engine_for(model: torch.nn.Module, path: str, backend: str, optimizer: bool,
 def frozen_model(args) -> dict:
     import nvme_tier
 
-    engine = engine_for(stack(args.params_b * 1e9, args.hidden), args.path, args.backend, optimizer=False, stage=3)
+    engine = engine_for(
+        stack(args.params_b * 1e9, args.hidden), args.path, args.backend, optimizer=False, stage=3
+    )
     nvme_tier.attach(engine)
     ctl = nvme_tier.controller_of(engine)
     out = {"params": sum(p.ds_numel for p in engine.module.parameters())}
@@ -60,7 +67,11 @@ def frozen_model(args) -> dict:
         engine.offload_states()
         dt = time.perf_counter() - t
         s = ctl.last_stats["offload"]
-        out[f"{cycle}_offload"] = {"s": round(dt, 3), "bytes_written": s.bytes_written, "bytes_skipped": s.bytes_skipped}
+        out[f"{cycle}_offload"] = {
+            "s": round(dt, 3),
+            "bytes_written": s.bytes_written,
+            "bytes_skipped": s.bytes_skipped,
+        }
         t = time.perf_counter()
         engine.reload_states()
         out[f"{cycle}_reload_s"] = round(time.perf_counter() - t, 3)
@@ -119,7 +130,9 @@ def overlap(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--params-b", type=float, default=1.0, help="frozen model size, billions of params")
     parser.add_argument("--overlap-params-b", type=float, default=0.05)
     parser.add_argument("--hidden", type=int, default=4096)

@@ -154,7 +154,7 @@ class OffloadController:
             if stuck:
                 raise ConfigError(
                     f"policy.{kind.value}: {stuck[0].name} lives in page-locked host memory, which cannot be "
-                    f"freed in place; keep it where it is with policy {{\"{kind.value}\": \"device\"}}"
+                    f'freed in place; keep it where it is with policy {{"{kind.value}": "device"}}'
                 )
         return Placement(tiers), buffers
 
