@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
 
 from .errors import ConfigError
 from .types import StateKind, Tier
@@ -86,15 +87,18 @@ class OffloadStatesConfig(_Strict):
             raise ValueError("path contains a NUL byte")
         return os.path.abspath(os.path.expanduser(value))
 
-    @model_validator(mode="after")
-    def _discard_only_scratch(self) -> OffloadStatesConfig:
-        for state, tier in self.policy.items():
+    @field_validator("policy")
+    @classmethod
+    def _discard_only_scratch(cls, policy: dict[StateKind, Tier]) -> dict[StateKind, Tier]:
+        for state, tier in policy.items():
             if tier is Tier.discard and state.holds_data:
-                raise ValueError(
-                    f"policy.{state.value}: 'discard' would lose data; only "
-                    f"'{StateKind.contiguous_grad_buffer.value}' may be discarded"
+                # ctx["state"] extends the error's location to policy.<state> (see _explain).
+                raise PydanticCustomError(
+                    "discard_loses_data",
+                    "'discard' would lose data; only '{scratch}' may be discarded",
+                    {"state": state.value, "scratch": StateKind.contiguous_grad_buffer.value},
                 )
-        return self
+        return policy
 
     @property
     def staging_budget_bytes(self) -> int:
@@ -118,14 +122,16 @@ class OffloadStatesConfig(_Strict):
 def _explain(exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():
-        where = ".".join(_loc_part(p) for p in (CONFIG_KEY, *err["loc"]))
+        ctx = err.get("ctx") or {}
+        loc = (*err["loc"], ctx["state"]) if err["type"] == "discard_loses_data" else err["loc"]
+        where = ".".join(_loc_part(p) for p in (CONFIG_KEY, *loc))
         if err["type"] == "extra_forbidden":
             # Name the keys allowed where the culprit is (top level, aio or zarr), not elsewhere.
             model = _SECTIONS.get(tuple(err["loc"][:-1]), OffloadStatesConfig)
             lines.append(f"{where}: unknown key (allowed: {', '.join(model.model_fields)})")
             continue
-        msg = err["msg"]
-        allowed = (err.get("ctx") or {}).get("expected")
+        msg = err["msg"].removeprefix("Value error, ")
+        allowed = ctx.get("expected")
         if allowed:
             msg = f"{msg} (got {err.get('input')!r})"
         lines.append(f"{where}: {msg}")
