@@ -8,7 +8,6 @@ and, when something is off, the one command or setting that fixes it.
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import logging
 import os
@@ -21,7 +20,6 @@ from dataclasses import asdict, dataclass
 from .config import OffloadStatesConfig
 
 OK, INFO, WARN, FAIL = "ok", "info", "warn", "fail"
-CAP_IPC_LOCK = 14  # capability bit that lifts RLIMIT_MEMLOCK (root in most containers)
 LOW_FREE_BYTES = 1 << 30
 
 
@@ -121,11 +119,9 @@ def check_aio() -> Iterator[Check]:
 
 
 def _has_cap_ipc_lock() -> bool:
-    with contextlib.suppress(OSError, ValueError), open("/proc/self/status", encoding="ascii") as fh:
-        for line in fh:
-            if line.startswith("CapEff:"):
-                return bool(int(line.split()[1], 16) >> CAP_IPC_LOCK & 1)
-    return os.geteuid() == 0
+    from .storage.aio import has_cap_ipc_lock
+
+    return has_cap_ipc_lock()
 
 
 def check_memlock(staging_budget_bytes: int, cuda: bool | None = None) -> Iterator[Check]:
@@ -185,7 +181,9 @@ def filesystem_of(path: str) -> tuple[str, str]:
     return best
 
 
-def check_path(path: str, backend: str = "auto") -> Iterator[Check]:
+def check_path(
+    path: str, backend: str = "auto", config: OffloadStatesConfig | None = None
+) -> Iterator[Check]:
     from .errors import NvmeTierError
     from .storage import select_backend, supports_o_direct
 
@@ -223,7 +221,7 @@ def check_path(path: str, backend: str = "auto") -> Iterator[Check]:
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        name, why = select_backend(backend, probe)
+        name, why = select_backend(backend, probe, config)
         yield Check(f"backend '{backend}'", OK, f"{name} ({why})")
     except NvmeTierError as exc:
         yield Check(f"backend '{backend}'", FAIL, str(exc))
@@ -242,7 +240,7 @@ def run_checks(path: str | None = None, config: OffloadStatesConfig | None = Non
     ]
     path = path or config.path
     if path:
-        checks += check_path(path, config.backend)
+        checks += check_path(path, config.backend, config)
     else:
         checks.append(Check("path", INFO, "no path given: pass --path DIR to check an offload directory"))
     return checks

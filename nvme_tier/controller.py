@@ -68,7 +68,7 @@ class OffloadController:
         if self.backend_name is None:
             path = self._require_path()
             ensure_root(path)  # the O_DIRECT probe needs the directory; bad paths fail typed here
-            self.backend_name, why = select_backend(self.config.backend, path)
+            self.backend_name, why = select_backend(self.config.backend, path, self.config)
             log.info("nvme_tier: rank %d uses backend %s (%s)", self.rank, self.backend_name, why)
         return self.backend_name
 

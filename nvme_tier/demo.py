@@ -215,7 +215,7 @@ def run(args: argparse.Namespace) -> int:
         cfg = ds_config(args.stage, block)
         parsed = nvme_tier.OffloadStatesConfig.parse(block)
         if decide(parsed, list(nvme_tier.StateKind)).uses_nvme:
-            backend, why = select_backend(parsed.backend, path)
+            backend, why = select_backend(parsed.backend, path, parsed)
             where = f"backend {backend} ({why})"
         else:
             where = "host memory only, nothing goes to disk"

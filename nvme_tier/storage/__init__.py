@@ -14,7 +14,7 @@ import tempfile
 
 from ..config import OffloadStatesConfig
 from ..errors import BackendUnavailableError, ConfigError
-from .aio import INSTALL_HINT, AioBackend, aio_compatible
+from .aio import INSTALL_HINT, MEMLOCK_HINT, AioBackend, aio_compatible, memlock_shortfall, staging_plan
 from .base import Capabilities, StorageBackend
 from .manifest import OwnerInfo, TensorRecord, WriterDirectory, clean_writers, scan_writers
 from .zarr_store import ZarrBackend
@@ -60,17 +60,27 @@ def supports_o_direct(path: str) -> bool:
             os.unlink(probe)
 
 
-def select_backend(name: str, path: str) -> tuple[str, str]:
-    """Resolve ``auto``/``aio``/``zarr`` for ``path``; returns (backend name, reason)."""
+def select_backend(name: str, path: str, config: OffloadStatesConfig | None = None) -> tuple[str, str]:
+    """Resolve ``auto``/``aio``/``zarr`` for ``path``; returns (backend name, reason).
+
+    ``config`` (its staging budget and aio knobs) sizes the page-locked ring aio would need.
+    """
     if name not in ("auto", *BACKENDS):
         raise ConfigError(f"offload_states.backend: unknown backend {name!r} (allowed: auto, aio, zarr)")
     if name == "zarr":
         return "zarr", "requested"
+    config = config or OffloadStatesConfig()
+    slots, chunk = staging_plan(config.staging_budget_bytes, config.aio)
     ok, why = aio_compatible()
-    direct = ok and supports_o_direct(path)
+    shortfall = memlock_shortfall(slots * chunk) if ok else None
+    direct = ok and not shortfall and supports_o_direct(path)
     if name == "aio":
         if not ok:
             raise BackendUnavailableError(f"offload_states.backend 'aio': {why}; {INSTALL_HINT}")
+        if shortfall:
+            raise BackendUnavailableError(
+                f"offload_states.backend 'aio': {shortfall}; {MEMLOCK_HINT}, or use backend 'zarr'"
+            )
         if not direct:
             raise ConfigError(
                 f"offload_states.backend 'aio': {path!r} does not support O_DIRECT (tmpfs?); "
@@ -79,10 +89,15 @@ def select_backend(name: str, path: str) -> tuple[str, str]:
         return "aio", "requested"
     if ok and direct:
         return "aio", "async_io compatible and O_DIRECT supported"
-    reason = why if not ok else f"{path!r} does not support O_DIRECT"
+    if not ok:
+        reason, hint = why, INSTALL_HINT
+    elif shortfall:
+        reason, hint = shortfall, MEMLOCK_HINT
+    else:
+        reason = f"{path!r} does not support O_DIRECT"
+        hint = "put offload_states.path on a real disk (not tmpfs) for aio"
     if reason not in _warned:
         _warned.add(reason)
-        hint = INSTALL_HINT if not ok else "put offload_states.path on a real disk (not tmpfs) for aio"
         log.warning("nvme_tier: backend 'auto' falls back to zarr: %s. To use aio: %s", reason, hint)
     return "zarr", reason
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import resource
 import stat
 import threading
 
@@ -28,6 +29,11 @@ INSTALL_HINT = (
     "(or `yum install libaio-devel`), then `ds_report` should show async_io [OKAY]; or use backend 'zarr'"
 )
 PAGE = 4096
+MEMLOCK_HINT = (
+    "raise the limit (`ulimit -l unlimited`, `memlock unlimited` in /etc/security/limits.conf, "
+    "`docker run --ulimit memlock=-1`) or lower offload_states.staging_budget_mb"
+)
+CAP_IPC_LOCK = 14  # capability bit that lifts RLIMIT_MEMLOCK (root in most containers)
 
 
 @functools.lru_cache(maxsize=1)
@@ -42,6 +48,45 @@ def aio_compatible() -> tuple[bool, str]:
     except Exception as exc:
         return False, f"async_io compatibility check failed ({exc})"
     return (True, "async_io op is compatible") if ok else (False, "libaio is not installed")
+
+
+def has_cap_ipc_lock() -> bool:
+    """Whether this process may lock memory past RLIMIT_MEMLOCK."""
+    with contextlib.suppress(OSError, ValueError), open("/proc/self/status", encoding="ascii") as fh:
+        for line in fh:
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> CAP_IPC_LOCK & 1)
+    return os.geteuid() == 0
+
+
+def memlock_shortfall(locked_bytes: int, cuda: bool | None = None) -> str | None:
+    """Why page-locking ``locked_bytes`` of staging would fail here, or None when it will not.
+
+    Without CUDA the staging ring comes from DeepSpeed's mlock allocator, which aborts the whole
+    process (a C assert, no Python exception) past ``ulimit -l``: this must be asked first.
+    CUDA pinned memory (cudaHostAlloc) and processes holding CAP_IPC_LOCK are not bound by it.
+    """
+    if cuda is None:
+        cuda = torch.cuda.is_available()
+    soft, _hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    if cuda or soft == resource.RLIM_INFINITY or soft >= locked_bytes or has_cap_ipc_lock():
+        return None
+    return (
+        f"ulimit -l is {soft} B, below the {locked_bytes} B of page-locked staging the aio backend "
+        "needs (DeepSpeed's mlock allocator would abort the process)"
+    )
+
+
+def staging_plan(staging_budget_bytes: int, settings: AioSettings) -> tuple[int, int]:
+    """(slots, bytes per slot) of the pinned ring that ``staging_budget_bytes`` buys."""
+    alignment = settings.intra_op_parallelism * PAGE
+    count = min(AioBackend.max_slots, max(2, staging_budget_bytes // AioBackend.max_chunk_bytes))
+    chunk = round_down(min(staging_budget_bytes // count, AioBackend.max_chunk_bytes), alignment)
+    if chunk <= 0:
+        raise ValueError(
+            f"staging budget {staging_budget_bytes} B is below 2 x the aio alignment {alignment} B"
+        )
+    return count, chunk
 
 
 @functools.lru_cache(maxsize=1)
@@ -154,15 +199,7 @@ class AioBackend(StorageBackend):
         self.settings = settings or AioSettings()
         self.alignment = self.settings.intra_op_parallelism * PAGE
         self.staging_budget_bytes = staging_budget_bytes
-        count = min(self.max_slots, max(2, staging_budget_bytes // self.max_chunk_bytes))
-        self.chunk_bytes = round_down(
-            min(staging_budget_bytes // count, self.max_chunk_bytes), self.alignment
-        )
-        if self.chunk_bytes <= 0:
-            raise ValueError(
-                f"staging budget {staging_budget_bytes} B is below 2 x the aio alignment {self.alignment} B"
-            )
-        self.slot_count = count
+        self.slot_count, self.chunk_bytes = staging_plan(staging_budget_bytes, self.settings)
         self._slots: list[_Slot] = []
         self._copier = DeviceCopier()
         self._rewrite: set[str] = set()  # files kept for an in-place rewrite by the next write
@@ -174,6 +211,9 @@ class AioBackend(StorageBackend):
     # -- lazily built resources (on the worker thread) -------------------------------------------
     def _get_slots(self) -> list[_Slot]:
         if not self._slots:
+            shortfall = memlock_shortfall(self.slot_count * self.chunk_bytes)
+            if shortfall:  # refuse in Python: past the limit DeepSpeed's allocator aborts the process
+                raise BackendUnavailableError(f"aio backend: {shortfall}; {MEMLOCK_HINT}")
             example = torch.empty(0, dtype=torch.uint8)
             for _ in range(self.slot_count):
                 handle = _take_handle(self.settings)
