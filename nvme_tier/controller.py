@@ -246,7 +246,11 @@ class OffloadController:
         self.phase = OffloadPhase.resident
         self.last_stats["reload"] = stats
         log.info(
-            "nvme_tier: rank %d reloaded %.3f GB in %.2f s", self.rank, stats.bytes_read / 1e9, stats.seconds
+            "nvme_tier: rank %d reloaded %.3f GB from nvme and %.3f GB from host in %.2f s",
+            self.rank,
+            stats.bytes_read / 1e9,
+            stats.bytes_from_host / 1e9,
+            stats.seconds,
         )
 
     # -- async plumbing --------------------------------------------------------------------------

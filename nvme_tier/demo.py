@@ -260,10 +260,9 @@ def run(args: argparse.Namespace) -> int:
                 print("    " + nvme_tier.format_status(role.engine).replace("\n", "\n    "))
 
         def reload(role: Role) -> None:
-            away = nvme_tier.offload_status(role.engine).values()
-            from_host = sum(e.bytes for e in away if e.tier in ("cpu", "pinned_cpu"))
             role.engine.reload_states()
             stats = nvme_tier.controller_of(role.engine).last_stats["reload"]
+            from_host = stats.bytes_from_host
             moved = stats.bytes_read + from_host
             role.bytes_in += moved
             role.reloads += 1

@@ -82,6 +82,7 @@ class TransferStats:
     bytes_skipped: int = 0
     bytes_to_host: int = 0
     bytes_read: int = 0
+    bytes_from_host: int = 0
     seconds: float = 0.0
 
 
@@ -244,6 +245,7 @@ class TierMover:
                     p.buffer.restore()
                 if p.host is not None:
                     self._copier.copy_async(p.buffer.view, p.host)
+                    stats.bytes_from_host += p.buffer.nbytes
                 elif p.tier is Tier.discard:
                     p.buffer.view.zero_()
             self._copier.synchronize()

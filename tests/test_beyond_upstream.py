@@ -42,6 +42,9 @@ def test_cpu_adam_engine_states_go_to_nvme(stage, offload_dir):
         if torch.is_tensor(t) and t.dim()
     )
     engine.reload_states()
+    moved = stats(engine, "reload")
+    assert moved.bytes_read == status["optim_states"].bytes
+    assert moved.bytes_from_host == sum(e.bytes for e in status.values() if e.tier in ("cpu", "pinned_cpu"))
     after = snapshot(engine)
     assert all(torch.equal(v, after[k]) for k, v in before.items() if not k.startswith("contiguous"))
     losses += train(engine, 2, seed=2)
