@@ -16,13 +16,14 @@ import sys
 import textwrap
 
 import pytest
-
 from conftest import requires_aio
 
 pytestmark = [
     pytest.mark.aio,
     requires_aio,
-    pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv (util-linux) to drop CAP_IPC_LOCK"),
+    pytest.mark.skipif(
+        shutil.which("setpriv") is None, reason="needs setpriv (util-linux) to drop CAP_IPC_LOCK"
+    ),
 ]
 
 CHILD = textwrap.dedent(
@@ -55,7 +56,15 @@ CHILD = textwrap.dedent(
 def test_low_memlock_refuses_aio_and_auto_falls_back(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(
-        ["setpriv", "--inh-caps=-ipc_lock", "--bounding-set=-ipc_lock", sys.executable, "-c", CHILD, str(tmp_path)],
+        [
+            "setpriv",
+            "--inh-caps=-ipc_lock",
+            "--bounding-set=-ipc_lock",
+            sys.executable,
+            "-c",
+            CHILD,
+            str(tmp_path),
+        ],
         capture_output=True,
         text=True,
         timeout=600,
