@@ -74,7 +74,7 @@ def train(engine, steps: int, seed: int = 1) -> list[float]:
     g = torch.Generator().manual_seed(seed)
     losses = []
     for _ in range(steps):
-        x = torch.randn(2, 16, generator=g).to(input_dtype(engine))
+        x = torch.randn(2, 16, generator=g).to(engine.device, input_dtype(engine))
         loss = engine(x).float().pow(2).mean()
         engine.backward(loss)
         engine.step()

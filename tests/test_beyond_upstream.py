@@ -60,7 +60,7 @@ def test_engine_without_optimizer(stage, tier, offload_dir):
     """Reference/reward models: params go to the tier by policy and come back with identical outputs."""
     engine = make_engine(stage, offload_dir, optimizer=None, backend="zarr", policy={"lp_params": tier})
     nvme_tier.attach(engine)
-    x = torch.randn(4, 16).to(torch.bfloat16)
+    x = torch.randn(4, 16).to(engine.device, torch.bfloat16)
     with torch.no_grad():
         expected = engine(x).clone()
     engine.offload_states()
@@ -95,7 +95,7 @@ def test_second_offload_without_training_writes_nothing(offload_dir):
 def test_frozen_reference_model_is_written_once(offload_dir):
     engine = make_engine(3, offload_dir, optimizer=None, backend="zarr", policy={"lp_params": "nvme"})
     nvme_tier.attach(engine)
-    x = torch.randn(2, 16).to(torch.bfloat16)
+    x = torch.randn(2, 16).to(engine.device, torch.bfloat16)
     for cycle in range(3):
         with torch.no_grad():
             engine(x)
