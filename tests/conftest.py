@@ -98,6 +98,16 @@ def snapshot(engine) -> dict:
     return out
 
 
+def optimizer_states_freed(engine) -> bool:
+    """Whether every optimizer-state tensor of the inner optimizer holds no storage (really offloaded)."""
+    return all(
+        t.untyped_storage().nbytes() == 0
+        for s in engine.optimizer.optimizer.state.values()
+        for t in s.values()
+        if torch.is_tensor(t) and t.dim()
+    )
+
+
 def params_of(engine) -> list[torch.Tensor]:
     """Full fp32 master weights (ZeRO-aware), for twin comparisons."""
     from deepspeed.utils import safe_get_full_fp32_param

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 import torch
-from conftest import make_engine, requires_aio, train
+from conftest import make_engine, optimizer_states_freed, requires_aio, train
 from faults import writer_dirs
 
 import nvme_tier
@@ -90,13 +90,7 @@ def assert_failed_safely(engine, culprit: str, exc_type=IntegrityError) -> None:
     controller = nvme_tier.controller_of(engine)
     assert controller.phase is OffloadPhase.failed
     # Every state stays freed: nothing half-loaded is left for a step to compute on.
-    inner = engine.optimizer.optimizer
-    assert all(
-        t.untyped_storage().nbytes() == 0
-        for s in inner.state.values()
-        for t in s.values()
-        if torch.is_tensor(t) and t.dim()
-    )
+    assert optimizer_states_freed(engine)
     with pytest.raises(StatesOffloadedError):
         train(engine, 1)
     with pytest.raises(StatesOffloadedError):
@@ -151,17 +145,22 @@ def test_aio_corruption(what, rel, corrupt, offload_dir):
     assert_failed_safely(engine, os.path.join(writer, rel))
 
 
-@pytest.mark.parametrize("backend", ["zarr", pytest.param("aio", marks=[requires_aio, pytest.mark.aio])])
-def test_manifest_swapped_from_another_engine(backend, offload_dir):
-    """Two writers on one path; A's manifest replaced by B's (same names, other bytes)."""
-    a = make_engine(3, offload_dir, backend=backend, seed=0)
-    b = make_engine(3, offload_dir, backend=backend, seed=1)
-    for engine in (a, b):
+def two_offloaded_engines(backend: str, path) -> list[tuple]:
+    """Two writers on one path, each trained one step and offloaded: [(engine, its writer dir)]."""
+    out = []
+    for seed in (0, 1):
+        engine = make_engine(3, path, backend=backend, seed=seed)
         nvme_tier.attach(engine)
         train(engine, 1)
         engine.offload_states()
-    dir_a = nvme_tier.controller_of(a)._mover.backend.directory.path
-    dir_b = nvme_tier.controller_of(b)._mover.backend.directory.path
+        out.append((engine, nvme_tier.controller_of(engine)._mover.backend.directory.path))
+    return out
+
+
+@pytest.mark.parametrize("backend", ["zarr", pytest.param("aio", marks=[requires_aio, pytest.mark.aio])])
+def test_manifest_swapped_from_another_engine(backend, offload_dir):
+    """Two writers on one path; A's manifest replaced by B's (same names, other bytes)."""
+    (a, dir_a), (b, dir_b) = two_offloaded_engines(backend, offload_dir)
     assert dir_a != dir_b
     shutil.copyfile(os.path.join(dir_b, "manifest.json"), os.path.join(dir_a, "manifest.json"))
     assert_failed_safely(a, os.path.join(dir_a, "manifest.json"))
@@ -172,14 +171,7 @@ def test_manifest_swapped_from_another_engine(backend, offload_dir):
 @pytest.mark.parametrize("backend", ["zarr", pytest.param("aio", marks=[requires_aio, pytest.mark.aio])])
 def test_data_swapped_from_another_engine(backend, offload_dir):
     """A's data file replaced by B's (a valid file of the right size): checksums catch it."""
-    a = make_engine(3, offload_dir, backend=backend, seed=0)
-    b = make_engine(3, offload_dir, backend=backend, seed=1)
-    for engine in (a, b):
-        nvme_tier.attach(engine)
-        train(engine, 1)
-        engine.offload_states()
-    dir_a = nvme_tier.controller_of(a)._mover.backend.directory.path
-    dir_b = nvme_tier.controller_of(b)._mover.backend.directory.path
+    (a, dir_a), (b, dir_b) = two_offloaded_engines(backend, offload_dir)
     rel = AIO_FILE if backend == "aio" else "optim_states.0.zarr"
     remove(os.path.join(dir_a, rel))
     copy = shutil.copyfile if backend == "aio" else shutil.copytree
