@@ -152,17 +152,21 @@ class _Slot:
         self.pending = False
 
     def wait(self, path: str) -> None:
+        from ..engine import aio_wait  # never handle.wait(): DeepSpeed <0.18.4 deadlocks (engine.py)
+
         self.pending = False
-        done = self.handle.wait()
+        done = aio_wait(self.handle)
         if done != 1:
             raise TierIOError(f"async I/O on {path} completed {done} of 1 requests", path)
 
     def drain(self) -> None:
         """After an error: let an in-flight request finish before its buffer or fd go away."""
+        from ..engine import aio_wait
+
         if self.pending:
             self.pending = False
             with contextlib.suppress(Exception):
-                self.handle.wait()
+                aio_wait(self.handle)
 
 
 class AioBackend(StorageBackend):
@@ -287,6 +291,8 @@ class AioBackend(StorageBackend):
         return file, chunk, crcs
 
     def _read_bytes(self, record: TensorRecord, dst: torch.Tensor) -> None:
+        from ..engine import aio_async_pread  # settled per request, as aio_async_pwrite
+
         slots = self._get_slots()
         if record.chunk_bytes > self.chunk_bytes:
             # Written with a larger budget: read with the chunking it was checksummed with.
@@ -307,7 +313,7 @@ class AioBackend(StorageBackend):
                 slot = slots[i % len(slots)]
                 # The op has no fd overload for reads; the name is inside our 0700 directory and
                 # was just opened with O_NOFOLLOW above, so it is the regular file we wrote.
-                if slot.handle.async_pread(slot.buffer[: round_up(b - a, self.alignment)], path, a) != 0:
+                if aio_async_pread(slot.handle, slot.buffer[: round_up(b - a, self.alignment)], path, a) != 0:
                     raise TierIOError(f"async read of {path} was refused", path)
                 slot.pending = True
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The engine tests on the OLDEST supported DeepSpeed (0.16.9), in a venv of its own, so that one
+# The test suite on the OLDEST supported DeepSpeed (0.16.9), in a venv of its own, so that one
 # code path is proven on both ends of the declared range (the main env has 0.19.x).
 #
 # Idempotent: the venv is (re)built only when its torch/DeepSpeed versions or the project's
@@ -12,7 +12,7 @@
 #
 # Env overrides: DS016_VENV (venv dir), DS016_PYTHON (interpreter for the venv),
 # TORCH_EXTENSIONS_DIR_DS016 (op cache; TORCH_EXTENSIONS_DIR itself is left to the main pass),
-# DS016_PYTEST_ARGS (extra pytest args), DS016_TIMEOUT_S (limit on the test run, default 1800).
+# DS016_PYTEST_ARGS (extra pytest args), DS016_TIMEOUT_S (limit on the test run, default 2400).
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
@@ -58,19 +58,22 @@ got=$("$PY" -c 'import deepspeed, torch; print(deepspeed.__version__, torch.__ve
 log "venv ready: deepspeed torch = $got; op cache $TORCH_EXTENSIONS_DIR"
 case "$got" in
   "$DS_VERSION "*) ;;
-  *) echo "engine-tests-ds016: expected DeepSpeed $DS_VERSION in $DS016_VENV, got: $got" >&2; exit 1 ;;
+  *) echo "tests-ds016: expected DeepSpeed $DS_VERSION in $DS016_VENV, got: $got" >&2; exit 1 ;;
 esac
 
 status=0
-# A hang (e.g. an async_io deadlock) must fail this pass, not eat CI's 90 minutes: one limit on the
-# whole run, JIT op builds (~7 min from scratch on 2 cores) included.
-# Storage conformance runs here too: it is where the async_io op binding differs most by version.
+# The whole suite, as the README's test command runs it on the main env: every feature (ZeRO-0/1/2/3,
+# both backends, the CPU path, status, faults, CLI, demo) is proven on this end of the range too.
+# A hang (e.g. an async_io deadlock: DeepSpeed <0.18.4 keeps the GIL in wait()) must fail this pass,
+# not eat CI's 90 minutes: one limit on the whole run, JIT op builds (~7 min from scratch on 2 cores)
+# included.
 # shellcheck disable=SC2086
-timeout --signal=INT --kill-after=30 "${DS016_TIMEOUT_S:-1800}" \
-  "$PY" -m pytest -q -p no:cacheprovider tests/test_engine.py tests/test_compat.py \
-  tests/test_storage_conformance.py -m "not slow" ${DS016_PYTEST_ARGS:-} || status=$?
+timeout --signal=INT --kill-after=30 "${DS016_TIMEOUT_S:-2400}" \
+  "$PY" -m pytest -q -p no:cacheprovider ${DS016_PYTEST_ARGS:-} || status=$?
+# pytest exits 5 when nothing was collected: not a failure.
+if [ "$status" = 5 ]; then status=0; fi
 if [ "$status" = 124 ] || [ "$status" = 137 ]; then
-  echo "engine-tests-ds016: pytest ran past ${DS016_TIMEOUT_S:-1800} s (hang?)" >&2
+  echo "tests-ds016: pytest ran past ${DS016_TIMEOUT_S:-2400} s (hang?)" >&2
 fi
 log "done: pytest exit $status"
 exit "$status"
