@@ -55,7 +55,7 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")
 # H100 image that import (cupy -> ml_dtypes) segfaulted. Make it an ImportError, as without cupy.
 sys.modules.setdefault("cupy", None)
 
-from swap_bandwidth import drop_page_cache, timed  # noqa: E402  (benchmarks/ is sys.path[0] for a script)
+from swap_bandwidth import drop_page_cache, sync_device, timed  # noqa: E402  (benchmarks/ is sys.path[0] for a script)
 
 GB = 1e9
 MiB = 1 << 20
@@ -65,9 +65,6 @@ PROC = psutil.Process()
 
 
 # -- small helpers ----------------------------------------------------------------------------------
-def sync() -> None:
-    if CUDA:
-        torch.cuda.synchronize()
 
 
 def gbps(nbytes: float, seconds: float | None) -> float | None:
@@ -199,7 +196,7 @@ def train_step(engine, args) -> None:
     loss = engine(x).float().pow(2).mean()
     engine.backward(loss)
     engine.step()
-    sync()
+    sync_device()
 
 
 def state_sizes(engine) -> dict[str, int]:
@@ -219,7 +216,7 @@ def snapshot(engine) -> dict[str, torch.Tensor]:
             continue
         for b in bufs:
             out[b.name] = b.view.clone()
-    sync()
+    sync_device()
     return out
 
 
@@ -678,7 +675,7 @@ def phase_non_blocking(args, out: dict, engine, ref, sizes) -> None:
     rows = []
     for rep in range(2):
         nvme_tier.mark_dirty(engine)
-        sync()
+        sync_device()
         prof = None
         if rep == 0 and args.profile_non_blocking:
             import cProfile

@@ -77,6 +77,6 @@ def test_low_memlock_refuses_aio_and_auto_falls_back(tmp_path):
         pytest.skip("CUDA pinned memory is not bound by ulimit -l")
     assert out["cap"] is False
     assert out["auto"][0] == "zarr" and "ulimit -l" in out["auto"][1]
-    kind, is_import_error, message = out["aio"]
+    _, is_import_error, message = out["aio"]
     assert is_import_error and "ulimit -l" in message and "staging_budget_mb" in message
     assert "ulimit -l" in out["write"]
