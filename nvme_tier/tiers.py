@@ -109,6 +109,25 @@ class TierMover:
     def has_backend(self) -> bool:
         return self._backend is not None
 
+    def wrap_backend(self, wrap: Callable[[StorageBackend], StorageBackend]) -> Callable[[], None]:
+        """Serve ``wrap(backend)`` for the open backend and any opened later (fault injection:
+        nvme_tier.testing.faults). Returns the undo, which serves the real backend again."""
+        factory, wrapped = self._backend_factory, []  # (wrapper, real) pairs
+
+        def open_wrapped(real: StorageBackend) -> StorageBackend:
+            wrapped.append((wrap(real), real))
+            return wrapped[-1][0]
+
+        self._backend_factory = lambda: open_wrapped(factory())
+        if self._backend is not None:
+            self._backend = open_wrapped(self._backend)
+
+        def undo() -> None:
+            self._backend_factory = factory
+            self._backend = next((real for w, real in wrapped if w is self._backend), self._backend)
+
+        return undo
+
     @property
     def pinned_bytes(self) -> int:
         with self._cache_lock:

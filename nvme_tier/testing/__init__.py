@@ -1,0 +1,9 @@
+"""Test kit for storage backends, shipped with the package (as zarr ships ``zarr.testing``).
+
+* :mod:`nvme_tier.testing.conformance`: ``BackendConformance``, the cases every backend must pass;
+  a third-party backend subclasses it in its own test suite. Needs pytest.
+* :mod:`nvme_tier.testing.faults`: ``FaultInjectingBackend``, a backend wrapper that fails, fills
+  the disk or hangs at the k-th write/read/commit of the real backend it wraps.
+
+Nothing in ``nvme_tier`` imports this package; it imports ``nvme_tier.storage`` only.
+"""
