@@ -12,18 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import tempfile
 import time
 
 import torch
-
-
-def _dist_env() -> None:
-    from nvme_tier.demo import default_launch_env
-
-    os.environ.update(default_launch_env())
+from measure import launch_env, machine_info, write_json
 
 
 def stack(params: float, hidden: int) -> torch.nn.Module:
@@ -142,21 +135,20 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--path", default=None)
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
-    _dist_env()
+    launch_env()
     tmp = None
     if args.path is None:
         tmp = tempfile.TemporaryDirectory(prefix="ntier-bench-", dir="/var/tmp")
         args.path = tmp.name
     result = {
-        "machine": {"host": platform.node(), "cpus": os.cpu_count(), "cuda": torch.cuda.is_available()},
+        "machine": machine_info(args.path),
         "args": vars(args),
         "frozen_model": frozen_model(args),
         "overlap": overlap(args),
     }
     print(json.dumps(result, indent=1))
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=1)
+        write_json(args.json, result)
     if tmp is not None:
         tmp.cleanup()
     return result

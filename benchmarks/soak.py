@@ -14,21 +14,17 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
-import platform
 import sys
 import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 
-import psutil
 import torch
+from measure import PROC, ROOT, launch_env, machine_info, rss, write_json
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "tests"))
+sys.path.insert(0, os.path.join(ROOT, "tests"))  # conftest's engine and training helpers
 
 WARMUP = 5  # cycles before the baseline: first-use allocations (handles, staging, caches)
 
@@ -74,16 +70,17 @@ POOL_PREFIX = "asyncio_"
 POOL_CAP = min(32, (os.cpu_count() or 1) + 4)
 
 
-def sample(proc: psutil.Process, controller, path: str) -> dict[str, float]:
+def sample(controller, path: str) -> dict[str, float]:
     gc.collect()
     files, size = disk_usage(path)
     pool = sum(t.name.startswith(POOL_PREFIX) for t in threading.enumerate())
+    threads = PROC.num_threads()
     return {
-        "fds": proc.num_fds(),
-        "threads": proc.num_threads(),
+        "fds": PROC.num_fds(),
+        "threads": threads,
         "pool_threads": pool,
-        "other_threads": proc.num_threads() - pool,
-        "rss_mb": proc.memory_info().rss / 2**20,
+        "other_threads": threads - pool,
+        "rss_mb": rss() / 2**20,
         "pinned_bytes": controller._mover.pinned_bytes,
         "disk_files": files,
         "disk_bytes": size,
@@ -103,7 +100,6 @@ def soak(
     import nvme_tier
 
     controller = nvme_tier.controller_of(engine)
-    proc = psutil.Process()
     series: dict[str, Series] = {}
     losses: list[float] = []
     start = time.perf_counter()
@@ -117,7 +113,7 @@ def soak(
             if controller.last_stats["offload"].bytes_written == 0:
                 raise RuntimeError(f"cycle {cycle}: nothing was rewritten; the soak would test nothing")
             engine.reload_states()
-        for name, value in sample(proc, controller, path).items():
+        for name, value in sample(controller, path).items():
             series.setdefault(name, Series()).add(value)
     elapsed = time.perf_counter() - start
     summary = {name: s.summary(warmup) for name, s in series.items()}
@@ -194,25 +190,20 @@ def main() -> int:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    launch_env()
     from nvme_tier.storage import aio_compatible_reason
 
     base = args.path or tempfile.mkdtemp(prefix="nvme-tier-soak-")
     os.makedirs(base, exist_ok=True)
     results: dict = {
         "benchmark": "soak",
-        "host": platform.node(),
-        "cpu_count": os.cpu_count(),
+        "machine": machine_info(base),
         "device": "cuda" if torch.cuda.is_available() else "cpu",
-        "torch": torch.__version__,
         "warmup_cycles": WARMUP,
         "pool_thread_cap": POOL_CAP,
         "model": "TinyNet(width=256), ZeRO-3, bf16, Adam; default nvme policy",
         "backends": {},
     }
-    import deepspeed
-
-    results["deepspeed"] = deepspeed.__version__
     ok, why = aio_compatible_reason()
     for backend in [b for b in args.backends.split(",") if b]:
         if backend == "aio" and not ok:
@@ -231,9 +222,7 @@ def main() -> int:
             f"flat: {all(v.values())} {v}"
         )
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as fh:
-            json.dump(results, fh, indent=1)
+        write_json(args.json, results)
     ok_all = all(
         all(r["verdict"].values()) and r["twin_identical"] and r["files_after_detach"] == 0
         for r in results["backends"].values()
