@@ -384,9 +384,9 @@ def phase_upstream(run: OffloadRun) -> dict[str, Any]:
     """DeepSpeed's own offload_states(device=cpu, pin_memory=True) after nvme_tier.detach."""
     from deepspeed.runtime.zero.offload_config import OffloadDeviceEnum
 
-    engine, ref, sizes = run.engine, run.ref, run.sizes
     import nvme_tier
 
+    engine, ref, sizes = run.engine, run.ref, run.sizes
     nvme_tier.detach(engine)  # DeepSpeed's own offload_states/reload_states again
     total = sum(v for k, v in sizes.items() if k != "contiguous_grad_buffer")
     rows = []
