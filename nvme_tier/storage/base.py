@@ -2,7 +2,7 @@
 
 Every backend moves raw bytes (so bf16/fp16/bool are lossless), returns futures (I/O runs on the
 backend's own worker thread), checksums each chunk with crc32c and commits a manifest last.
-Subclasses implement three small hooks; the conformance suite in tests/ covers every backend.
+Subclasses implement three small hooks; nvme_tier.testing.conformance is the suite every backend passes.
 """
 
 from __future__ import annotations
