@@ -12,8 +12,9 @@ import torch
 
 from nvme_tier.errors import TierIOError
 from nvme_tier.storage import OwnerInfo, StorageBackend, WriterDirectory, ZarrBackend
-from nvme_tier.testing.conformance import BackendConformance, data_files, random_bytes
+from nvme_tier.testing.conformance import BackendConformance, data_files
 from nvme_tier.testing.faults import FaultPlan
+from nvme_tier.testing.samples import random_bytes
 
 
 class TestFaultWrapperWithoutFaults(BackendConformance):

@@ -11,7 +11,8 @@ import torch
 from nvme_tier.config import AioSettings
 from nvme_tier.storage import AioBackend, ZarrBackend, supports_o_direct
 from nvme_tier.storage.aio import aio_compatible
-from nvme_tier.testing.conformance import BackendConformance, data_files, random_bytes
+from nvme_tier.testing.conformance import BackendConformance, data_files
+from nvme_tier.testing.samples import random_bytes
 
 AIO_OK, AIO_WHY = aio_compatible()
 
