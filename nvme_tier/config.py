@@ -65,6 +65,15 @@ class OffloadStatesConfig(_Strict):
         True, description="Use page-locked host memory for host tiers (pinned_cpu vs cpu)."
     )
     non_blocking: bool = Field(False, description="Default of offload_states/reload_states non_blocking.")
+    honor_call_device: bool = Field(
+        True,
+        description=(
+            "true: an explicit device=cpu in an offload_states call means the CPU path (upstream). "
+            "false: this block's placement decides whatever device the call names (device=none still "
+            "moves nothing), so a trainer that passes device=cpu moves to NVMe unchanged; "
+            "include, pin_memory=False and non_blocking keep their meaning."
+        ),
+    )
     staging_budget_mb: int = Field(
         512, ge=2, le=65536, description="Pinned host memory for NVMe staging (double-buffered), in MiB."
     )

@@ -23,7 +23,7 @@ from .status import build_status, human_bytes
 from .storage import open_backend, select_backend
 from .storage.base import on_callers_device
 from .storage.manifest import OwnerInfo, WriterDirectory, clean_writers, ensure_root
-from .tiers import Placed, StateBuffer, TierMover, TransferStats
+from .tiers import OffloadJob, Placed, StateBuffer, TierMover, TransferStats
 from .types import OffloadPhase, StateKind, StateStatus, Tier
 
 log = logging.getLogger("nvme_tier")
@@ -42,9 +42,11 @@ class OffloadController:
         self._written: dict[str, tuple[int, int]] = {}  # buffer name -> (version, nbytes) on disk
         self._placed: dict[StateKind, list[Placed]] = {}
         self._pending: Future | None = None
+        self._in_flight: OffloadJob | None = None  # an offload started and not yet finished
         self._pending_error: BaseException | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._lock = threading.RLock()
+        self._status_lock = threading.Lock()  # what status() reads, changed by the worker thread
         self.backend_name: str | None = None
         self.last_stats: dict[str, TransferStats] = {}
         self._progress = Progress(enabled=config.progress)
@@ -159,7 +161,16 @@ class OffloadController:
         return Placement(tiers), buffers
 
     def offload_states(self, include=None, device=None, pin_memory=None, non_blocking=None) -> None:
-        """Drop-in for ``engine.offload_states``; ``None`` arguments come from the config."""
+        """Drop-in for ``engine.offload_states``; ``None`` arguments come from the config.
+
+        Non-blocking, device memory is released as upstream releases it, never before the bytes
+        are safe elsewhere: host tiers (cpu, pinned_cpu) and discarded scratch are freed when this
+        returns, their copies ordered on the copy stream (memory reuse waits for them); each NVMe
+        buffer is freed as soon as its own write has completed. If a later write fails, the
+        buffers already freed are read back from their complete files (host ones from their
+        host copies) before the error is raised, at the next call (``wait``, ``reload_states``,
+        a guarded compute call), so a failed offload leaves every state where it was.
+        """
         with self._lock:
             self._finish_pending()
             if self.phase is OffloadPhase.failed:
@@ -176,25 +187,43 @@ class OffloadController:
             ds.quiesce(self.engine)
             blocking = not (self.config.non_blocking if non_blocking is None else non_blocking)
             self.phase = OffloadPhase.offloading
+            try:
+                job = self._mover.start_offload(items, self._unchanged)
+            except BaseException:
+                self.phase = OffloadPhase.resident if not self._placed else OffloadPhase.offloaded
+                raise
+            self._in_flight = job
             if blocking:
-                self._run_offload(items)
+                self._run_offload(job, free_as_written=False)
             else:
-                self._pending = self._pool().submit(on_callers_device(lambda: self._run_offload(items)))
+                self._mover.release_queued(job)
+                self._pending = self._pool().submit(
+                    on_callers_device(lambda: self._run_offload(job, free_as_written=True))
+                )
 
-    def _run_offload(self, items: list[tuple[StateBuffer, Tier]]) -> None:
-        total = sum(b.nbytes for b, t in items if t is not Tier.discard)
+    def _run_offload(self, job: OffloadJob, free_as_written: bool) -> None:
+        total = sum(p.buffer.nbytes for p, _ in job.writes)
         try:
             with self._progress.task("offload", total):
-                placed, stats = self._mover.offload(items, self._unchanged)
+                placed, stats = self._mover.finish_offload(job, free_as_written)
         except BaseException:
-            self.phase = OffloadPhase.resident if not self._placed else OffloadPhase.offloaded
+            with self._status_lock:
+                self._in_flight = None
+                for p in job.stranded:  # freed, and restoring them failed: a reload brings them back
+                    self._placed.setdefault(p.buffer.kind, []).append(p)
+                if job.stranded:
+                    self.phase = OffloadPhase.failed
+                else:
+                    self.phase = OffloadPhase.resident if not self._placed else OffloadPhase.offloaded
             raise
-        for p in placed:
-            self._placed.setdefault(p.buffer.kind, []).append(p)
-            if p.tier is Tier.nvme:
-                self._written[p.buffer.name] = (self.version, p.buffer.nbytes)
+        with self._status_lock:
+            for p in placed:
+                self._placed.setdefault(p.buffer.kind, []).append(p)
+                if p.tier is Tier.nvme:
+                    self._written[p.buffer.name] = (self.version, p.buffer.nbytes)
+            self._in_flight = None
+            self.phase = OffloadPhase.offloaded
         ds.empty_cache()
-        self.phase = OffloadPhase.offloaded
         self.last_stats["offload"] = stats
         log.info(
             "nvme_tier: rank %d offloaded %.3f GB (%.3f GB to %s, %.3f GB unchanged on disk, %.3f GB to host) in %.2f s",
@@ -242,8 +271,9 @@ class OffloadController:
             raise
         if not self.config.skip_unchanged:
             self._written.clear()
-        self._placed.clear()
-        self.phase = OffloadPhase.resident
+        with self._status_lock:
+            self._placed.clear()
+            self.phase = OffloadPhase.resident
         self.last_stats["reload"] = stats
         log.info(
             "nvme_tier: rank %d reloaded %.3f GB from nvme and %.3f GB from host in %.2f s",
@@ -271,11 +301,18 @@ class OffloadController:
 
     # -- reporting and teardown ------------------------------------------------------------------
     def status(self) -> dict[str, StateStatus]:
-        with self._lock:
-            placed = dict(self._placed)
+        """Where each state is; during a non-blocking offload also the bytes still in flight."""
+        with self._status_lock:  # not self._lock: a caller waiting for the offload holds that
+            job, phase = self._in_flight, self.phase
+            placed = {k: list(ps) for k, ps in self._placed.items()}
+            in_flight: dict[StateKind, int] = {}
+            if job is not None:
+                for p in job.placed:
+                    placed.setdefault(p.buffer.kind, []).append(p)
+                in_flight = job.bytes_in_flight()
             buffers = ds.discover_buffers(self.engine)
         directory = self._mover.backend.directory.path if self._mover.has_backend else self.config.path
-        return build_status(buffers, placed, directory, str(ds.accelerator_device()))
+        return build_status(buffers, placed, directory, str(ds.accelerator_device()), phase, in_flight)
 
     def release(self) -> None:
         """Delete this engine's files and free pinned host memory (states must be resident)."""

@@ -329,8 +329,18 @@ def install_hooks(
     offload: Callable[..., None],
     reload: Callable[..., None],
 ) -> Callable[[], None]:
-    """Route offload_states/reload_states to nvme_tier and guard compute; returns an undo."""
+    """Route offload_states/reload_states to nvme_tier and guard compute; returns an undo.
+
+    The ZeRO optimizer's own ``offload_states``/``reload_states`` are routed too: RLHF trainers
+    (OpenRLHF's ``offload_deepspeed_states`` and the projects vendoring it) call
+    ``engine.optimizer.offload_states(...)`` and reload through the engine, and an upstream
+    method running unseen would leave the controller believing every state is on the device.
+    The optimizer has them on ZeRO-3 (0.16.9+) and ZeRO-1/2 (0.17.6+); BF16_Optimizer has none.
+    """
     originals: dict[str, Any] = {}
+    opt = getattr(engine, "optimizer", None)
+    opt_routed = [n for n in ("offload_states", "reload_states") if callable(getattr(opt, n, None))]
+    opt_originals = {name: opt.__dict__.get(name) for name in opt_routed}
 
     def wrap(name: str):
         method = getattr(engine, name)
@@ -353,6 +363,8 @@ def install_hooks(
     for name, fn in (("offload_states", offload), ("reload_states", reload)):
         originals[name] = engine.__dict__.get(name)
         object.__setattr__(engine, name, fn)
+        if name in opt_routed:
+            object.__setattr__(opt, name, fn)
 
     # A forward pre-hook on the module covers engine(x) and engine.module(x) alike.
     handle = engine.module.register_forward_pre_hook(lambda _m, _a: guard("forward"))
@@ -360,17 +372,25 @@ def install_hooks(
 
     # The undo closure is held by the controller: it must not keep the engine alive.
     engine_ref = weakref.ref(engine)
+    opt_ref = weakref.ref(opt) if opt_routed else None
 
     def undo() -> None:
         handle.remove()
         handle_engine.remove()
         eng = engine_ref()
-        if eng is None:
-            return
-        for name, orig in originals.items():
-            if orig is None:
-                eng.__dict__.pop(name, None)
-            else:
-                object.__setattr__(eng, name, orig)
+        if eng is not None:
+            _restore(eng, originals)
+        optimizer = opt_ref() if opt_ref is not None else None
+        if optimizer is not None:
+            _restore(optimizer, opt_originals)
 
     return undo
+
+
+def _restore(obj: Any, originals: dict[str, Any]) -> None:
+    """Put back what ``install_hooks`` replaced: the instance attribute, or none (the class's)."""
+    for name, orig in originals.items():
+        if orig is None:
+            obj.__dict__.pop(name, None)
+        else:
+            object.__setattr__(obj, name, orig)

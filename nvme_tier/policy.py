@@ -72,11 +72,20 @@ def decide(
     """Choose a tier per present state.
 
     ``include``/``device``/``pin_memory`` are the upstream ``offload_states`` arguments; ``None``
-    means "from the config". An explicit ``device=cpu`` wins over NVMe overrides in the config,
-    so asking for the CPU path never touches the disk.
+    means "from the config". With ``honor_call_device`` (the default, upstream semantics) an
+    explicit ``device=cpu`` wins over NVMe overrides in the config, so asking for the CPU path
+    never touches the disk, and an explicit ``pin_memory`` wins over the config's. Without it the
+    config's placement decides whatever device the call names, because every existing caller
+    passes upstream's default ``device=cpu``; only ``device=none`` (move nothing) still counts,
+    and pinning needs both sides to allow it (``pin_memory=True`` is upstream's default too).
     """
+    if config.honor_call_device:
+        pin = config.pin_memory if pin_memory is None else bool(pin_memory)
+    else:
+        pin = config.pin_memory and (pin_memory is None or bool(pin_memory))
+        if device is not None and _as_device(device) != "none":
+            device = None
     dev = _as_device(device) if device is not None else config.device
-    pin = config.pin_memory if pin_memory is None else bool(pin_memory)
     wanted = {_as_state(s) for s in include} if include is not None else None
     if wanted is None and config.include is not None:
         wanted = set(config.include)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .tiers import Placed, StateBuffer
-from .types import StateKind, StateStatus, Tier
+from .types import OffloadPhase, StateKind, StateStatus, Tier
 
 
 def build_status(
@@ -11,7 +11,11 @@ def build_status(
     placed: dict[StateKind, list[Placed]],
     nvme_dir: str | None,
     device: str,
+    phase: OffloadPhase = OffloadPhase.resident,
+    in_flight: dict[StateKind, int] | None = None,
 ) -> dict[str, StateStatus]:
+    """``phase`` is the controller's, shown on the states it moves; ``in_flight`` bytes per state."""
+    in_flight = in_flight or {}
     out: dict[str, StateStatus] = {}
     for kind in StateKind:
         moved = placed.get(kind, [])
@@ -24,7 +28,9 @@ def build_status(
                 Tier.cpu: "host",
                 Tier.discard: "freed (rebuilt on reload)",
             }.get(tier, device)
-            out[kind.value] = StateStatus(kind.value, tier.value, nbytes, where, len(moved), nbytes)
+            out[kind.value] = StateStatus(
+                kind.value, tier.value, nbytes, where, len(moved), nbytes, phase.value, in_flight.get(kind, 0)
+            )
         else:
             bufs = [b for b in buffers.get(kind, []) if not b.is_freed]
             nbytes = sum(b.nbytes for b in bufs)
@@ -33,8 +39,18 @@ def build_status(
     return out
 
 
+# The phase a table's header shows: the most pressing one of any state.
+_HEADER_ORDER = [OffloadPhase.failed, OffloadPhase.offloading, OffloadPhase.reloading, OffloadPhase.offloaded]
+
+
 def format_table(status: dict[str, StateStatus]) -> str:
-    """A fixed-width table, one row per state, plus totals."""
+    """A header line (phase, bytes in flight), then a fixed-width table, one row per state, plus totals."""
+    phases = {e.phase for e in status.values()}
+    phase = next((p.value for p in _HEADER_ORDER if p.value in phases), OffloadPhase.resident.value)
+    header = f"phase: {phase}"
+    in_flight = sum(e.bytes_in_flight for e in status.values())
+    if in_flight or phase == OffloadPhase.offloading.value:
+        header += f", {human_bytes(in_flight)} in flight"
     rows = [("state", "tier", "bytes", "where")]
     for entry in status.values():
         rows.append((entry.state, entry.tier, human_bytes(entry.bytes), entry.location))
@@ -50,7 +66,7 @@ def format_table(status: dict[str, StateStatus]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return "\n".join([header, *lines])
 
 
 def human_bytes(n: float) -> str:

@@ -5,9 +5,11 @@ frees it for every view that shares it (params that are views into a flat buffer
 fragments...), and restoring it in place brings every view back with its identity intact, so the
 engine's own bookkeeping needs no re-pointing.
 
-Offload order: copy/write everything, wait, verify, commit the manifest, and only then free
+Offload order: queue every copy and write, wait, verify, commit the manifest, and only then free
 device memory. Any failure before that point removes what this call wrote and leaves every
-state where it was.
+state where it was. A non-blocking offload frees earlier, never before the bytes are safe: host
+tiers and discard at return (stream-ordered copies), each NVMe buffer once its own write has
+completed; a failure after that restores what was freed before it is raised.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import psutil
 import torch
@@ -84,6 +86,28 @@ class TransferStats:
     bytes_read: int = 0
     bytes_from_host: int = 0
     seconds: float = 0.0
+
+
+@dataclass(eq=False)
+class OffloadJob:
+    """One offload from its start (every move queued) to its end (every byte safe elsewhere)."""
+
+    placed: list[Placed] = field(default_factory=list)
+    writes: list[tuple[Placed, Future]] = field(default_factory=list)  # NVMe writes, in order
+    copies: torch.cuda.Event | None = None  # after the last host copy; None: copies are done
+    stats: TransferStats = field(default_factory=TransferStats)
+    started: float = field(default_factory=time.perf_counter)
+    stranded: list[Placed] = field(default_factory=list)  # freed, and restoring them failed
+
+    def bytes_in_flight(self) -> dict[StateKind, int]:
+        """Bytes per state not yet known safe elsewhere (a copy or a write still running)."""
+        copying = self.copies is not None and not self.copies.query()
+        out: dict[StateKind, int] = {}
+        pending = [p for p, fut in self.writes if not fut.done()]
+        pending += [p for p in self.placed if p.host is not None and copying]
+        for p in pending:
+            out[p.buffer.kind] = out.get(p.buffer.kind, 0) + p.buffer.nbytes
+        return out
 
 
 class TierMover:
@@ -185,58 +209,164 @@ class TierMover:
                 self._pinned_cache[buf.name] = cached
         return cached.tensor
 
-    def offload(
+    def start_offload(
         self, items: list[tuple[StateBuffer, Tier]], unchanged: Callable[[StateBuffer], bool]
-    ) -> tuple[list[Placed], TransferStats]:
-        stats = TransferStats()
-        start = time.perf_counter()
-        placed: list[Placed] = []
-        written: list[str] = []
-        futures: list[tuple[StateBuffer, Future]] = []
+    ) -> OffloadJob:
+        """Queue every move: NVMe writes on the backend's thread, host copies on the copy stream.
+
+        Nothing is freed here. If queuing anything fails, what was queued is waited for and
+        undone and the error raised: the states stay where they were.
+        """
+        job = OffloadJob()
         try:
             for buf, tier in items:
                 if tier is Tier.nvme:
+                    placed = Placed(buf, tier)
                     if unchanged(buf):
-                        stats.bytes_skipped += buf.nbytes
+                        job.stats.bytes_skipped += buf.nbytes
                     else:
-                        futures.append((buf, self.backend.write(buf.name, buf.view)))
-                        written.append(buf.name)
-                    placed.append(Placed(buf, tier))
+                        job.writes.append((placed, self.backend.write(buf.name, buf.view)))
+                    job.placed.append(placed)
             for buf, tier in items:
                 if tier in (Tier.cpu, Tier.pinned_cpu):
                     host = self._host_buffer(buf, pinned=tier is Tier.pinned_cpu)
-                    self._copier.copy_async(host, buf.view)  # back to back: no gap between copies
-                    stats.bytes_to_host += buf.nbytes
-                    placed.append(Placed(buf, tier, host))
+                    # Back to back on the copy stream; into pageable memory ('cpu') CUDA returns
+                    # only once the copy is done, as upstream's pin_memory=False path does.
+                    self._copier.copy_async(host, buf.view)
+                    job.stats.bytes_to_host += buf.nbytes
+                    job.placed.append(Placed(buf, tier, host))
                 elif tier is Tier.discard:
-                    placed.append(Placed(buf, tier))
+                    job.placed.append(Placed(buf, tier))
+            job.copies = self._copier.mark()
+        except BaseException as exc:
+            self._abandon(job)
+            typed = self._typed(exc)
+            if typed is exc:
+                raise
+            raise typed from exc
+        return job
+
+    def release_queued(self, job: OffloadJob) -> None:
+        """Free now what needs nothing more than the queued copies (the non-blocking return).
+
+        Host-tier and discarded buffers are freed at once: the allocator reuses their memory only
+        after the copy stream has read it (stream-ordered, as upstream's non-blocking offload).
+        NVMe buffers whose file is already current are freed too; the others wait for their write.
+        """
+        writing = {id(p) for p, _ in job.writes}
+        for p in job.placed:
+            if id(p) in writing:
+                continue
+            if p.host is not None:
+                self._copier.free_after_copies(p.buffer.view)
+            p.buffer.free()
+
+    def finish_offload(self, job: OffloadJob, free_as_written: bool) -> tuple[list[Placed], TransferStats]:
+        """Wait until every byte is safe elsewhere, commit the manifest, free what is left.
+
+        ``free_as_written``: free each NVMe buffer as soon as its own write has completed (and
+        not before: bytes merely staged are not safe). If a later write fails, the buffers freed
+        so far are restored first (NVMe ones read back from their complete files, host ones from
+        their host copies, scratch zeroed), then every file of this call is removed and the error
+        raised: the states are where they were before the offload.
+        """
+        stats = job.stats
+        try:
             self._copier.synchronize()
-            for buf, fut in futures:
+            for p, fut in job.writes:
                 fut.result()
-                stats.bytes_written += buf.nbytes
+                stats.bytes_written += p.buffer.nbytes
+                if free_as_written:
+                    p.buffer.free()
                 if self._progress:
-                    self._progress(buf.nbytes)
-            if futures:
+                    self._progress(p.buffer.nbytes)
+            if job.writes:
                 self.backend.commit()
         except BaseException as exc:
-            with contextlib.suppress(Exception):
-                self._copier.synchronize()  # no DMA may still target a host copy being dropped
-            self._undo_writes(written)
-            for p in placed:
-                p.host = None
-            if isinstance(exc, (TierIOError, KeyboardInterrupt)):
+            freed = [p for p in job.placed if p.buffer.is_freed]
+            try:
+                restored = self._restore_freed(freed)
+            except BaseException as restore_exc:
+                raise self._strand(job, freed, exc) from restore_exc
+            self._abandon(job)
+            typed = self._typed(exc)
+            if restored and isinstance(typed, TierIOError):
+                typed = TierIOError(
+                    f"{typed}; nothing was lost: the {restored} buffers freed as their writes "
+                    "completed were read back and every state is where it was",
+                    typed.filename,
+                    typed.errno,
+                )
+            if typed is exc:
                 raise
-            if isinstance(exc, OSError):
-                path = exc.filename or (self._backend.directory.path if self._backend else "?")
-                raise TierIOError(
-                    f"offload to {path} failed: {exc}; nothing was freed", path, exc.errno
-                ) from exc
-            raise
-        # Everything is safely elsewhere: now (and only now) release device memory.
-        for p in placed:
-            p.buffer.free()
-        stats.seconds = time.perf_counter() - start
-        return placed, stats
+            raise typed from exc
+        # Everything is safely elsewhere: now (and only now) release the rest of device memory.
+        for p in job.placed:
+            if not p.buffer.is_freed:
+                p.buffer.free()
+        stats.seconds = time.perf_counter() - job.started
+        return job.placed, stats
+
+    def _restore_freed(self, freed: list[Placed]) -> int:
+        """Bring back the buffers this offload already freed, with their old bytes; how many.
+
+        NVMe buffers are freed only once their write completed, and unchanged ones only while
+        their file is current, so each freed one has a complete file to be read back from.
+        """
+        reads: list[Future] = []
+        with contextlib.suppress(Exception):
+            self._copier.synchronize()  # host copies complete before they are copied back
+        for p in freed:
+            p.buffer.restore()
+            if p.host is not None:
+                self._copier.copy_async(p.buffer.view, p.host)
+            elif p.tier is Tier.nvme:
+                reads.append(self.backend.read_into(p.buffer.name, p.buffer.view))
+            else:  # scratch: its contents are rebuilt every step, as after any reload
+                p.buffer.view.zero_()
+        self._copier.synchronize()
+        for fut in reads:
+            fut.result()
+        return len(freed)
+
+    def _strand(self, job: OffloadJob, freed: list[Placed], cause: BaseException) -> TierIOError:
+        """Restoring failed too (e.g. device memory taken meanwhile): keep what was freed away.
+
+        Its bytes stay in their files (the manifest is committed so a reload verifies them) and
+        host copies; ``job.stranded`` tells the controller which states a reload brings back.
+        """
+        for p in freed:
+            if not p.buffer.is_freed:
+                p.buffer.free()
+        job.stranded = freed
+        path = self._backend.directory.path if self._backend else "host memory"
+        with contextlib.suppress(Exception):
+            if self._backend is not None:
+                self._backend.commit()
+        return TierIOError(
+            f"offload failed ({cause}) and restoring the {len(freed)} buffers it had already freed "
+            f"failed too; their bytes are kept in {path}: call reload_states() to bring them back",
+            path,
+            getattr(cause, "errno", None),
+        )
+
+    def _abandon(self, job: OffloadJob) -> None:
+        """Undo a job whose buffers are all resident: wait for its I/O, remove its files."""
+        with contextlib.suppress(Exception):
+            self._copier.synchronize()  # no DMA may still target a host copy being dropped
+        for _, fut in job.writes:  # let every write finish before its file is removed
+            with contextlib.suppress(BaseException):
+                fut.result()
+        self._undo_writes([p.buffer.name for p, _ in job.writes])
+        for p in job.placed:
+            p.host = None
+
+    def _typed(self, exc: BaseException) -> BaseException:
+        """An OSError becomes a ``TierIOError`` naming the path; everything else stays as it is."""
+        if isinstance(exc, (TierIOError, KeyboardInterrupt)) or not isinstance(exc, OSError):
+            return exc
+        path = exc.filename or (self._backend.directory.path if self._backend else "?")
+        return TierIOError(f"offload to {path} failed: {exc}; nothing was freed", path, exc.errno)
 
     def _undo_writes(self, names: list[str]) -> None:
         if not names or self._backend is None:
@@ -310,4 +440,4 @@ class TierMover:
             self._backend = None
 
 
-__all__ = ["IntegrityError", "Placed", "StateBuffer", "TierMover", "TransferStats"]
+__all__ = ["IntegrityError", "OffloadJob", "Placed", "StateBuffer", "TierMover", "TransferStats"]

@@ -59,6 +59,9 @@ class StateStatus:
     location: str
     tensors: int
     device_bytes_freed: int
+    # resident / offloading / offloaded / reloading / failed: where this state's move stands
+    phase: str = OffloadPhase.resident.value
+    bytes_in_flight: int = 0  # bytes of a non-blocking offload not yet known safe elsewhere
 
     def __getitem__(self, key: str):
         try:
@@ -67,7 +70,16 @@ class StateStatus:
             raise KeyError(key) from None
 
     def keys(self):
-        return ("state", "tier", "bytes", "location", "tensors", "device_bytes_freed")
+        return (
+            "state",
+            "tier",
+            "bytes",
+            "location",
+            "tensors",
+            "device_bytes_freed",
+            "phase",
+            "bytes_in_flight",
+        )
 
     def as_dict(self) -> dict:
         return {k: self[k] for k in self.keys()}

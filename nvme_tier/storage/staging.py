@@ -115,6 +115,25 @@ class DeviceCopier:
         if self._stream is not None:
             self._stream.synchronize()
 
+    def mark(self) -> torch.cuda.Event | None:
+        """An event after every copy queued so far (None: nothing is asynchronous, all are done)."""
+        if self._stream is None:
+            return None
+        event = torch.cuda.Event()
+        event.record(self._stream)
+        return event
+
+    def free_after_copies(self, tensor: torch.Tensor) -> None:
+        """Let ``tensor``'s storage be freed now, its memory reused only after the queued copies.
+
+        The caching allocator then holds the block back from any stream until this side stream
+        has passed the point reached now, so a copy still reading it never sees another tensor's
+        bytes. (Copying on the compute stream instead would order the reuse without this, but
+        would make another engine's compute wait behind the copies.)
+        """
+        if self._stream is not None and tensor.is_cuda:
+            tensor.record_stream(self._stream)
+
 
 def default_threads() -> int:
     return max(1, min(16, os.cpu_count() or 1))
