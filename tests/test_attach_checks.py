@@ -200,3 +200,16 @@ def test_flags_must_be_bool(engine, before, tmp_path, call, kwargs, culprit):
         engine.reload_states()
     assert_resident(engine, before, scratch=False)
     assert call == "reload_states" or writer_dirs(tmp_path) == []
+
+
+def test_path_not_writable_by_permissions(engine, before, tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip("running as root: chmod does not stop root from writing (read-only mounts are tested)")
+    target = tmp_path / "locked"
+    target.mkdir(mode=0o500)
+    try:
+        refused_at_attach(
+            engine, before, "offload_states.path", repr(str(target)), "not writable", path=str(target)
+        )
+    finally:
+        target.chmod(0o700)
