@@ -391,9 +391,19 @@ class OffloadController:
         return self._executor
 
     def _finish_pending(self) -> None:
-        fut, self._pending = self._pending, None
-        if fut is not None:
+        """Wait for the background operation; forget it only once it has ended.
+
+        A Ctrl-C while waiting leaves it pending (it runs on), so the next call waits again
+        instead of starting an operation beside it.
+        """
+        fut = self._pending
+        if fut is None:
+            return
+        try:
             fut.result()
+        finally:
+            if fut.done():
+                self._pending = None
 
     def wait(self) -> None:
         """Block until a non-blocking offload or reload has finished (re-raising its error)."""

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
+import time
 
 import pytest
 from conftest import make_engine, params_of, snapshot, train
@@ -156,3 +158,39 @@ def test_real_sigint_at_end_of_reload(offload_dir, monkeypatch):
         mp.setattr(copier, "synchronize", synchronize)
 
     interrupted_cycle(offload_dir, monkeypatch, break_reload=patch)
+
+
+def test_ctrl_c_while_waiting_for_a_non_blocking_offload(offload_dir, monkeypatch):
+    """Ctrl-C in wait(): the background offload goes on, and the next wait still waits for it."""
+    kwargs = {**KWARGS, "path": offload_dir}
+    engine = make_engine(**kwargs)
+    controller = nvme_tier.attach(engine)
+    steps, seed = TWIN_PLAN[0]
+    losses = train(engine, steps, seed=seed)
+    before = snapshot(engine)
+    real_unchanged = controller._unchanged
+    main = threading.main_thread()
+
+    def slow_unchanged(buf):  # the worker's first look at each NVMe buffer takes a while
+        if threading.current_thread() is not main:
+            time.sleep(1.0)
+        return real_unchanged(buf)
+
+    monkeypatch.setattr(controller, "_unchanged", slow_unchanged)
+    engine.offload_states(non_blocking=True)
+    threading.Timer(0.3, send_sigint).start()
+    with pytest.raises(KeyboardInterrupt):
+        nvme_tier.wait(engine)
+    assert controller.phase in (OffloadPhase.offloading, OffloadPhase.offloaded)
+    nvme_tier.wait(engine)  # still waits for the offload that is running
+    assert controller.phase is OffloadPhase.offloaded
+    assert_truthful(engine, controller, before)
+    monkeypatch.undo()
+    engine.reload_states()
+    assert_resident(engine, before, scratch=False)
+    for steps, seed in TWIN_PLAN[1:]:
+        losses += train(engine, steps, seed=seed)
+        engine.offload_states()
+        engine.reload_states()
+    assert_twin(kwargs, losses, params_of(engine))
+    nvme_tier.detach(engine)
