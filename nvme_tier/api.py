@@ -19,18 +19,22 @@ def attach(engine: Any, config: OffloadStatesConfig | dict | None = None) -> Off
     """Make ``engine.offload_states()``/``reload_states()`` use nvme_tier.
 
     ``config`` defaults to the engine's ``"offload_states"`` block (or the defaults when absent).
-    Everything is validated here, before anything moves. Attaching twice returns the same
-    controller when the config is unchanged.
+    Everything is validated here, before anything moves (the path too, when the policy puts a
+    state on nvme). Attaching twice returns the same controller when the config is unchanged; a
+    different config replaces the old controller (detached cleanly, refused while offloaded), so
+    the engine's methods are never wrapped twice.
     """
     ds.check_deepspeed_version()
     if config is None:
         config = ds.engine_config_block(engine, CONFIG_KEY)
     cfg = OffloadStatesConfig.parse(config)
     existing = _controllers.get(engine)
+    if existing is not None and existing.config == cfg:
+        return existing
+    OffloadController.check_path(engine, cfg)  # a bad new config keeps the old attachment
     if existing is not None:
-        if existing.config == cfg:
-            return existing
         existing.detach()
+        del _controllers[engine]
     controller = OffloadController(engine, cfg)
     _controllers[engine] = controller
     return controller
@@ -76,12 +80,13 @@ def mark_dirty(engine: Any) -> None:
 
 
 def release(engine: Any) -> None:
-    """Delete ``engine``'s NVMe files and free its pinned host buffers."""
+    """Delete ``engine``'s NVMe files and free its pinned host buffers (states must be resident)."""
     controller_of(engine).release()
 
 
 def detach(engine: Any) -> None:
-    """Undo ``attach``: restore DeepSpeed's own offload_states/reload_states."""
-    controller = _controllers.pop(engine, None)
+    """Undo ``attach``: restore DeepSpeed's own methods; refused, changing nothing, while offloaded."""
+    controller = _controllers.get(engine)
     if controller is not None:
         controller.detach()
+        del _controllers[engine]

@@ -17,7 +17,9 @@ from typing import Any
 from . import engine as ds
 from .config import OffloadStatesConfig
 from .errors import ConfigError, StatesOffloadedError, TierIOError
-from .policy import Placement, decide
+from .interrupts import DeferredInterrupt
+from .mounts import mount_of
+from .policy import Placement, decide, require_bool
 from .progress import Progress
 from .status import build_status, human_bytes
 from .storage import open_backend, select_backend
@@ -28,6 +30,32 @@ from .types import OffloadPhase, StateKind, StateStatus, Tier
 
 log = logging.getLogger("nvme_tier")
 _FREE_SPACE_MARGIN = 64 << 20
+_described_paths: set[str] = set()  # offload paths whose filesystem was logged (once per process)
+
+
+def _describe_filesystem(path: str) -> None:
+    """Log (once per path and process) the filesystem and device under ``path``; warn when not a disk."""
+    if path in _described_paths:
+        return
+    _described_paths.add(path)
+    mount = mount_of(path)
+    if mount is None:
+        return
+    log.info(
+        "nvme_tier: offload_states.path %r is on %s %s (mounted at %s)",
+        path,
+        mount.fs_type,
+        mount.source,
+        mount.mount_point,
+    )
+    if mount.not_a_disk:
+        log.warning(
+            "nvme_tier: offload_states.path %r is on %s (%s), not a disk: offloaded states stay in "
+            "that memory; point path at an NVMe filesystem",
+            path,
+            mount.fs_type,
+            mount.not_a_disk,
+        )
 
 
 class OffloadController:
@@ -44,6 +72,7 @@ class OffloadController:
         self._pending: Future | None = None
         self._in_flight: OffloadJob | None = None  # an offload started and not yet finished
         self._pending_error: BaseException | None = None
+        self._failure: BaseException | None = None  # why the last reload failed (phase failed)
         self._executor: ThreadPoolExecutor | None = None
         self._lock = threading.RLock()
         self._status_lock = threading.Lock()  # what status() reads, changed by the worker thread
@@ -90,6 +119,36 @@ class OffloadController:
             raise ConfigError(f"offload_states.path {path!r} is not a directory")
         return path
 
+    @staticmethod
+    def check_path(engine: Any, config: OffloadStatesConfig) -> None:
+        """Refuse at attach what the first NVMe offload would refuse an hour into a run.
+
+        Only when the policy puts something on nvme for this engine: an engine with master
+        weights (hp_params) has an optimizer, whose states appear at its first step. A missing
+        last level is created (0700); a missing parent is refused (a typo, not a new directory).
+        """
+        buffers = ds.discover_buffers(engine)
+        present = [k for k, bufs in buffers.items() if bufs]
+        if buffers.get(StateKind.hp_params) and StateKind.optim_states not in present:
+            present.append(StateKind.optim_states)
+        if not decide(config, present).uses_nvme:  # ConfigError when nvme is used without a path
+            return
+        path = config.path
+        nearest, missing = path, []
+        while not os.path.exists(nearest):  # False also below a file (ENOTDIR)
+            missing.append(nearest)
+            nearest = os.path.dirname(nearest)
+        if not os.path.isdir(nearest):
+            where = "is a file" if nearest == path else f"lies under a file: {nearest!r} is a file"
+            raise ConfigError(f"offload_states.path {path!r} {where}, not a directory")
+        if len(missing) > 1:
+            raise ConfigError(
+                f"offload_states.path {path!r}: its parent {os.path.dirname(path)!r} does not exist "
+                f"(nearest existing directory: {nearest!r}); nvme_tier creates only the last level"
+            )
+        ensure_root(path)  # creates the last level (0700); refuses a read-only or unwritable directory
+        _describe_filesystem(path)
+
     def _check_free_space(self, needed: int) -> None:
         path = self._require_path()
         ensure_root(path)  # ConfigError for a file, a file as parent, a read-only or unwritable dir
@@ -123,15 +182,65 @@ class OffloadController:
 
     # -- guards ----------------------------------------------------------------------------------
     def guard(self, what: str) -> None:
-        """Called before forward/backward/step: wait for a prefetch, refuse while offloaded."""
+        """Called before forward/backward/step: wait for a prefetch, refuse while offloaded.
+
+        After a failed reload, ``load_checkpoint`` is the way out and is let through (see
+        ``_discard_failed_copy``); everything else is refused with that advice.
+        """
         if self.phase is OffloadPhase.reloading:
             self.wait()
+        if self.phase is OffloadPhase.failed:
+            if what == "load_checkpoint":
+                self._discard_failed_copy()
+                return
+            raise StatesOffloadedError(self._after_failure(f"{what}()"))
         if self.phase is not OffloadPhase.resident:
             away = ", ".join(k.value for k in self._placed) or "states"
             raise StatesOffloadedError(
                 f"{what}() called while {away} are offloaded ({self.phase.value}); "
                 "call engine.reload_states() first"
             )
+
+    def _after_failure(self, refused: str) -> str:
+        """What to do once a reload failed: "reload first" cannot help when the disk copy is bad."""
+        with self._lock:
+            away = ", ".join(k.value for k in self._placed) or "the offloaded states"
+            why = f"{type(self._failure).__name__}: {self._failure}" if self._failure else "see its error"
+        return (
+            f"{refused} refused: the last reload_states() failed ({why}), so the offloaded copy of "
+            f"{away} is unusable and these states are not on the device. Restore them from a checkpoint "
+            "with engine.load_checkpoint(...) (allowed now), then call nvme_tier.release(engine) to delete "
+            "the unusable files. Only if the error was transient (an I/O error, not an IntegrityError) "
+            "may engine.reload_states() be retried instead."
+        )
+
+    def _discard_failed_copy(self) -> None:
+        """Give every freed state zero-filled device memory for ``load_checkpoint`` to load into.
+
+        The offloaded copy is no longer trusted (nor rewritten-over: the next offload writes
+        everything anew). DeepSpeed's load_checkpoint returns ``(None, ...)`` without raising when
+        it finds no checkpoint: check its return value, the zeros are not states.
+        """
+        with self._lock:
+            log.warning(
+                "nvme_tier: rank %d discards the offloaded copy of %s after a failed reload (%s); "
+                "load_checkpoint fills the states",
+                self.rank,
+                ", ".join(k.value for k in self._placed),
+                self._failure,
+            )
+            with DeferredInterrupt():
+                for placed in self._placed.values():
+                    for p in placed:
+                        p.buffer.restore()
+                        p.buffer.view.zero_()
+                        if p.tier is Tier.cpu:
+                            p.host = None
+                self._placed.clear()
+                self._written.clear()
+                self._failure = None
+                self.phase = OffloadPhase.resident
+            self.mark_dirty()
 
     def mark_dirty(self) -> None:
         """Record that the states may have changed, so the next offload rewrites them."""
@@ -171,10 +280,12 @@ class OffloadController:
         host copies) before the error is raised, at the next call (``wait``, ``reload_states``,
         a guarded compute call), so a failed offload leaves every state where it was.
         """
+        if non_blocking is not None:
+            require_bool("non_blocking", non_blocking)
         with self._lock:
             self._finish_pending()
             if self.phase is OffloadPhase.failed:
-                raise StatesOffloadedError("a previous reload failed; see the error it raised")
+                raise StatesOffloadedError(self._after_failure("offload_states()"))
             placement, buffers = self.plan(include, device, pin_memory)
             items = [(b, t) for k, t in placement.tiers.items() if t is not Tier.device for b in buffers[k]]
             if not items:
@@ -192,11 +303,16 @@ class OffloadController:
             except BaseException:
                 self.phase = OffloadPhase.resident if not self._placed else OffloadPhase.offloaded
                 raise
-            self._in_flight = job
+            # Where each buffer goes is recorded before any of them is freed, Ctrl-C held: whatever
+            # stops the frees (an interrupt, an error), no freed state is left undescribed.
+            with DeferredInterrupt(), self._status_lock:
+                self._in_flight = job
+                self._record_offloaded(job.placed)
+                if not blocking:
+                    self._mover.release_queued(job)
             if blocking:
                 self._run_offload(job, free_as_written=False)
             else:
-                self._mover.release_queued(job)
                 self._pending = self._pool().submit(
                     on_callers_device(lambda: self._run_offload(job, free_as_written=True))
                 )
@@ -209,16 +325,15 @@ class OffloadController:
         except BaseException:
             with self._status_lock:
                 self._in_flight = None
-                for p in job.stranded:  # freed, and restoring them failed: a reload brings them back
-                    self._placed.setdefault(p.buffer.kind, []).append(p)
-                if job.stranded:
-                    self.phase = OffloadPhase.failed
-                else:
-                    self.phase = OffloadPhase.resident if not self._placed else OffloadPhase.offloaded
+                # Once every byte is safe elsewhere the offload stands (a reload restores it all,
+                # freed or not). Before that, buffers still (or again) resident are forgotten and
+                # freed ones stay recorded (restoring them failed): a reload brings those back.
+                if not job.safe:
+                    self._forget_resident(job.placed)
+                self.phase = OffloadPhase.offloaded if self._placed else OffloadPhase.resident
             raise
         with self._status_lock:
             for p in placed:
-                self._placed.setdefault(p.buffer.kind, []).append(p)
                 if p.tier is Tier.nvme:
                     self._written[p.buffer.name] = (self.version, p.buffer.nbytes)
             self._in_flight = None
@@ -236,6 +351,21 @@ class OffloadController:
             stats.seconds,
         )
 
+    def _record_offloaded(self, placed: list[Placed]) -> None:
+        """Where each buffer goes; recorded before the mover frees any of them."""
+        for p in placed:
+            self._placed.setdefault(p.buffer.kind, []).append(p)
+
+    def _forget_resident(self, placed: list[Placed]) -> None:
+        """Drop the records of a failed offload's buffers that are on the device after all."""
+        resident = {id(p) for p in placed if not p.buffer.is_freed}
+        for kind in list(self._placed):
+            kept = [p for p in self._placed[kind] if id(p) not in resident]
+            if kept:
+                self._placed[kind] = kept
+            else:
+                del self._placed[kind]
+
     def _unchanged(self, buf: StateBuffer) -> bool:
         if not self.config.skip_unchanged or not self._mover.has_backend:
             return False
@@ -246,6 +376,8 @@ class OffloadController:
     # -- reload ----------------------------------------------------------------------------------
     def reload_states(self, non_blocking=None) -> None:
         """Drop-in for ``engine.reload_states``; non-blocking reloads are awaited before compute."""
+        if non_blocking is not None:
+            require_bool("non_blocking", non_blocking)
         with self._lock:
             self._finish_pending()
             if self.phase is OffloadPhase.resident or not self._placed:
@@ -265,15 +397,20 @@ class OffloadController:
                 self._mover.verify_on_disk()
             total = sum(p.buffer.nbytes for p in placed if p.tier is not Tier.discard)
             with self._progress.task("reload", total):
-                stats = self._mover.reload(placed, keep_files=self.config.skip_unchanged)
-        except BaseException:
-            self.phase = OffloadPhase.failed
+                stats = self._mover.reload(
+                    placed, keep_files=self.config.skip_unchanged, restored=self._record_reloaded
+                )
+        except KeyboardInterrupt:
+            # Interrupted, not broken: the copies are intact and every state was freed again (or,
+            # when the interrupt was held through the hand-over, is back and recorded resident).
+            if self._placed:
+                self.phase = OffloadPhase.offloaded
             raise
-        if not self.config.skip_unchanged:
-            self._written.clear()
-        with self._status_lock:
-            self._placed.clear()
-            self.phase = OffloadPhase.resident
+        except BaseException as exc:
+            if self._placed:
+                self.phase = OffloadPhase.failed
+                self._failure = exc
+            raise
         self.last_stats["reload"] = stats
         log.info(
             "nvme_tier: rank %d reloaded %.3f GB from nvme and %.3f GB from host in %.2f s",
@@ -283,6 +420,15 @@ class OffloadController:
             stats.seconds,
         )
 
+    def _record_reloaded(self) -> None:
+        """Every state is back; called by the mover (Ctrl-C held) before it drops host copies."""
+        with self._status_lock:
+            if not self.config.skip_unchanged:
+                self._written.clear()
+            self._placed.clear()
+            self._failure = None
+            self.phase = OffloadPhase.resident
+
     # -- async plumbing --------------------------------------------------------------------------
     def _pool(self) -> ThreadPoolExecutor:
         if self._executor is None:
@@ -290,9 +436,19 @@ class OffloadController:
         return self._executor
 
     def _finish_pending(self) -> None:
-        fut, self._pending = self._pending, None
-        if fut is not None:
+        """Wait for the background operation; forget it only once it has ended.
+
+        A Ctrl-C while waiting leaves it pending (it runs on), so the next call waits again
+        instead of starting an operation beside it.
+        """
+        fut = self._pending
+        if fut is None:
+            return
+        try:
             fut.result()
+        finally:
+            if fut.done():
+                self._pending = None
 
     def wait(self) -> None:
         """Block until a non-blocking offload or reload has finished (re-raising its error)."""
@@ -305,11 +461,7 @@ class OffloadController:
         with self._status_lock:  # not self._lock: a caller waiting for the offload holds that
             job, phase = self._in_flight, self.phase
             placed = {k: list(ps) for k, ps in self._placed.items()}
-            in_flight: dict[StateKind, int] = {}
-            if job is not None:
-                for p in job.placed:
-                    placed.setdefault(p.buffer.kind, []).append(p)
-                in_flight = job.bytes_in_flight()
+            in_flight = job.bytes_in_flight() if job is not None else {}
             buffers = ds.discover_buffers(self.engine)
         directory = self._mover.backend.directory.path if self._mover.has_backend else self.config.path
         return build_status(buffers, placed, directory, str(ds.accelerator_device()), phase, in_flight)
@@ -318,16 +470,28 @@ class OffloadController:
         """Delete this engine's files and free pinned host memory (states must be resident)."""
         with self._lock:
             self._finish_pending()
-            if self._placed:
-                raise StatesOffloadedError(
-                    "release() while states are offloaded would lose them; reload first"
-                )
+            self._refuse_while_offloaded("release()", "nvme_tier.release(engine)")
             self._written.clear()
             self._mover.release()
 
+    def _refuse_while_offloaded(self, refused: str, then: str) -> None:
+        """Raise (changing nothing) when states are away: dropping their copies would lose them."""
+        if self.phase is OffloadPhase.failed:
+            raise StatesOffloadedError(self._after_failure(refused))
+        if self._placed:
+            away = ", ".join(k.value for k in self._placed)
+            raise StatesOffloadedError(
+                f"{refused} while {away} are offloaded would lose them; "
+                f"call engine.reload_states() first, then {then}"
+            )
+
     def detach(self) -> None:
-        self.release()
-        self._undo_hooks()
-        self._finalizer.detach()
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
+        """Undo attach; refused, with nothing changed, while states are offloaded."""
+        with self._lock:
+            self._finish_pending()
+            self._refuse_while_offloaded("detach()", "nvme_tier.detach(engine)")
+            self.release()
+            self._undo_hooks()
+            self._finalizer.detach()
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)

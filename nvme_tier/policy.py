@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from enum import Enum
 
 from .config import OffloadStatesConfig
 from .errors import ConfigError
@@ -55,6 +56,30 @@ def _as_state(value: object) -> StateKind:
         raise ConfigError(f"include: unknown state {raw!r} (allowed: {allowed})") from None
 
 
+def _as_states(include: object) -> set[StateKind]:
+    """``include`` as a set of states; one state (a string or an enum) counts as a list of one.
+
+    Upstream types it as a list, but a bare "optim_states" is an obvious request: iterating the
+    string would fail on its first character ("unknown state 'o'").
+    """
+    if isinstance(include, (str, Enum)):
+        return {_as_state(include)}
+    try:
+        values = iter(include)  # type: ignore[call-overload]
+    except TypeError:
+        raise ConfigError(
+            f"include: expected a state or a list of states, got {type(include).__name__} {include!r}"
+        ) from None
+    return {_as_state(s) for s in values}
+
+
+def require_bool(argument: str, value: object) -> bool:
+    """A flag argument must be a real bool: ``non_blocking="no"`` is truthy, so it would mean True."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{argument} must be True or False, got {value!r}")
+    return value
+
+
 def _as_device(value: object) -> str:
     raw = getattr(value, "value", value)
     if raw in ("nvme", "cpu", "none"):
@@ -65,7 +90,7 @@ def _as_device(value: object) -> str:
 def decide(
     config: OffloadStatesConfig,
     present: Iterable[StateKind],
-    include: Iterable[object] | None = None,
+    include: Iterable[object] | str | Enum | None = None,
     device: object | None = None,
     pin_memory: bool | None = None,
 ) -> Placement:
@@ -79,14 +104,16 @@ def decide(
     passes upstream's default ``device=cpu``; only ``device=none`` (move nothing) still counts,
     and pinning needs both sides to allow it (``pin_memory=True`` is upstream's default too).
     """
+    if pin_memory is not None:
+        require_bool("pin_memory", pin_memory)
     if config.honor_call_device:
-        pin = config.pin_memory if pin_memory is None else bool(pin_memory)
+        pin = config.pin_memory if pin_memory is None else pin_memory
     else:
-        pin = config.pin_memory and (pin_memory is None or bool(pin_memory))
+        pin = config.pin_memory and (pin_memory is None or pin_memory)
         if device is not None and _as_device(device) != "none":
             device = None
     dev = _as_device(device) if device is not None else config.device
-    wanted = {_as_state(s) for s in include} if include is not None else None
+    wanted = _as_states(include) if include is not None else None
     if wanted is None and config.include is not None:
         wanted = set(config.include)
     present = list(present)

@@ -27,6 +27,7 @@ import psutil
 import torch
 
 from .errors import IntegrityError, TierIOError
+from .interrupts import DeferredInterrupt
 from .storage.base import StorageBackend
 from .storage.staging import DeviceCopier, PinnedHostMemory
 from .types import StateKind, Tier
@@ -98,6 +99,7 @@ class OffloadJob:
     stats: TransferStats = field(default_factory=TransferStats)
     started: float = field(default_factory=time.perf_counter)
     stranded: list[Placed] = field(default_factory=list)  # freed, and restoring them failed
+    safe: bool = False  # every byte is elsewhere (manifest committed): only the frees are left
 
     def bytes_in_flight(self) -> dict[StateKind, int]:
         """Bytes per state not yet known safe elsewhere (a copy or a write still running)."""
@@ -300,10 +302,13 @@ class TierMover:
             if typed is exc:
                 raise
             raise typed from exc
-        # Everything is safely elsewhere: now (and only now) release the rest of device memory.
-        for p in job.placed:
-            if not p.buffer.is_freed:
-                p.buffer.free()
+        # Everything is safely elsewhere: now (and only now) release the rest of device memory,
+        # Ctrl-C held so the controller's record (made before any free) stays the truth.
+        job.safe = True
+        with DeferredInterrupt():
+            for p in job.placed:
+                if not p.buffer.is_freed:
+                    p.buffer.free()
         stats.seconds = time.perf_counter() - job.started
         return job.placed, stats
 
@@ -377,11 +382,17 @@ class TierMover:
             except Exception as exc:  # keep the original error (if any); report the leftover
                 log.warning("nvme_tier: could not remove the file of %s: %s", name, exc)
 
-    def reload(self, placed: list[Placed], keep_files: bool) -> TransferStats:
-        """Restore every buffer; on a verification failure free them again and raise."""
+    def reload(self, placed: list[Placed], keep_files: bool, restored: Callable[[], None]) -> TransferStats:
+        """Restore every buffer, then call ``restored``; on any failure free them again and raise.
+
+        ``restored`` (the caller's "resident" bookkeeping) runs under a held Ctrl-C once every byte
+        has arrived: an interrupt lands either before it (all freed again, still offloaded) or
+        after it (all back, recorded as such), never between.
+        """
         stats = TransferStats()
         start = time.perf_counter()
         futures: list[tuple[Placed, Future]] = []
+        handed_over = False
         try:
             for p in placed:
                 if p.tier is Tier.nvme:
@@ -403,18 +414,24 @@ class TierMover:
                 stats.bytes_read += p.buffer.nbytes
                 if self._progress:
                     self._progress(p.buffer.nbytes)
+            with DeferredInterrupt():
+                restored()
+                handed_over = True
+                for p in placed:
+                    if p.tier is Tier.cpu:
+                        p.host = None
         except BaseException:
-            with contextlib.suppress(Exception):
-                self._copier.synchronize()
-            for _, fut in futures:  # let every read finish before its memory is freed again
+            if handed_over:  # a Ctrl-C held through the hand-over: every state is back and recorded
+                raise
+            with DeferredInterrupt():  # a second Ctrl-C must not cut the clean-up short
                 with contextlib.suppress(Exception):
-                    fut.result()
-            for p in placed:
-                p.buffer.free()
+                    self._copier.synchronize()
+                for _, fut in futures:  # let every read finish before its memory is freed again
+                    with contextlib.suppress(Exception):
+                        fut.result()
+                for p in placed:
+                    p.buffer.free()
             raise
-        for p in placed:
-            if p.tier is Tier.cpu:
-                p.host = None
         if not keep_files:
             # Every state is back: a file that cannot be removed is a leftover, not a failed reload.
             self._undo_writes([p.buffer.name for p in placed if p.tier is Tier.nvme])

@@ -112,48 +112,8 @@ def offload_refused(engine, before, exc_type, path, *needles, **block):
     return err.value
 
 
-def test_nvme_without_path(engine, before):
-    attached(engine, device="nvme", backend="zarr")
-    with pytest.raises(ConfigError, match="offload_states.path is required: optim_states .* 'nvme' tier"):
-        engine.offload_states()
-    assert_resident(engine, before)
-    engine.offload_states(device="cpu")  # the CPU path needs no disk
-    engine.reload_states()
-
-
-def test_path_is_a_file(engine, before, tmp_path):
-    target = tmp_path / "a_file"
-    target.write_bytes(b"precious")
-    offload_refused(engine, before, ConfigError, target, repr(str(target)), "is not a directory")
-    assert target.read_bytes() == b"precious"
-
-
-def test_path_below_a_file(engine, before, tmp_path):
-    parent = tmp_path / "a_file"
-    parent.write_bytes(b"precious")
-    target = parent / "sub"
-    offload_refused(engine, before, ConfigError, target, repr(str(target)), "Not a directory")
-    assert parent.read_bytes() == b"precious"
-
-
-@pytest.mark.parametrize("below", [False, True], ids=["mountpoint", "below"])
-def test_path_on_read_only_filesystem(engine, before, tmp_path, below):
-    with mounted(tmp_path / "ro", "tmpfs", "ro,size=1M") as ro:
-        target = os.path.join(ro, "sub") if below else ro
-        why = "Read-only file system" if below else "not writable"
-        offload_refused(engine, before, ConfigError, target, repr(target), why)
-        assert os.listdir(ro) == []
-
-
-def test_path_not_writable_by_permissions(engine, before, tmp_path):
-    if os.geteuid() == 0:
-        pytest.skip("running as root: chmod does not stop root from writing (read-only mounts are tested)")
-    target = tmp_path / "locked"
-    target.mkdir(mode=0o500)
-    try:
-        offload_refused(engine, before, ConfigError, target, repr(str(target)), "not writable")
-    finally:
-        target.chmod(0o700)
+# A missing path, a file, a path below a file, a missing parent, a read-only or unwritable
+# directory are refused at attach: tests/test_attach_checks.py.
 
 
 def test_too_little_free_space(engine, before, tmp_path):

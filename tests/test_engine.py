@@ -11,7 +11,7 @@ import os
 
 import pytest
 import torch
-from conftest import make_engine, params_of, requires_aio, snapshot, train
+from conftest import make_engine, params_of, requires_aio, requires_fp16, snapshot, train
 from deepspeed.runtime.zero.offload_config import OffloadDeviceEnum, OffloadStateTypeEnum
 
 import nvme_tier
@@ -93,7 +93,12 @@ def test_nvme_default_policy(stage, backend, offload_dir):
 
 @pytest.mark.parametrize(
     "stage, dtype, optimizer",
-    [(1, "fp16", "AdamW"), (2, "fp16", "Adam"), (3, "fp16", "AdamW"), (2, "bf16", "AdamW")],
+    [
+        pytest.param(1, "fp16", "AdamW", marks=requires_fp16),
+        pytest.param(2, "fp16", "Adam", marks=requires_fp16),
+        pytest.param(3, "fp16", "AdamW", marks=requires_fp16),
+        (2, "bf16", "AdamW"),
+    ],
 )
 def test_dtypes_and_optimizers(stage, dtype, optimizer, offload_dir):
     kwargs = {"stage": stage, "path": offload_dir, "backend": "zarr", "dtype": dtype, "optimizer": optimizer}
