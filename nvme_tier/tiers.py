@@ -39,6 +39,9 @@ class StateBuffer:
     kind: StateKind
     name: str
     view: torch.Tensor
+    # Content fingerprint of the bytes being offloaded (taken when skip_unchanged is on); a write
+    # records it, so a later offload can tell whether the file still holds the live bytes.
+    fingerprint: str | None = None
 
     def __post_init__(self) -> None:
         self.nbytes = self.view.numel()
@@ -180,7 +183,9 @@ class TierMover:
                     if unchanged(buf):
                         stats.bytes_skipped += buf.nbytes
                     else:
-                        futures.append((buf, self.backend.write(buf.name, buf.view)))
+                        futures.append(
+                            (buf, self.backend.write(buf.name, buf.view, fingerprint=buf.fingerprint))
+                        )
                         written.append(buf.name)
                     placed.append(Placed(buf, tier))
             for buf, tier in items:

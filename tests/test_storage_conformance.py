@@ -17,6 +17,7 @@ import torch
 
 from nvme_tier.config import AioSettings
 from nvme_tier.errors import ConfigError, IntegrityError
+from nvme_tier.fingerprint import fingerprint
 from nvme_tier.storage import AioBackend, OwnerInfo, WriterDirectory, ZarrBackend, supports_o_direct
 from nvme_tier.storage.aio import aio_compatible
 
@@ -319,6 +320,15 @@ class BackendConformance:
         with pytest.raises(IntegrityError, match="belongs to writer") as info:
             mine.verify_manifest()
         assert info.value.filename == manifest
+
+    def test_fingerprint_is_recorded_and_committed(self, backend):
+        src = random_bytes(5000)
+        digest = fingerprint(src)
+        assert backend.write("f", src, fingerprint=digest).result().fingerprint == digest
+        assert backend.write("g", src).result().fingerprint is None
+        backend.commit()
+        assert backend.directory.load_manifest()["f"].fingerprint == digest
+        backend.verify_manifest()  # the committed record, fingerprint included, is what was written
 
     def test_stale_manifest_is_refused(self, backend):
         backend.write("x", random_bytes(3000, 1)).result()
