@@ -15,14 +15,14 @@ is also only 32 bits. This hash reads each byte once, on the device, with torch 
 How: the bytes are read as int32 words ``w_i`` (a zero-padded word holds the 1-3 trailing bytes) and
 each of two independent lanes sums ``w_i * m_i`` modulo 2**64 (int64 wraparound), where the
 multiplier of word ``i`` at (row ``r``, column ``c``) of a ``ROW_WORDS``-wide layout is
-``col[c] * row[r]``, both odd splitmix64 hashes of the index (the column table is ``ROW_WORDS`` long
-whatever the buffer size; the row multipliers are made per chunk). A change confined to one word
+``col[c] * row[r]``, both odd splitmix64 hashes of the index (small tables, kept per device: one
+``ROW_WORDS`` long whatever the buffer size, one entry per row). A change confined to one word
 changes every lane (an odd multiplier times a nonzero difference below 2**33 is never 0 mod 2**64);
 changes of several words collide in one lane with probability about 2**-33 (the difference's
 factor of two is at most 2**31), in both about 2**-66. The byte length is mixed into the result.
 
-Cost: one multiply and one sum pass over each chunk (the int64 product of a chunk, 4x its bytes,
-is the only full-size temporary); ``benchmarks/fingerprint_cost.py`` measures it.
+Cost: one multiply and one sum kernel over each chunk (the int64 product of a chunk, 4x its bytes,
+is the only large temporary); ``benchmarks/fingerprint_cost.py`` measures it.
 """
 
 from __future__ import annotations
@@ -33,7 +33,9 @@ from collections.abc import Sequence
 import torch
 
 ROW_WORDS = 1 << 16  # columns of the layout: the column multiplier table is 2 x 512 KiB
-CHUNK_BYTES = 32 << 20  # bytes hashed per pass: temporaries stay below 4 x this
+# Bytes hashed per pass (temporaries stay below 4 x this). On a GPU large passes amortize the kernel
+# launches; on a CPU a pass whose int64 product stays in cache ran 3x faster than a 32 MiB one.
+CHUNK_BYTES = {"cuda": 32 << 20, "cpu": 4 << 20}
 LANES = 2
 _MASK = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
@@ -77,42 +79,45 @@ def _column_multipliers(device: torch.device) -> torch.Tensor:
     return _odd_multipliers(0, ROW_WORDS, 0, device)
 
 
-def _accumulate(words: torch.Tensor, start: int, acc: torch.Tensor) -> None:
-    """``acc[lane] += sum_i words[i] * col[lane, c] * row[lane, r]`` for word index ``start + i``."""
-    cols = _column_multipliers(words.device)
-    n, done = words.numel(), 0
-    while done < n:
-        pos = start + done
-        row, col = divmod(pos, ROW_WORDS)
-        if col or n - done < ROW_WORDS:  # a partial row (the tail of a buffer)
-            take = min(n - done, ROW_WORDS - col)
-            part = (words[done : done + take].unsqueeze(0) * cols[:, col : col + take]).sum(dim=1)
-            acc += part * _odd_multipliers(row, 1, 1, words.device)[:, 0]
-        else:  # whole rows: one broadcast multiply and one reduction for every lane at once
-            rows = (n - done) // ROW_WORDS
-            take = rows * ROW_WORDS
-            block = words[done : done + take].view(rows, 1, ROW_WORDS) * cols.unsqueeze(0)
-            per_row = block.sum(dim=2)  # [rows, LANES]
-            acc += (per_row * _odd_multipliers(row, rows, 1, words.device).T).sum(dim=0)
-        done += take
+_row_tables: dict[torch.device, torch.Tensor] = {}
 
 
-def _lanes(data: torch.Tensor, chunk_bytes: int) -> torch.Tensor:
-    """The ``LANES`` int64 sums of one flat uint8 tensor, left on its device."""
-    acc = torch.zeros(LANES, dtype=torch.int64, device=data.device)
-    nbytes = data.numel()
-    whole = nbytes - nbytes % 4
-    step = max(ROW_WORDS * 4, chunk_bytes - chunk_bytes % (ROW_WORDS * 4))
-    for a in range(0, whole, step):
-        chunk = data[a : min(a + step, whole)]
+def _row_multipliers(count: int, device: torch.device) -> torch.Tensor:
+    """``[LANES, count]`` row multipliers: a prefix of a per-device table grown on demand
+    (16 B a row, 64 KiB for each GiB hashed), so a buffer costs no hashing of its own."""
+    table = _row_tables.get(device)
+    if table is None or table.shape[1] < count:
+        grown = max(count, 1024, 2 * table.shape[1] if table is not None else 0)
+        table = _row_tables[device] = _odd_multipliers(0, grown, 1, device)
+    return table[:, :count]
+
+
+def _lanes(data: torch.Tensor, chunk_bytes: int | None) -> torch.Tensor:
+    """The ``LANES`` int64 sums of one flat uint8 tensor, left on its device.
+
+    Per chunk of whole rows, two kernels: the broadcast multiply of every lane and the reduction of
+    each row into ``row_sums``; the last, partial row is zero-padded (zero words add nothing).
+    """
+    device, nbytes = data.device, data.numel()
+    row_bytes = ROW_WORDS * 4
+    full_rows, tail = divmod(nbytes, row_bytes)
+    cols = _column_multipliers(device).unsqueeze(0)  # [1, LANES, ROW_WORDS]
+    row_sums = torch.empty(full_rows + (tail > 0), LANES, dtype=torch.int64, device=device)
+    if chunk_bytes is None:
+        chunk_bytes = CHUNK_BYTES.get(device.type, CHUNK_BYTES["cuda"])
+    rows_per_chunk = max(1, chunk_bytes // row_bytes)
+    for first in range(0, full_rows, rows_per_chunk):
+        rows = min(rows_per_chunk, full_rows - first)
+        chunk = data[first * row_bytes : (first + rows) * row_bytes]
         if chunk.storage_offset() % 4:  # an unaligned view cannot be read as int32 in place
             chunk = chunk.clone()
-        _accumulate(chunk.view(torch.int32), a // 4, acc)
-    if whole < nbytes:
-        tail = torch.zeros(4, dtype=torch.uint8, device=data.device)
-        tail[: nbytes - whole] = data[whole:]
-        _accumulate(tail.view(torch.int32), whole // 4, acc)
-    return acc
+        words = chunk.view(torch.int32).view(rows, 1, ROW_WORDS)
+        torch.sum(words * cols, dim=2, out=row_sums[first : first + rows])
+    if tail:
+        last = torch.zeros(row_bytes, dtype=torch.uint8, device=device)
+        last[:tail] = data[full_rows * row_bytes :]
+        torch.sum(last.view(torch.int32).view(1, 1, ROW_WORDS) * cols, dim=2, out=row_sums[full_rows:])
+    return (row_sums * _row_multipliers(row_sums.shape[0], device).T).sum(dim=0)
 
 
 def _mix(value: int) -> int:
@@ -130,10 +135,11 @@ def _flat_bytes(tensor: torch.Tensor) -> torch.Tensor:
     return flat if flat.dtype == torch.uint8 else flat.view(torch.uint8)
 
 
-def fingerprints(tensors: Sequence[torch.Tensor], chunk_bytes: int = CHUNK_BYTES) -> list[str]:
+def fingerprints(tensors: Sequence[torch.Tensor], chunk_bytes: int | None = None) -> list[str]:
     """The fingerprint of each tensor's bytes (32 hex digits), with one device synchronization.
 
-    Each is computed on the tensor's own device; equal bytes give equal fingerprints on any device.
+    Each is computed on the tensor's own device; equal bytes give equal fingerprints on any device
+    and with any ``chunk_bytes`` (default: ``CHUNK_BYTES`` of the device type).
     Callers must keep the tensors unchanged until this returns.
     """
     flats = [_flat_bytes(t) for t in tensors]
@@ -148,6 +154,6 @@ def fingerprints(tensors: Sequence[torch.Tensor], chunk_bytes: int = CHUNK_BYTES
     return out
 
 
-def fingerprint(tensor: torch.Tensor, chunk_bytes: int = CHUNK_BYTES) -> str:
+def fingerprint(tensor: torch.Tensor, chunk_bytes: int | None = None) -> str:
     """The fingerprint of one tensor's bytes; see ``fingerprints``."""
     return fingerprints([tensor], chunk_bytes)[0]
