@@ -17,6 +17,9 @@ import torch
 from conftest import make_engine, snapshot, train
 
 import nvme_tier
+import nvme_tier.controller as controller_module
+from nvme_tier.engine import discover_buffers
+from nvme_tier.fingerprint import fingerprint
 
 ALL_ON_NVME = {"optim_states": "nvme", "hp_params": "nvme", "lp_params": "nvme", "lp_grads": "nvme"}
 
@@ -121,3 +124,68 @@ def test_edit_outside_training_is_written_back(stage, with_optimizer, path, offl
     assert nvme_tier.controller_of(engine).last_stats["offload"].bytes_written == 0
     engine.reload_states()
     assert all(torch.equal(v, edited[k]) for k, v in data_states(snapshot(engine)).items())
+
+
+def test_manifest_keeps_the_fingerprint_of_the_written_bytes(offload_dir):
+    engine = make_engine(3, offload_dir, optimizer=None, backend="zarr", policy={"lp_params": "nvme"})
+    controller = nvme_tier.attach(engine)
+    engine.offload_states()
+    engine.reload_states()
+    backend = controller._mover.backend
+    on_disk = backend.directory.load_manifest()
+    live = {b.name: b.view for bufs in discover_buffers(engine).values() for b in bufs}
+    assert on_disk and set(on_disk) <= set(live)
+    for name, record in on_disk.items():
+        assert record.fingerprint == fingerprint(live[name])
+
+
+@pytest.mark.parametrize("non_blocking", [False, True])
+def test_edit_between_non_blocking_cycles_is_written_back(non_blocking, offload_dir):
+    """The fingerprint is taken on the worker thread of a non-blocking offload too."""
+    engine = make_engine(2, offload_dir, backend="zarr", policy=ALL_ON_NVME)
+    nvme_tier.attach(engine)
+    train(engine, 1)
+    engine.offload_states(non_blocking=non_blocking)
+    engine.reload_states(non_blocking=non_blocking)
+    nvme_tier.wait(engine)
+    edit_ema(engine)
+    edited = data_states(snapshot(engine))
+    engine.offload_states(non_blocking=non_blocking)
+    engine.reload_states(non_blocking=non_blocking)
+    nvme_tier.wait(engine)
+    after = data_states(snapshot(engine))
+    assert all(torch.equal(v, after[k]) for k, v in edited.items())
+
+
+def test_no_fingerprint_means_no_skip(offload_dir, monkeypatch):
+    """Out of device memory for the fingerprint's temporaries: every state is written, never skipped."""
+    engine = make_engine(3, offload_dir, optimizer=None, backend="zarr", policy={"lp_params": "nvme"})
+    controller = nvme_tier.attach(engine)
+    engine.offload_states()
+    engine.reload_states()
+
+    def out_of_memory(tensors, chunk_bytes=None):
+        raise torch.cuda.OutOfMemoryError("injected")
+
+    monkeypatch.setattr(controller_module, "fingerprints", out_of_memory)
+    edit_copy(engine)
+    edited = data_states(snapshot(engine))
+    engine.offload_states()
+    stats = controller.last_stats["offload"]
+    assert stats.bytes_skipped == 0 and stats.bytes_written > 0
+    engine.reload_states()
+    assert all(torch.equal(v, edited[k]) for k, v in data_states(snapshot(engine)).items())
+    assert all(r.fingerprint is None for r in controller._mover.backend.directory.load_manifest().values())
+    engine.offload_states()  # still no fingerprint: written again, not trusted
+    assert controller.last_stats["offload"].bytes_skipped == 0
+    engine.reload_states()
+
+
+def test_skip_unchanged_off_takes_no_fingerprint(offload_dir, monkeypatch):
+    engine = make_engine(
+        3, offload_dir, optimizer=None, backend="zarr", policy={"lp_params": "nvme"}, skip_unchanged=False
+    )
+    nvme_tier.attach(engine)
+    monkeypatch.setattr(controller_module, "fingerprints", lambda *a, **k: pytest.fail("fingerprinted"))
+    engine.offload_states()
+    engine.reload_states()
