@@ -14,9 +14,12 @@ import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+import torch
+
 from . import engine as ds
 from .config import OffloadStatesConfig
 from .errors import ConfigError, StatesOffloadedError, TierIOError
+from .fingerprint import fingerprints
 from .interrupts import DeferredInterrupt
 from .mounts import mount_of
 from .policy import Placement, decide, require_bool
@@ -24,7 +27,7 @@ from .progress import Progress
 from .status import build_status, human_bytes
 from .storage import open_backend, select_backend
 from .storage.base import on_callers_device
-from .storage.manifest import OwnerInfo, WriterDirectory, clean_writers, ensure_root
+from .storage.manifest import OwnerInfo, TensorRecord, WriterDirectory, clean_writers, ensure_root
 from .tiers import OffloadJob, Placed, StateBuffer, TierMover, TransferStats
 from .types import OffloadPhase, StateKind, StateStatus, Tier
 
@@ -66,8 +69,7 @@ class OffloadController:
         self.config = config
         self.rank = ds.rank_of(engine)
         self.phase = OffloadPhase.resident
-        self.version = 0  # bumped by every backward/step/load: "did the state change since?"
-        self._written: dict[str, tuple[int, int]] = {}  # buffer name -> (version, nbytes) on disk
+        self._rewrite_all = False  # set by mark_dirty: the next offload skips nothing
         self._placed: dict[StateKind, list[Placed]] = {}
         self._pending: Future | None = None
         self._in_flight: OffloadJob | None = None  # an offload started and not yet finished
@@ -237,14 +239,17 @@ class OffloadController:
                         if p.tier is Tier.cpu:
                             p.host = None
                 self._placed.clear()
-                self._written.clear()
                 self._failure = None
                 self.phase = OffloadPhase.resident
             self.mark_dirty()
 
     def mark_dirty(self) -> None:
-        """Record that the states may have changed, so the next offload rewrites them."""
-        self.version += 1
+        """Make the next offload rewrite every state, whatever the fingerprints say.
+
+        A hint, never what keeps skipping correct: that is the fingerprint of the live bytes
+        (``_unchanged``). backward/step/load_checkpoint call it too; their states changed anyway.
+        """
+        self._rewrite_all = True
 
     # -- offload ---------------------------------------------------------------------------------
     def plan(
@@ -291,7 +296,8 @@ class OffloadController:
             if not items:
                 log.info("nvme_tier: nothing to offload")
                 return
-            nvme_bytes = sum(b.nbytes for b, t in items if t is Tier.nvme and not self._unchanged(b))
+            # A file of the same size is rewritten in place (or skipped): only new files need space.
+            nvme_bytes = sum(b.nbytes for b, t in items if t is Tier.nvme and self._stored(b) is None)
             if nvme_bytes:
                 self._resolve_backend()
                 self._check_free_space(nvme_bytes)
@@ -299,6 +305,8 @@ class OffloadController:
             blocking = not (self.config.non_blocking if non_blocking is None else non_blocking)
             self.phase = OffloadPhase.offloading
             try:
+                if self.config.skip_unchanged:
+                    self._take_fingerprints([b for b, t in items if t is Tier.nvme])
                 job = self._mover.start_offload(items, self._unchanged)
             except BaseException:
                 self.phase = OffloadPhase.resident if not self._placed else OffloadPhase.offloaded
@@ -333,9 +341,7 @@ class OffloadController:
                 self.phase = OffloadPhase.offloaded if self._placed else OffloadPhase.resident
             raise
         with self._status_lock:
-            for p in placed:
-                if p.tier is Tier.nvme:
-                    self._written[p.buffer.name] = (self.version, p.buffer.nbytes)
+            self._rewrite_all = False
             self._in_flight = None
             self.phase = OffloadPhase.offloaded
         ds.empty_cache()
@@ -366,12 +372,43 @@ class OffloadController:
             else:
                 del self._placed[kind]
 
+    def _take_fingerprints(self, buffers: list[StateBuffer]) -> None:
+        """Fingerprint the bytes about to be written, on their device, before any write is queued.
+
+        The engine is quiesced and its compute refused until the offload ends, so each record gets
+        the fingerprint of exactly the bytes its file holds. Without one (no device memory for
+        the fingerprint's temporaries) a state is written, never skipped.
+        """
+        try:
+            prints = fingerprints([b.view for b in buffers])
+        except torch.cuda.OutOfMemoryError as exc:
+            log.warning("nvme_tier: no memory to fingerprint the states, rewriting them all: %s", exc)
+            return
+        for buf, print_ in zip(buffers, prints, strict=True):
+            buf.fingerprint = print_
+
+    def _stored(self, buf: StateBuffer) -> TensorRecord | None:
+        """The record of ``buf``'s file from an earlier offload, if a file of its size is on disk."""
+        if not self._mover.has_backend:
+            return None
+        backend = self._mover.backend
+        try:
+            record = backend.record(buf.name)
+        except KeyError:
+            return None
+        on_disk = bool(record.file) and os.path.exists(backend.directory.file_path(record.file))
+        return record if on_disk and record.nbytes == buf.nbytes else None
+
     def _unchanged(self, buf: StateBuffer) -> bool:
-        if not self.config.skip_unchanged or not self._mover.has_backend:
+        """Whether ``buf``'s file holds exactly its live bytes: their fingerprints are equal.
+
+        Nothing else counts (no version counter): any write path (``GatheredParameters``, EMA,
+        ``copy_``, ``load_state_dict``...) changes the fingerprint of what it wrote.
+        """
+        if buf.fingerprint is None or self._rewrite_all:
             return False
-        if self._written.get(buf.name) != (self.version, buf.nbytes):
-            return False
-        return buf.name in self._mover.backend.names()
+        record = self._stored(buf)
+        return record is not None and record.fingerprint == buf.fingerprint
 
     # -- reload ----------------------------------------------------------------------------------
     def reload_states(self, non_blocking=None) -> None:
@@ -423,8 +460,6 @@ class OffloadController:
     def _record_reloaded(self) -> None:
         """Every state is back; called by the mover (Ctrl-C held) before it drops host copies."""
         with self._status_lock:
-            if not self.config.skip_unchanged:
-                self._written.clear()
             self._placed.clear()
             self._failure = None
             self.phase = OffloadPhase.resident
@@ -471,7 +506,6 @@ class OffloadController:
         with self._lock:
             self._finish_pending()
             self._refuse_while_offloaded("release()", "nvme_tier.release(engine)")
-            self._written.clear()
             self._mover.release()
 
     def _refuse_while_offloaded(self, refused: str, then: str) -> None:

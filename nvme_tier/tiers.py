@@ -42,6 +42,9 @@ class StateBuffer:
     kind: StateKind
     name: str
     view: torch.Tensor
+    # Content fingerprint of the bytes being offloaded (taken when skip_unchanged is on); a write
+    # records it, so a later offload can tell whether the file still holds the live bytes.
+    fingerprint: str | None = None
 
     def __post_init__(self) -> None:
         self.nbytes = self.view.numel()
@@ -227,7 +230,8 @@ class TierMover:
                     if unchanged(buf):
                         job.stats.bytes_skipped += buf.nbytes
                     else:
-                        job.writes.append((placed, self.backend.write(buf.name, buf.view)))
+                        write = self.backend.write(buf.name, buf.view, fingerprint=buf.fingerprint)
+                        job.writes.append((placed, write))
                     job.placed.append(placed)
             for buf, tier in items:
                 if tier in (Tier.cpu, Tier.pinned_cpu):

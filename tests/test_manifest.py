@@ -176,8 +176,16 @@ def test_tensor_record_json_round_trip():
         TensorRecord("a", "a.bin", 10, "bfloat16", (5,), 4096, (1, 2)),
         TensorRecord("b", "", 0, "float32", (0, 3), 0, None),
         TensorRecord("c", "c.zarr", 8, "float64", (), 8, (7,), {"k": "v"}),
+        TensorRecord("d", "d.bin", 8, "uint8", (8,), 8, (7,), fingerprint="0123456789abcdef" * 2),
     ):
         assert TensorRecord.from_json(json.loads(json.dumps(rec.to_json()))) == rec
+
+
+def test_tensor_record_without_fingerprint_key_reads_as_none():
+    """Manifests written before records had a fingerprint stay readable (then nothing is skipped)."""
+    data = TensorRecord("a", "a.bin", 10, "uint8", (10,), 4096, (1,), fingerprint="ab").to_json()
+    del data["fingerprint"]
+    assert TensorRecord.from_json(data).fingerprint is None
 
 
 # -- check_name ----------------------------------------------------------------------------------

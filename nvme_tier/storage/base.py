@@ -80,8 +80,11 @@ class StorageBackend(abc.ABC):
         self._closed = False
 
     # -- the public, future-returning API ------------------------------------------------------
-    def write(self, name: str, tensor: torch.Tensor) -> Future[TensorRecord]:
-        """Write ``tensor``'s bytes under ``name`` (replacing an older version) asynchronously."""
+    def write(self, name: str, tensor: torch.Tensor, fingerprint: str | None = None) -> Future[TensorRecord]:
+        """Write ``tensor``'s bytes under ``name`` (replacing an older version) asynchronously.
+
+        ``fingerprint`` (the caller's, of exactly these bytes) is kept in the record.
+        """
         check_name(name)
         src = as_bytes(tensor)
         meta = (str(tensor.dtype).removeprefix("torch."), tuple(tensor.shape))
@@ -89,7 +92,7 @@ class StorageBackend(abc.ABC):
         with self._lock:
             self._queued[name] = queued
         try:
-            return self._submit(lambda: self._write_job(name, src, meta, queued))
+            return self._submit(lambda: self._write_job(name, src, meta, fingerprint, queued))
         except BaseException:
             self._forget_queued(name, queued)
             raise
@@ -194,15 +197,20 @@ class StorageBackend(abc.ABC):
                 self._queued.pop(name, None)
 
     def _write_job(
-        self, name: str, src: torch.Tensor, meta: tuple[str, tuple[int, ...]], queued: tuple | None = None
+        self,
+        name: str,
+        src: torch.Tensor,
+        meta: tuple[str, tuple[int, ...]],
+        fingerprint: str | None = None,
+        queued: tuple | None = None,
     ) -> TensorRecord:
         try:
-            return self._write_job_inner(name, src, meta)
+            return self._write_job_inner(name, src, meta, fingerprint)
         finally:
             self._forget_queued(name, queued)
 
     def _write_job_inner(
-        self, name: str, src: torch.Tensor, meta: tuple[str, tuple[int, ...]]
+        self, name: str, src: torch.Tensor, meta: tuple[str, tuple[int, ...]], fingerprint: str | None
     ) -> TensorRecord:
         self.directory.create()
         with self._lock:
@@ -220,9 +228,8 @@ class StorageBackend(abc.ABC):
                 raise
             path = exc.filename or self.directory.path
             raise TierIOError(f"writing {path} failed: {exc.strerror or exc}", path, exc.errno) from exc
-        record = TensorRecord(
-            name, file, src.numel(), meta[0], meta[1], chunk, tuple(crcs) if crcs is not None else None
-        )
+        crc = tuple(crcs) if crcs is not None else None
+        record = TensorRecord(name, file, src.numel(), *meta, chunk, crc, fingerprint=fingerprint)
         with self._lock:
             self._records[name] = record
         return record

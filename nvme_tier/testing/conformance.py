@@ -32,6 +32,7 @@ import pytest
 import torch
 
 from ..errors import ConfigError, IntegrityError
+from ..fingerprint import fingerprint
 from ..storage.base import StorageBackend
 from ..storage.manifest import OwnerInfo, WriterDirectory
 from .samples import DTYPES, random_bytes, random_tensor, same_bits
@@ -303,6 +304,15 @@ class BackendConformance:
         with pytest.raises(IntegrityError, match="belongs to writer") as info:
             mine.verify_manifest()
         assert info.value.filename == manifest
+
+    def test_fingerprint_is_recorded_and_committed(self, backend):
+        src = random_bytes(5000)
+        digest = fingerprint(src)
+        assert backend.write("f", src, fingerprint=digest).result().fingerprint == digest
+        assert backend.write("g", src).result().fingerprint is None
+        backend.commit()
+        assert backend.directory.load_manifest()["f"].fingerprint == digest
+        backend.verify_manifest()  # the committed record, fingerprint included, is what was written
 
     def test_stale_manifest_is_refused(self, backend):
         backend.write("x", random_bytes(3000, 1)).result()
