@@ -7,12 +7,9 @@ Exit codes: 0 success; 1 a check failed, the demo found a mismatch or a benchmar
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 import types
 import typing
@@ -28,8 +25,6 @@ from .status import human_bytes
 from .types import StateKind, Tier
 
 EXIT_OK, EXIT_FAILED, EXIT_ERROR = 0, 1, 2
-BENCH_DEFAULT_GB = 0.25
-BENCH_SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "swap_bandwidth.py"
 
 
 # -- check ---------------------------------------------------------------------------------------
@@ -162,53 +157,15 @@ def cmd_clean(args: argparse.Namespace) -> int:
 
 
 # -- bench ---------------------------------------------------------------------------------------
-def load_bench(script: Path = BENCH_SCRIPT) -> types.ModuleType:
-    """benchmarks/swap_bandwidth.py ships with the source tree, not the wheel: load it by path."""
-    if not script.is_file():
-        raise ConfigError(
-            f"the benchmark script {script} is not here (it ships with the source checkout, "
-            "not the installed package); clone the repository to run it"
-        )
-    spec = importlib.util.spec_from_file_location("nvme_tier_swap_bandwidth", script)
-    if spec is None or spec.loader is None:
-        raise ConfigError(f"cannot load {script}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        sys.modules.pop(spec.name, None)
-        raise
-    if not callable(getattr(module, "main", None)):
-        raise ConfigError(f"{script} has no main()")
-    return module
-
-
 def cmd_bench(args: argparse.Namespace) -> int:
-    rest = [a for a in args.bench_args if a != "--"]
-    module = load_bench()
-    if "-h" in rest or "--help" in rest:
-        return _bench_exit(module, rest)
-    if not any(a == "--size-gb" or a.startswith("--size-gb=") for a in rest):
-        rest += ["--size-gb", str(BENCH_DEFAULT_GB)]
-    if any(a == "--path" or a.startswith("--path=") for a in rest):
-        return _bench_exit(module, rest)
-    scratch = tempfile.mkdtemp(prefix="nvme_tier_bench_", dir=args.scratch_root)
-    print(f"bench: scratch directory {scratch} (removed at the end; pass --path to choose the disk)")
-    try:
-        return _bench_exit(module, [*rest, "--path", scratch])
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    from .bench import swap_bandwidth
 
-
-def _bench_exit(module: types.ModuleType, argv: list[str]) -> int:
     try:
-        report = module.main(argv)
-    except SystemExit as exc:  # argparse --help / usage errors inside the script
+        report = swap_bandwidth.main([a for a in args.bench_args if a != "--"], prog="nvme-tier bench")
+    except SystemExit as exc:  # argparse --help / usage errors inside the benchmark
         code = exc.code
         return code if isinstance(code, int) else (EXIT_OK if code is None else EXIT_ERROR)
-    methods = report.get("methods", {}) if isinstance(report, dict) else {}
-    inexact = [name for name, m in methods.items() if m.get("round_trip_exact") is False]
+    inexact = [name for name, m in report["methods"].items() if m.get("round_trip_exact") is False]
     if inexact:
         print(f"bench: round trip NOT exact for {', '.join(inexact)}", file=sys.stderr)
         return EXIT_FAILED
@@ -425,14 +382,12 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--dry-run", action="store_true", help="only list what would be removed")
     cl.set_defaults(func=cmd_clean)
 
-    # Every argument of bench but --scratch-root goes to the script (-h shows the script's help).
+    # Every argument of bench goes to nvme_tier.bench.swap_bandwidth (-h shows its help).
     b = sub.add_parser(
         "bench",
         add_help=False,
-        help=f"swap bandwidth per method (benchmarks/swap_bandwidth.py; --size-gb defaults to "
-        f"{BENCH_DEFAULT_GB}, --path to a temporary directory)",
+        help="swap bandwidth per method (aio, zarr, pinned copy, torch.save) on a scratch directory",
     )
-    b.add_argument("--scratch-root", help="parent of the temporary directory used when --path is not given")
     b.set_defaults(func=cmd_bench, bench_args=[])
 
     d = sub.add_parser("demo", help="RLHF-style actor/critic swap with bit-exact checks (about a minute)")
