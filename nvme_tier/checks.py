@@ -167,24 +167,25 @@ def _existing_ancestor(path: str) -> str:
     return probe
 
 
-def filesystem_of(path: str) -> tuple[str, str]:
-    """(fstype, mountpoint) of the mount holding ``path``."""
-    import psutil
+def check_filesystem(path: str) -> Iterator[Check]:
+    """Name the filesystem and block device under ``path``; warn when it is not a disk.
 
-    real = os.path.realpath(path)
-    best = ("?", "/")
-    for part in psutil.disk_partitions(all=True):
-        mp = part.mountpoint
-        inside = real == mp or real.startswith(mp.rstrip("/") + "/")
-        if inside and len(mp) >= len(best[1]):
-            best = (part.fstype, mp)
-    return best
+    tmpfs accepts O_DIRECT on recent kernels, so the O_DIRECT probe alone would call RAM fine.
+    """
+    from . import mounts
+
+    kind, where = mounts.describe_storage(path)
+    if kind in mounts.NOT_A_DISK:
+        yield Check("filesystem", WARN, f"{where}: {mounts.NOT_A_DISK[kind]}", mounts.NOT_A_DISK_HINT)
+    else:
+        yield Check("filesystem", OK, where)
 
 
 def check_path(
     path: str, backend: str = "auto", config: OffloadStatesConfig | None = None
 ) -> Iterator[Check]:
     from .errors import NvmeTierError
+    from .mounts import mount_of
     from .storage import select_backend, supports_o_direct
 
     path = os.path.abspath(os.path.expanduser(path))
@@ -199,15 +200,15 @@ def check_path(
     if not os.access(probe, os.W_OK | os.X_OK):
         yield Check("writable", FAIL, f"{probe} is not writable by uid {os.geteuid()}", "chown/chmod it")
         return
-    fstype, mountpoint = filesystem_of(probe)
-    direct = supports_o_direct(probe)
-    if direct:
-        yield Check("O_DIRECT", OK, f"supported ({fstype} mounted at {mountpoint})")
+    yield from check_filesystem(probe)
+    mount = mount_of(probe)
+    if supports_o_direct(probe):
+        yield Check("O_DIRECT", OK, f"supported ({mount.fs_type} mounted at {mount.mount_point})")
     else:
         yield Check(
             "O_DIRECT",
             WARN,
-            f"refused by {fstype} at {mountpoint} (tmpfs and some FUSE/overlay mounts do this)",
+            f"refused by {mount.fs_type} at {mount.mount_point} (tmpfs and some FUSE/overlay mounts do this)",
             "put the path on a local NVMe filesystem (ext4, xfs) for the aio backend; zarr works anywhere",
         )
     usage = shutil.disk_usage(probe)

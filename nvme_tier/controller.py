@@ -17,6 +17,7 @@ from typing import Any
 from . import engine as ds
 from .config import OffloadStatesConfig
 from .errors import ConfigError, StatesOffloadedError, TierIOError
+from .mounts import warn_once_if_not_a_disk
 from .policy import Placement, decide
 from .progress import Progress
 from .status import build_status, human_bytes
@@ -70,6 +71,7 @@ class OffloadController:
             ensure_root(path)  # the O_DIRECT probe needs the directory; bad paths fail typed here
             self.backend_name, why = select_backend(self.config.backend, path, self.config)
             log.info("nvme_tier: rank %d uses backend %s (%s)", self.rank, self.backend_name, why)
+            warn_once_if_not_a_disk(path, log)  # tmpfs takes O_DIRECT on new kernels: say it is RAM
         return self.backend_name
 
     def _open_backend(self):

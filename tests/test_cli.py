@@ -122,6 +122,66 @@ def test_check_config_block(tmp_path, capsys):
     assert "offload_states.bakend: unknown key" in err
 
 
+SHM = Path("/dev/shm")
+
+
+@pytest.mark.skipif(
+    not (SHM.is_dir() and os.access(SHM, os.W_OK)), reason="no writable /dev/shm (tmpfs) here"
+)
+def test_check_warns_when_the_path_is_ram(tmp_path):
+    """tmpfs takes O_DIRECT on new kernels; the report must still say it is RAM, not a disk."""
+    proc = run_cli("check", "--path", str(SHM / f"nvme_tier_check_{os.getpid()}"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr  # a warning, not a failure
+    line = next(x for x in proc.stdout.splitlines() if " filesystem " in x)
+    assert line.startswith("[WARN]") and "tmpfs at /dev/shm" in line and "RAM, not a disk" in line
+    assert "all checks passed" not in proc.stdout
+
+
+def test_check_names_filesystem_and_block_device(tmp_path, capsys):
+    from nvme_tier.mounts import block_device_of, mount_of
+
+    assert cli.main(["check", "--json", "--path", str(tmp_path)]) == 0
+    found = {c["name"]: c for c in json.loads(capsys.readouterr().out)}["filesystem"]
+    mount = mount_of(str(tmp_path))
+    assert f"{mount.fs_type} at {mount.mount_point}" in found["detail"]
+    device = block_device_of(str(tmp_path))
+    if device is not None:
+        assert device.device in found["detail"]
+
+
+@pytest.mark.parametrize(
+    "fs_type, level",
+    [("tmpfs", "warn"), ("ramfs", "warn"), ("overlay", "warn"), ("nfs4", "warn"), ("xfs", "ok")],
+)
+def test_check_filesystem_verdict_by_type(monkeypatch, tmp_path, fs_type, level):
+    from nvme_tier import checks, mounts
+
+    monkeypatch.setattr(mounts, "mount_of", lambda _p: mounts.MountInfo("/x", fs_type, "src"))
+    (found,) = checks.check_filesystem(str(tmp_path))
+    assert found.level == level and found.detail.startswith(f"{fs_type} at /x (source src)")
+    assert (level == "ok") == (found.hint == "")
+
+
+def test_mountinfo_parsing_unescapes_and_takes_the_innermost_mount(monkeypatch, tmp_path):
+    from nvme_tier import mounts
+
+    inner = tmp_path / "with space"
+    inner.mkdir()
+    text = "\n".join(
+        [
+            "27 1 254:0 / / rw,relatime - ext4 /dev/vda rw",
+            f"30 27 0:27 / {str(inner).replace(' ', chr(92) + '040')} rw shared:1 - tmpfs tmpfs rw",
+            "31 27 0:28 / /elsewhere rw - xfs /dev/nvme0n1 rw",
+        ]
+    )
+    monkeypatch.setattr(mounts, "_read_mountinfo", lambda: text)
+    assert mounts.mount_of(str(inner / "not yet" / "deeper")) == mounts.MountInfo(
+        str(inner), "tmpfs", "tmpfs"
+    )
+    assert mounts.mount_of(str(tmp_path)).fs_type == "ext4"
+    assert mounts.is_ram_backed("tmpfs") and not mounts.is_ram_backed("ext4")
+
+
 def test_memlock_warning_names_the_fix(monkeypatch):
     from nvme_tier import checks
 
