@@ -32,6 +32,11 @@ def load_block(config_path: str | None) -> OffloadStatesConfig | None:
     """The validated offload_states block of a DeepSpeed JSON config file (or None)."""
     if not config_path:
         return None
+    return OffloadStatesConfig.parse(load_config(config_path).get(CONFIG_KEY))
+
+
+def load_config(config_path: str) -> dict:
+    """A DeepSpeed JSON config file as a dict; ConfigError naming the file when it is not one."""
     try:
         with open(config_path, encoding="utf-8") as fh:
             data = json.load(fh)
@@ -41,7 +46,7 @@ def load_block(config_path: str | None) -> OffloadStatesConfig | None:
         raise ConfigError(f"{config_path}: not valid JSON ({exc})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{config_path}: a DeepSpeed config must be a JSON object")
-    return OffloadStatesConfig.parse(data.get(CONFIG_KEY))
+    return data
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -54,6 +59,45 @@ def cmd_check(args: argparse.Namespace) -> int:
     else:
         print(format_report(checks))
     return EXIT_FAILED if any(c.level == FAIL for c in checks) else EXIT_OK
+
+
+# -- build-ops -----------------------------------------------------------------------------------
+def cmd_build_ops(args: argparse.Namespace) -> int:
+    from . import ops
+    from .storage.aio import aio_compatible
+
+    aio_ok, aio_why = aio_compatible()
+    if args.ops:
+        needed = [ops.NeededOp(name, "asked for") for name in args.ops]
+    else:
+        config = load_config(args.config) if args.config else None
+        needed = ops.ops_for_config(config, aio_ok)
+    source = (
+        "the ops asked for"
+        if args.ops
+        else args.config or "the demo (Adam, ZeRO, offload_states to nvme, backend auto)"
+    )
+    print(f"DeepSpeed ops for {source}; JIT builds cached in {ops.extensions_dir()}")
+    if not aio_ok and not args.ops:
+        print(f"  async_io: not needed: {aio_why} (backend auto uses zarr)")
+    failed = 0
+    width = max((len(n.name) for n in needed), default=0)
+    for op in needed:
+        if args.list:
+            builder = ops.builder_of(op.name)
+            state = ops.op_state(builder) if builder is not None else "unavailable"
+            print(f"  {op.name.ljust(width)}  {state:<11}  {op.why}")
+            continue
+        if op.name == "async_io" and not aio_ok:
+            print(f"  {op.name.ljust(width)}  skipped: {aio_why}")
+            continue
+        result = ops.build_op(op.name)
+        verdict = {ops.NOT_BUILT: "built"}.get(result.state, result.state)
+        if result.error:
+            failed += 1
+            verdict = f"FAILED ({result.error})"
+        print(f"  {op.name.ljust(width)}  {verdict:<9} {result.seconds:7.1f} s  {op.why}")
+    return EXIT_FAILED if failed else EXIT_OK
 
 
 # -- status / clean ------------------------------------------------------------------------------
@@ -370,6 +414,20 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--config", help="a DeepSpeed JSON config: validate its offload_states block and use it")
     c.add_argument("--json", action="store_true", help="machine-readable output")
     c.set_defaults(func=cmd_check)
+
+    bo = sub.add_parser(
+        "build-ops",
+        help="build the DeepSpeed ops a config needs now (one-time, minutes) instead of at first use",
+    )
+    bo.add_argument("--config", help="a DeepSpeed JSON config (default: what the demo needs)")
+    bo.add_argument(
+        "--ops",
+        nargs="+",
+        choices=("async_io", "fused_adam", "cpu_adam", "deepspeed_shm_comm"),
+        help="these ops",
+    )
+    bo.add_argument("--list", action="store_true", help="only say which ops are needed and whether built")
+    bo.set_defaults(func=cmd_build_ops)
 
     s = sub.add_parser("status", help="list the writer directories under an offload path")
     s.add_argument("path", metavar="PATH")

@@ -41,3 +41,74 @@ def test_offload_path_on_tmpfs_is_logged_once(shm_path, monkeypatch, caplog):
     warned = [r.getMessage() for r in caplog.records if "RAM, not a disk" in r.getMessage()]
     assert len(warned) == 1, warned
     assert "tmpfs at /dev/shm" in warned[0] and str(shm_path) in warned[0]
+
+
+# -- DeepSpeed op builds ---------------------------------------------------------------------------
+class FakeBuilder:
+    """Stands in for a DeepSpeed OpBuilder: load() 'compiles' by writing the .so where torch would."""
+
+    _loaded_ops: dict = {}
+
+    def __init__(self, name: str, root: Path):
+        self.name = name
+        self.root = root
+        self.loads = 0
+
+    def load(self, verbose: bool = False):
+        self.loads += 1
+        (self.root / self.name).mkdir(parents=True, exist_ok=True)
+        (self.root / self.name / f"{self.name}.so").write_bytes(b"")
+        return object()
+
+
+def test_op_build_is_announced_only_when_it_compiles(tmp_path, monkeypatch, caplog):
+    from nvme_tier import ops
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    builder = FakeBuilder("nvme_tier_fake_op", tmp_path)
+    with caplog.at_level(logging.WARNING, logger="nvme_tier"):
+        assert ops.op_state(builder) == ops.NOT_BUILT
+        ops.load_op(builder)
+        assert ops.op_state(builder) == ops.CACHED
+        ops.load_op(builder)  # cached: silent
+    lines = [r.getMessage() for r in caplog.records]
+    assert builder.loads == 2
+    assert len(lines) == 2, lines  # "building ..." and "built ... in N s", once
+    assert lines[0].startswith("nvme_tier: building DeepSpeed nvme_tier_fake_op (one-time, minutes")
+    assert str(tmp_path / "nvme_tier_fake_op") in lines[0] and "nvme-tier build-ops" in lines[0]
+    assert lines[1].startswith("nvme_tier: built DeepSpeed nvme_tier_fake_op in ")
+
+
+def test_ops_a_config_needs():
+    from deepspeed.accelerator import get_accelerator
+
+    from nvme_tier.ops import ops_for_config
+
+    def names(cfg, aio=True):
+        return [op.name for op in ops_for_config(cfg, aio) if op.name != "deepspeed_shm_comm"]
+
+    nvme = {"offload_states": {"path": "/x"}}
+    assert names(None) == ["fused_adam", "async_io"]  # the demo's
+    assert names(None, aio=False) == ["fused_adam"]
+    assert names({"optimizer": {"type": "AdamW"}, **nvme}) == ["fused_adam", "async_io"]
+    offload = {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}
+    assert names({"optimizer": {"type": "Adam"}, **offload}) == ["cpu_adam"]
+    assert names({"optimizer": {"type": "Adam", "params": {"torch_adam": True}}}) == []
+    assert names({"offload_states": {"device": "cpu"}}) == []
+    assert names({"offload_states": {"path": "/x", "backend": "zarr"}}) == []
+    on_cpu = get_accelerator().device_name() == "cpu"
+    assert any(op.name == "deepspeed_shm_comm" for op in ops_for_config({}, True)) == on_cpu
+
+
+def test_write_endurance_warning_is_nvme_tiers_once(monkeypatch, caplog):
+    import deepspeed.utils
+
+    from nvme_tier import ops
+
+    monkeypatch.delattr(deepspeed.utils, ops._DS_WRITE_WARNING_MARKER, raising=False)
+    with caplog.at_level(logging.WARNING, logger="nvme_tier"):
+        ops.own_write_endurance_warning()
+        ops.own_write_endurance_warning()
+    assert [r.name for r in caplog.records] == ["nvme_tier"]
+    assert "TBW" in caplog.records[0].getMessage()
+    assert getattr(deepspeed.utils, ops._DS_WRITE_WARNING_MARKER) is True  # DeepSpeed's copy stays quiet
