@@ -196,6 +196,37 @@ def test_memlock_warning_names_the_fix(monkeypatch):
     assert found.level == checks.OK
 
 
+# -- build-ops -----------------------------------------------------------------------------------
+def test_build_ops_list_names_each_op_and_builds_nothing(tmp_path):
+    cache = tmp_path / "torch_extensions"
+    proc = run_cli("build-ops", "--list", env={"TORCH_EXTENSIONS_DIR": str(cache)})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"JIT builds cached in {cache}" in proc.stdout
+    rows = {line.split()[0]: line for line in proc.stdout.splitlines()[1:] if line.startswith("  ")}
+    assert "fused_adam" in rows and all("not built" in r or "skipped" in r for r in rows.values()), rows
+    assert not cache.exists() or not any(cache.rglob("*.so"))  # nothing compiled
+    assert "building DeepSpeed" not in proc.stderr
+
+
+def test_build_ops_builds_or_finds_the_op_and_times_it():
+    """fused_adam: cached after the suite's first engine (a first run here compiles it, minutes)."""
+    proc = run_cli("build-ops", "--ops", "fused_adam", timeout=1800)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (row,) = [line for line in proc.stdout.splitlines() if line.strip().startswith("fused_adam")]
+    verdict, seconds = row.split()[1], float(row.split()[2])
+    assert verdict in ("built", "cached", "prebuilt") and seconds >= 0
+    assert ("building DeepSpeed fused_adam" in proc.stderr) == (verdict == "built")
+
+
+def test_build_ops_config_picks_the_optimizer_op(tmp_path):
+    cfg = tmp_path / "ds.json"
+    offload = {"stage": 3, "offload_optimizer": {"device": "cpu"}}
+    cfg.write_text(json.dumps({"optimizer": {"type": "AdamW"}, "zero_optimization": offload}))
+    proc = run_cli("build-ops", "--list", "--config", str(cfg))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "cpu_adam" in proc.stdout and "fused_adam" not in proc.stdout and "async_io" not in proc.stdout
+
+
 # -- status / clean ------------------------------------------------------------------------------
 def test_status_subprocess(writers):
     root, stale, live = writers
@@ -293,7 +324,7 @@ def test_docs_config_check_detects_drift(tmp_path, capsys):
     assert "out of date" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("command", ["check", "status", "clean", "demo", "docs-config"])
+@pytest.mark.parametrize("command", ["check", "build-ops", "status", "clean", "demo", "docs-config"])
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.main([command, "--help"])
