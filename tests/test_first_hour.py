@@ -4,14 +4,24 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from conftest import make_engine, train
+from conftest import make_engine, requires_aio, train
 
 import nvme_tier
 from nvme_tier import mounts
+
+# (file name, function) of every nvme_tier function: how DeepSpeed's log format names a code line.
+NVME_TIER_FUNCTIONS = {
+    (path.name, name)
+    for path in Path(nvme_tier.__file__).parent.rglob("*.py")
+    for name in re.findall(r"^\s*def (\w+)", path.read_text(), re.M)
+}
 
 SHM = Path("/dev/shm")
 requires_shm = pytest.mark.skipif(
@@ -112,3 +122,38 @@ def test_write_endurance_warning_is_nvme_tiers_once(monkeypatch, caplog):
     assert [r.name for r in caplog.records] == ["nvme_tier"]
     assert "TBW" in caplog.records[0].getMessage()
     assert getattr(deepspeed.utils, ops._DS_WRITE_WARNING_MARKER) is True  # DeepSpeed's copy stays quiet
+
+
+SCRIPT_ONE_AIO_OFFLOAD = """
+import sys
+sys.path.insert(0, {tests!r})
+import nvme_tier
+from conftest import make_engine, train
+engine = make_engine(2, {path!r}, backend="aio")
+nvme_tier.attach(engine)
+train(engine, 1)
+engine.offload_states()
+engine.reload_states()
+nvme_tier.release(engine)
+print("done")
+"""
+
+
+@requires_aio
+def test_no_deepspeed_warning_is_attributed_to_nvme_tier_code(tmp_path):
+    """DeepSpeed logs its TBW advice from inside the first aio write; its logger names the nearest
+    Python frame, nvme_tier's engine.aio_async_pwrite. A fresh process: the advice is once per process."""
+    script = SCRIPT_ONE_AIO_OFFLOAD.format(tests=str(Path(__file__).parent), path=str(tmp_path / "off"))
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=Path(__file__).parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "done" in proc.stdout, out
+    ds_lines = re.findall(r"^\[[^]]*\] \[\w+\] \[(\S+?\.py):\d+:(\w+)\].*$", out, re.M)
+    ours = [line for line in ds_lines if line in NVME_TIER_FUNCTIONS]
+    assert ours == [], ours
+    assert out.count("TBW") == 1 and "nvme_tier: offloads write every changed state" in out
