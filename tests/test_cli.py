@@ -319,9 +319,20 @@ def test_docs_config_subprocess():
 
 def test_docs_config_check_detects_drift(tmp_path, capsys):
     stale = tmp_path / "configuration.md"
-    stale.write_text("# old\n")
+    stale.write_text(cli.render_config_reference() + "a hand edit\n")
     assert cli.main(["docs-config", "--check", str(stale)]) == 1
     assert "out of date" in capsys.readouterr().out
+
+
+def test_docs_config_check_never_advises_overwriting_another_file(capsys):
+    """``--check README.md`` used to advise ``docs-config > README.md``, which destroys the README."""
+    readme = REPO / "README.md"
+    before = readme.read_text()
+    assert cli.main(["docs-config", "--check", str(readme)]) == 2
+    captured = capsys.readouterr()
+    assert "> " not in captured.out + captured.err
+    assert "not a generated configuration reference" in captured.err
+    assert readme.read_text() == before
 
 
 @pytest.mark.parametrize("command", ["check", "build-ops", "status", "clean", "demo", "docs-config"])
