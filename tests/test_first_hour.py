@@ -144,9 +144,13 @@ def test_no_deepspeed_warning_is_attributed_to_nvme_tier_code(tmp_path):
     """DeepSpeed logs its TBW advice from inside the first aio write; its logger names the nearest
     Python frame, nvme_tier's engine.aio_async_pwrite. A fresh process: the advice is once per process."""
     script = SCRIPT_ONE_AIO_OFFLOAD.format(tests=str(Path(__file__).parent), path=str(tmp_path / "off"))
+    env = dict(os.environ)
+    for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(key, None)  # this pytest process may hold the port: the child picks its own
     proc = subprocess.run(
         [sys.executable, "-c", script],
         cwd=Path(__file__).parent.parent,
+        env=env,
         capture_output=True,
         text=True,
         timeout=600,
