@@ -354,3 +354,17 @@ def test_usage_errors_exit_2(capsys):
 def test_console_script_is_declared():
     text = (REPO / "pyproject.toml").read_text()
     assert 'nvme-tier = "nvme_tier.cli:main"' in text
+
+
+def test_packaging_keeps_an_installed_torch_and_states_the_python_zarr_needs():
+    """A lower bound only (pip's only-if-needed strategy keeps any torch >= it); zarr 3 needs 3.11."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    reqs = {Requirement(r).name: Requirement(r) for r in project["dependencies"]}
+    assert [s.operator for s in reqs["torch"].specifier] == [">="]
+    assert not reqs["torch"].url and not reqs["torch"].marker
+    assert any(s.operator == ">=" and s.version.startswith("3") for s in reqs["zarr"].specifier)
+    assert project["requires-python"] == ">=3.11"
