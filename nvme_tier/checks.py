@@ -8,7 +8,6 @@ and, when something is off, the one command or setting that fixes it.
 
 from __future__ import annotations
 
-import glob
 import logging
 import os
 import platform
@@ -88,22 +87,26 @@ def check_accelerator() -> Iterator[Check]:
     yield Check("accelerator", INFO, f"{where} (communication backend {comm})")
 
 
-def _aio_op_state() -> tuple[str, str]:
-    """Where DeepSpeed's async_io op would come from: prebuilt, a cached JIT build, or a fresh build."""
-    try:
-        from deepspeed.git_version_info import installed_ops
-    except ImportError:
-        installed_ops = {}
-    if installed_ops.get("async_io"):
-        return OK, "prebuilt into the DeepSpeed install"
-    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.expanduser("~/.cache/torch_extensions")
-    built = glob.glob(os.path.join(root, "**", "async_io", "*.so"), recursive=True)
-    if built:
-        return OK, f"JIT-built and cached ({os.path.dirname(built[0])})"
-    return (
-        INFO,
-        "not built yet: the first aio offload JIT-compiles it (a minute or two, needs a C++ compiler)",
-    )
+def check_ops(aio_usable: bool) -> Iterator[Check]:
+    """Which DeepSpeed JIT ops the demo's kind of run needs and whether they are built yet."""
+    from .ops import CACHED, LOADED, PREBUILT, builder_of, extensions_dir, op_state, ops_for_config
+
+    states = {}
+    for op in ops_for_config(None, aio_usable):
+        builder = builder_of(op.name)
+        states[op.name] = op_state(builder) if builder is not None else "unavailable"
+    shown = ", ".join(f"{name} {state}" for name, state in states.items())
+    missing = [name for name, state in states.items() if state not in (PREBUILT, CACHED, LOADED)]
+    if missing:
+        yield Check(
+            "DeepSpeed ops",
+            INFO,
+            f"{shown}: the first run compiles them: minutes (async_io took 9 min on a busy 2-core machine; see "
+            f"docs/troubleshooting.md), cached in {extensions_dir()}",
+            "build them now: nvme-tier build-ops (or --config your_ds_config.json)",
+        )
+    else:
+        yield Check("DeepSpeed ops", OK, f"{shown} ({extensions_dir()})")
 
 
 def check_aio() -> Iterator[Check]:
@@ -114,8 +117,6 @@ def check_aio() -> Iterator[Check]:
         yield Check("libaio / async_io", WARN, f"{why}: backend 'auto' uses zarr", INSTALL_HINT)
         return
     yield Check("libaio / async_io", OK, why)
-    level, state = _aio_op_state()
-    yield Check("async_io op", level, state)
 
 
 def _has_cap_ipc_lock() -> bool:
@@ -167,24 +168,25 @@ def _existing_ancestor(path: str) -> str:
     return probe
 
 
-def filesystem_of(path: str) -> tuple[str, str]:
-    """(fstype, mountpoint) of the mount holding ``path``."""
-    import psutil
+def check_filesystem(path: str) -> Iterator[Check]:
+    """Name the filesystem and block device under ``path``; warn when it is not a disk.
 
-    real = os.path.realpath(path)
-    best = ("?", "/")
-    for part in psutil.disk_partitions(all=True):
-        mp = part.mountpoint
-        inside = real == mp or real.startswith(mp.rstrip("/") + "/")
-        if inside and len(mp) >= len(best[1]):
-            best = (part.fstype, mp)
-    return best
+    tmpfs accepts O_DIRECT on recent kernels, so the O_DIRECT probe alone would call RAM fine.
+    """
+    from . import mounts
+
+    kind, where = mounts.describe_storage(path)
+    if kind in mounts.NOT_A_DISK:
+        yield Check("filesystem", WARN, f"{where}: {mounts.NOT_A_DISK[kind]}", mounts.NOT_A_DISK_HINT)
+    else:
+        yield Check("filesystem", OK, where)
 
 
 def check_path(
     path: str, backend: str = "auto", config: OffloadStatesConfig | None = None
 ) -> Iterator[Check]:
     from .errors import NvmeTierError
+    from .mounts import mount_of
     from .storage import select_backend, supports_o_direct
 
     path = os.path.abspath(os.path.expanduser(path))
@@ -199,15 +201,15 @@ def check_path(
     if not os.access(probe, os.W_OK | os.X_OK):
         yield Check("writable", FAIL, f"{probe} is not writable by uid {os.geteuid()}", "chown/chmod it")
         return
-    fstype, mountpoint = filesystem_of(probe)
-    direct = supports_o_direct(probe)
-    if direct:
-        yield Check("O_DIRECT", OK, f"supported ({fstype} mounted at {mountpoint})")
+    yield from check_filesystem(probe)
+    mount = mount_of(probe)
+    if supports_o_direct(probe):
+        yield Check("O_DIRECT", OK, f"supported ({mount.fs_type} mounted at {mount.mount_point})")
     else:
         yield Check(
             "O_DIRECT",
             WARN,
-            f"refused by {fstype} at {mountpoint} (tmpfs and some FUSE/overlay mounts do this)",
+            f"refused by {mount.fs_type} at {mount.mount_point} (tmpfs and some FUSE/overlay mounts do this)",
             "put the path on a local NVMe filesystem (ext4, xfs) for the aio backend; zarr works anywhere",
         )
     usage = shutil.disk_usage(probe)
@@ -231,11 +233,14 @@ def check_path(
 
 def run_checks(path: str | None = None, config: OffloadStatesConfig | None = None) -> list[Check]:
     """Every check, in report order. ``config`` supplies the staging budget and backend to test."""
+    from .storage.aio import aio_compatible
+
     config = config or OffloadStatesConfig()
     checks = [
         *check_versions(),
         *check_accelerator(),
         *check_aio(),
+        *check_ops(aio_usable=aio_compatible()[0]),
         *check_memlock(config.staging_budget_bytes),
     ]
     path = path or config.path

@@ -7,12 +7,9 @@ Exit codes: 0 success; 1 a check failed, the demo found a mismatch or a benchmar
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 import types
 import typing
@@ -28,8 +25,6 @@ from .status import human_bytes
 from .types import StateKind, Tier
 
 EXIT_OK, EXIT_FAILED, EXIT_ERROR = 0, 1, 2
-BENCH_DEFAULT_GB = 0.25
-BENCH_SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "swap_bandwidth.py"
 
 
 # -- check ---------------------------------------------------------------------------------------
@@ -37,6 +32,11 @@ def load_block(config_path: str | None) -> OffloadStatesConfig | None:
     """The validated offload_states block of a DeepSpeed JSON config file (or None)."""
     if not config_path:
         return None
+    return OffloadStatesConfig.parse(load_config(config_path).get(CONFIG_KEY))
+
+
+def load_config(config_path: str) -> dict:
+    """A DeepSpeed JSON config file as a dict; ConfigError naming the file when it is not one."""
     try:
         with open(config_path, encoding="utf-8") as fh:
             data = json.load(fh)
@@ -46,7 +46,7 @@ def load_block(config_path: str | None) -> OffloadStatesConfig | None:
         raise ConfigError(f"{config_path}: not valid JSON ({exc})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{config_path}: a DeepSpeed config must be a JSON object")
-    return OffloadStatesConfig.parse(data.get(CONFIG_KEY))
+    return data
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -59,6 +59,45 @@ def cmd_check(args: argparse.Namespace) -> int:
     else:
         print(format_report(checks))
     return EXIT_FAILED if any(c.level == FAIL for c in checks) else EXIT_OK
+
+
+# -- build-ops -----------------------------------------------------------------------------------
+def cmd_build_ops(args: argparse.Namespace) -> int:
+    from . import ops
+    from .storage.aio import aio_compatible
+
+    aio_ok, aio_why = aio_compatible()
+    if args.ops:
+        needed = [ops.NeededOp(name, "asked for") for name in args.ops]
+    else:
+        config = load_config(args.config) if args.config else None
+        needed = ops.ops_for_config(config, aio_ok)
+    source = (
+        "the ops asked for"
+        if args.ops
+        else args.config or "the demo (Adam, ZeRO, offload_states to nvme, backend auto)"
+    )
+    print(f"DeepSpeed ops for {source}; JIT builds cached in {ops.extensions_dir()}")
+    if not aio_ok and not args.ops:
+        print(f"  async_io: not needed: {aio_why} (backend auto uses zarr)")
+    failed = 0
+    width = max((len(n.name) for n in needed), default=0)
+    for op in needed:
+        if args.list:
+            builder = ops.builder_of(op.name)
+            state = ops.op_state(builder) if builder is not None else "unavailable"
+            print(f"  {op.name.ljust(width)}  {state:<11}  {op.why}")
+            continue
+        if op.name == "async_io" and not aio_ok:
+            print(f"  {op.name.ljust(width)}  skipped: {aio_why}")
+            continue
+        result = ops.build_op(op.name)
+        verdict = {ops.NOT_BUILT: "built"}.get(result.state, result.state)
+        if result.error:
+            failed += 1
+            verdict = f"FAILED ({result.error})"
+        print(f"  {op.name.ljust(width)}  {verdict:<9} {result.seconds:7.1f} s  {op.why}")
+    return EXIT_FAILED if failed else EXIT_OK
 
 
 # -- status / clean ------------------------------------------------------------------------------
@@ -162,53 +201,15 @@ def cmd_clean(args: argparse.Namespace) -> int:
 
 
 # -- bench ---------------------------------------------------------------------------------------
-def load_bench(script: Path = BENCH_SCRIPT) -> types.ModuleType:
-    """benchmarks/swap_bandwidth.py ships with the source tree, not the wheel: load it by path."""
-    if not script.is_file():
-        raise ConfigError(
-            f"the benchmark script {script} is not here (it ships with the source checkout, "
-            "not the installed package); clone the repository to run it"
-        )
-    spec = importlib.util.spec_from_file_location("nvme_tier_swap_bandwidth", script)
-    if spec is None or spec.loader is None:
-        raise ConfigError(f"cannot load {script}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        sys.modules.pop(spec.name, None)
-        raise
-    if not callable(getattr(module, "main", None)):
-        raise ConfigError(f"{script} has no main()")
-    return module
-
-
 def cmd_bench(args: argparse.Namespace) -> int:
-    rest = [a for a in args.bench_args if a != "--"]
-    module = load_bench()
-    if "-h" in rest or "--help" in rest:
-        return _bench_exit(module, rest)
-    if not any(a == "--size-gb" or a.startswith("--size-gb=") for a in rest):
-        rest += ["--size-gb", str(BENCH_DEFAULT_GB)]
-    if any(a == "--path" or a.startswith("--path=") for a in rest):
-        return _bench_exit(module, rest)
-    scratch = tempfile.mkdtemp(prefix="nvme_tier_bench_", dir=args.scratch_root)
-    print(f"bench: scratch directory {scratch} (removed at the end; pass --path to choose the disk)")
-    try:
-        return _bench_exit(module, [*rest, "--path", scratch])
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    from .bench import swap_bandwidth
 
-
-def _bench_exit(module: types.ModuleType, argv: list[str]) -> int:
     try:
-        report = module.main(argv)
-    except SystemExit as exc:  # argparse --help / usage errors inside the script
+        report = swap_bandwidth.main([a for a in args.bench_args if a != "--"], prog="nvme-tier bench")
+    except SystemExit as exc:  # argparse --help / usage errors inside the benchmark
         code = exc.code
         return code if isinstance(code, int) else (EXIT_OK if code is None else EXIT_ERROR)
-    methods = report.get("methods", {}) if isinstance(report, dict) else {}
-    inexact = [name for name, m in methods.items() if m.get("round_trip_exact") is False]
+    inexact = [name for name, m in report["methods"].items() if m.get("round_trip_exact") is False]
     if inexact:
         print(f"bench: round trip NOT exact for {', '.join(inexact)}", file=sys.stderr)
         return EXIT_FAILED
@@ -223,6 +224,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 # -- docs-config ---------------------------------------------------------------------------------
+GENERATED_MARKER = "Generated by"  # in the first lines of docs/configuration.md
 TIER_HELP: dict[Tier, str] = {
     Tier.device: "not moved: stays in device memory",
     Tier.cpu: "pageable host memory; the host copy is freed on reload",
@@ -328,7 +330,7 @@ def render_config_reference() -> str:
     out = [
         "# Configuration reference",
         "",
-        "<!-- Generated by `python -m nvme_tier docs-config > docs/configuration.md`; do not edit by hand.",
+        f"<!-- {GENERATED_MARKER} `python -m nvme_tier docs-config > docs/configuration.md`; do not edit by hand.",
         "     tests/test_docs.py fails when this file and nvme_tier/config.py disagree. -->",
         "",
         f'nvme_tier reads the top-level `"{CONFIG_KEY}"` block of a DeepSpeed config. DeepSpeed itself',
@@ -388,6 +390,12 @@ def cmd_docs_config(args: argparse.Namespace) -> int:
             current = Path(args.check).read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError(f"cannot read {args.check}: {exc.strerror}") from None
+        if GENERATED_MARKER not in current:
+            # Advising "docs-config > FILE" here would have the user overwrite, say, the README.
+            raise ConfigError(
+                f"{args.check} is not a generated configuration reference (no '{GENERATED_MARKER}' "
+                "line); --check compares docs/configuration.md"
+            )
         if current != text:
             print(f"{args.check} is out of date: run python -m nvme_tier docs-config > {args.check}")
             return EXIT_FAILED
@@ -414,6 +422,20 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true", help="machine-readable output")
     c.set_defaults(func=cmd_check)
 
+    bo = sub.add_parser(
+        "build-ops",
+        help="build the DeepSpeed ops a config needs now (one-time, minutes) instead of at first use",
+    )
+    bo.add_argument("--config", help="a DeepSpeed JSON config (default: what the demo needs)")
+    bo.add_argument(
+        "--ops",
+        nargs="+",
+        choices=("async_io", "fused_adam", "cpu_adam", "deepspeed_shm_comm"),
+        help="these ops",
+    )
+    bo.add_argument("--list", action="store_true", help="only say which ops are needed and whether built")
+    bo.set_defaults(func=cmd_build_ops)
+
     s = sub.add_parser("status", help="list the writer directories under an offload path")
     s.add_argument("path", metavar="PATH")
     s.add_argument("--json", action="store_true", help="machine-readable output")
@@ -425,17 +447,18 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--dry-run", action="store_true", help="only list what would be removed")
     cl.set_defaults(func=cmd_clean)
 
-    # Every argument of bench but --scratch-root goes to the script (-h shows the script's help).
+    # Every argument of bench goes to nvme_tier.bench.swap_bandwidth (-h shows its help).
     b = sub.add_parser(
         "bench",
         add_help=False,
-        help=f"swap bandwidth per method (benchmarks/swap_bandwidth.py; --size-gb defaults to "
-        f"{BENCH_DEFAULT_GB}, --path to a temporary directory)",
+        help="swap bandwidth per method (aio, zarr, pinned copy, torch.save) on a scratch directory",
     )
-    b.add_argument("--scratch-root", help="parent of the temporary directory used when --path is not given")
     b.set_defaults(func=cmd_bench, bench_args=[])
 
-    d = sub.add_parser("demo", help="RLHF-style actor/critic swap with bit-exact checks (about a minute)")
+    d = sub.add_parser(
+        "demo",
+        help="RLHF-style actor/critic swap with bit-exact checks (~35 s on 2 cores once build-ops ran)",
+    )
     demo_arguments(d)
     d.set_defaults(func=cmd_demo)
 

@@ -21,7 +21,7 @@ from .config import OffloadStatesConfig
 from .errors import ConfigError, StatesOffloadedError, TierIOError
 from .fingerprint import fingerprints
 from .interrupts import DeferredInterrupt
-from .mounts import mount_of
+from .mounts import log_storage_once
 from .policy import Placement, decide, require_bool
 from .progress import Progress
 from .status import build_status, human_bytes
@@ -33,32 +33,6 @@ from .types import OffloadPhase, StateKind, StateStatus, Tier
 
 log = logging.getLogger("nvme_tier")
 _FREE_SPACE_MARGIN = 64 << 20
-_described_paths: set[str] = set()  # offload paths whose filesystem was logged (once per process)
-
-
-def _describe_filesystem(path: str) -> None:
-    """Log (once per path and process) the filesystem and device under ``path``; warn when not a disk."""
-    if path in _described_paths:
-        return
-    _described_paths.add(path)
-    mount = mount_of(path)
-    if mount is None:
-        return
-    log.info(
-        "nvme_tier: offload_states.path %r is on %s %s (mounted at %s)",
-        path,
-        mount.fs_type,
-        mount.source,
-        mount.mount_point,
-    )
-    if mount.not_a_disk:
-        log.warning(
-            "nvme_tier: offload_states.path %r is on %s (%s), not a disk: offloaded states stay in "
-            "that memory; point path at an NVMe filesystem",
-            path,
-            mount.fs_type,
-            mount.not_a_disk,
-        )
 
 
 class OffloadController:
@@ -149,7 +123,7 @@ class OffloadController:
                 f"(nearest existing directory: {nearest!r}); nvme_tier creates only the last level"
             )
         ensure_root(path)  # creates the last level (0700); refuses a read-only or unwritable directory
-        _describe_filesystem(path)
+        log_storage_once(path, log)
 
     def _check_free_space(self, needed: int) -> None:
         path = self._require_path()

@@ -198,11 +198,13 @@ def run(args: argparse.Namespace) -> int:
     os.environ.update(default_launch_env())
     started = time.perf_counter()
     quiet_deepspeed()
+    import deepspeed
     import torch
     from deepspeed.accelerator import get_accelerator
 
     import nvme_tier
 
+    from .ops import build_missing, quiet_comm_op_build
     from .policy import decide
     from .storage import select_backend
     from .storage.manifest import scan_writers
@@ -214,6 +216,7 @@ def run(args: argparse.Namespace) -> int:
         block, note = offload_block(args, path)
         cfg = ds_config(args.stage, block)
         parsed = nvme_tier.OffloadStatesConfig.parse(block)
+        backend = None
         if decide(parsed, list(nvme_tier.StateKind)).uses_nvme:
             backend, why = select_backend(parsed.backend, path, parsed)
             where = f"backend {backend} ({why})"
@@ -226,6 +229,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"  offload_states: {json.dumps(block)}")
         if note:
             print(note)
+
+        # Compile what is not built yet now, named and timed, rather than silently inside initialize
+        # or the first offload; then keep DeepSpeed's "shm_comm op built successfully" print (shown
+        # on every run, built or cached) out of the output.
+        build_missing(cfg, aio_usable=backend == "aio")
+        with quiet_comm_op_build():
+            deepspeed.init_distributed()
 
         roles = []
         models = build_models(args.width, args.depth)

@@ -15,7 +15,14 @@ from nvme_tier.policy import CPU_DEFAULT, NVME_DEFAULT
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs"
-OWN_DOCS = ["quickstart.md", "configuration.md", "policy.md", "backends.md", "troubleshooting.md"]
+OWN_DOCS = [
+    "quickstart.md",
+    "configuration.md",
+    "policy.md",
+    "backends.md",
+    "troubleshooting.md",
+    "integrations.md",
+]
 SNIPPET_DOCS = [DOCS / name for name in OWN_DOCS] + [REPO / "README.md"]
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
 

@@ -97,12 +97,16 @@ def load_aio_op():
         raise BackendUnavailableError(f"{why}; {INSTALL_HINT}")
     from deepspeed.ops.op_builder import AsyncIOBuilder
 
+    from ..ops import load_op, own_write_endurance_warning
+
     try:
-        return AsyncIOBuilder().load(verbose=False)
+        op = load_op(AsyncIOBuilder())  # a line before a JIT build: it takes minutes, silently
     except Exception as exc:
         raise BackendUnavailableError(
             f"building DeepSpeed's async_io op failed ({exc}); {INSTALL_HINT}"
         ) from exc
+    own_write_endurance_warning()
+    return op
 
 
 # Idle aio handles, reused across backends. Creating a handle starts intra_op_parallelism threads

@@ -1,0 +1,613 @@
+"""Swap bandwidth: how fast can one state tensor leave the device and come back, by method.
+
+Methods, all in one run on the same bytes:
+
+* ``raw_aio``      DeepSpeed's aio_handle writing a page-locked buffer straight to a file (O_DIRECT,
+                   no staging copy): the disk's ceiling as DeepSpeed sees it.
+* ``aio_backend``  nvme_tier's AioBackend from device memory (CUDA when present, else a CPU tensor):
+                   staging copies, crc32c and padding included.
+* ``zarr_backend`` nvme_tier's ZarrBackend (page cache, no libaio).
+* ``pinned_copy``  device -> pinned host copy and back (on CPU only: a plain host copy).
+* ``torch_save``   naive ``torch.save`` / ``torch.load`` of the tensor.
+
+For each: write and read GB/s (1 GB = 1e9 bytes), the host memory the method added (peak RSS delta
+from a sampling thread and from the kernel's VmHWM, plus pinned/staging bytes where known), and
+an exact round-trip check. Page-cache methods also report write GB/s including ``os.sync()``;
+reads are cold only where dropping the page cache worked (recorded in the JSON).
+
+    python benchmarks/swap_bandwidth.py --size-gb 1 --path /mnt/nvme/bench \
+        --json benchmarks/results/swap_bandwidth.json --plot benchmarks/results/swap_bandwidth.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import platform
+import shutil
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import psutil
+import torch
+
+from nvme_tier.config import AioSettings  # noqa: E402
+from nvme_tier.storage import AioBackend, OwnerInfo, WriterDirectory, ZarrBackend, supports_o_direct  # noqa: E402
+from nvme_tier.storage.aio import aio_compatible, load_aio_op  # noqa: E402
+
+METHODS = ("raw_aio", "aio_backend", "zarr_backend", "pinned_copy", "torch_save")
+MiB = 1 << 20
+ALIGN = 1 * MiB  # sizes are rounded to this so raw O_DIRECT I/O needs no padding
+DEFAULT_SIZE_GB = 0.25  # a few seconds per method on a laptop SSD; pass --size-gb 1+ for real numbers
+
+
+# -- measurement helpers ---------------------------------------------------------------------------
+class MemorySampler:
+    """Peak RSS over a block: a sampling thread (every ``interval`` s) plus the kernel's VmHWM."""
+
+    def __init__(self, interval: float = 0.002):
+        self.interval = interval
+        self.proc = psutil.Process()
+        self.baseline = 0
+        self.peak = 0
+        self.hwm_resettable = _reset_hwm()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> MemorySampler:
+        self.hwm_resettable = _reset_hwm()
+        self.baseline = self.peak = self.proc.memory_info().rss
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(self.interval)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.proc.memory_info().rss)
+        if self.hwm_resettable:
+            self.peak = max(self.peak, _vm_hwm())
+
+    @property
+    def delta(self) -> int:
+        return max(0, self.peak - self.baseline)
+
+
+def _vm_hwm() -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _reset_hwm() -> bool:
+    """Reset the peak-RSS counter (Linux >= 4.0: write 5 to clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def drop_page_cache() -> bool:
+    """sync, then drop clean page cache; needs root (CAP_SYS_ADMIN). True when it worked."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as fh:
+            fh.write("1")
+        return True
+    except OSError:
+        return False
+
+
+def sync_device() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], object]) -> float:
+    sync_device()
+    t0 = time.perf_counter()
+    fn()
+    sync_device()
+    return time.perf_counter() - t0
+
+
+def dir_bytes(path: str) -> int:
+    total = 0
+    for dirpath, _dirs, files in os.walk(path):
+        for f in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(dirpath, f)).st_size
+    return total
+
+
+@dataclass
+class Result:
+    write_s: list[float] = field(default_factory=list)
+    write_sync_s: list[float] = field(default_factory=list)
+    read_s: list[float] = field(default_factory=list)
+    setup_rss: int = 0  # RSS the method's setup added (buffers it keeps while offloaded)
+    round_rss: int = 0  # peak RSS delta within one write or read
+    pinned_bytes: int = 0
+    on_disk_bytes: int = 0
+    exact: bool = True
+    notes: list[str] = field(default_factory=list)
+    cold_reads: bool | None = None
+    page_cache: bool = False
+
+    def as_dict(self, nbytes: int) -> dict:
+        def gbps(samples: list[float]) -> float | None:
+            return round(nbytes / statistics.median(samples) / 1e9, 4) if samples else None
+
+        return {
+            "write_GBps": gbps(self.write_s),
+            "write_plus_sync_GBps": gbps(self.write_sync_s),
+            "read_GBps": gbps(self.read_s),
+            "write_s": [round(x, 4) for x in self.write_s],
+            "read_s": [round(x, 4) for x in self.read_s],
+            "host_peak_rss_delta_bytes": self.setup_rss + self.round_rss,
+            "host_rss_setup_bytes": self.setup_rss,
+            "host_rss_peak_in_round_bytes": self.round_rss,
+            "pinned_or_staging_bytes": self.pinned_bytes,
+            "on_disk_bytes": self.on_disk_bytes,
+            "bytes": nbytes,
+            "round_trip_exact": self.exact,
+            "uses_page_cache": self.page_cache,
+            "cold_reads": self.cold_reads,
+            "notes": self.notes,
+        }
+
+
+# -- the methods -----------------------------------------------------------------------------------
+class Method:
+    """One way of moving the state out and back: ``setup`` once, then rounds of ``write``/``read``.
+
+    ``src``/``dst`` are the "device" tensors (CUDA when present): they exist before any method runs,
+    so host memory counted for a method is what the method itself adds.
+    """
+
+    page_cache = False  # True: reads can hit the page cache unless it was dropped
+    notes: tuple[str, ...] = ()
+
+    def __init__(self, bench: Bench, workdir: str):
+        self.bench = bench
+        self.src, self.dst = bench.src, bench.dst
+        self.nbytes = bench.nbytes
+        self.workdir = workdir
+        self.pinned_bytes = 0
+        self.on_disk_bytes = 0
+
+    def setup(self) -> None:
+        pass
+
+    def prepare_write(self) -> None:
+        """Untimed: remove the previous round's files."""
+
+    def prepare_read(self) -> None:
+        """Untimed: clear what the read will fill."""
+
+    def write(self) -> None:
+        raise NotImplementedError
+
+    def read(self) -> None:
+        raise NotImplementedError
+
+    def result_ok(self) -> bool:
+        return bool(torch.equal(self.dst, self.src))
+
+    def teardown(self) -> None:
+        pass
+
+
+class RawAio(Method):
+    notes = ("page-locked host buffer written/read in one request; the device<->host copy is not timed",)
+
+    def setup(self) -> None:
+        s = AioSettings()
+        self.handle = load_aio_op().aio_handle(
+            s.block_size, s.queue_depth, s.single_submit, s.overlap_events, s.intra_op_parallelism
+        )
+        self.path = os.path.join(self.workdir, "raw.bin")
+        self.buf = self.handle.new_cpu_locked_tensor(self.nbytes, torch.empty(0, dtype=torch.uint8))
+        self.buf.copy_(self.src)
+        self.pinned_bytes = self.buf.numel()
+
+    def prepare_write(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+    def write(self) -> None:
+        _expect(self.handle.sync_pwrite(self.buf, self.path), "sync_pwrite")
+        self.on_disk_bytes = os.path.getsize(self.path)
+
+    def read(self) -> None:
+        _expect(self.handle.sync_pread(self.buf, self.path), "sync_pread")
+
+    def prepare_read(self) -> None:
+        self.buf.zero_()
+
+    def result_ok(self) -> bool:
+        return bool(torch.equal(self.buf, self.src.cpu()))
+
+    def teardown(self) -> None:
+        self.handle.free_cpu_locked_tensor(self.buf)
+        self.buf = self.handle = None
+
+
+class BackendMethod(Method):
+    backend_cls: type = AioBackend
+
+    def setup(self) -> None:
+        self.backend = self.backend_cls(
+            WriterDirectory(self.workdir, OwnerInfo.current(label="bench")),
+            staging_budget_bytes=self.bench.staging,
+        )
+        # Warm-up: open the handles and allocate staging once, as a long-lived engine does.
+        self.backend.write("warmup", torch.zeros(4096, dtype=torch.uint8, device=self.src.device)).result()
+        self.backend.delete("warmup")
+        if hasattr(self.backend, "slot_count"):
+            self.notes = (
+                *self.notes,
+                f"{self.backend.slot_count} requests in flight x {self.backend.chunk_bytes / MiB:g} MiB chunks",
+            )
+        elif isinstance(self.backend, ZarrBackend):
+            self.notes = (*self.notes, f"zarr chunks of {self.backend.chunk_bytes / MiB:g} MiB")
+
+    def prepare_write(self) -> None:
+        self.backend.delete("state")  # a fresh file each round, like raw_aio
+
+    def write(self) -> None:
+        self.backend.write("state", self.src).result()
+        self.on_disk_bytes = dir_bytes(self.backend.directory.path)
+        self.pinned_bytes = max(self.pinned_bytes, self.backend.pinned_bytes)
+
+    def read(self) -> None:
+        self.backend.read_into("state", self.dst).result()
+        self.pinned_bytes = max(self.pinned_bytes, self.backend.pinned_bytes)
+
+    def teardown(self) -> None:
+        self.backend.release()
+
+
+class AioBackendMethod(BackendMethod):
+    backend_cls = AioBackend
+    notes = ("from device memory through pinned staging; crc32c on",)
+
+
+class ZarrBackendMethod(BackendMethod):
+    backend_cls = ZarrBackend
+    page_cache = True
+    notes = ("crc32c on; codec none; zarr allocates its read slices (not pinned)",)
+
+
+class PinnedCopy(Method):
+    def setup(self) -> None:
+        self.pinned = torch.cuda.is_available()
+        self.host = torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=self.pinned)
+        self.host.fill_(0)  # fault the pages in outside the timed region
+        self.pinned_bytes = self.nbytes if self.pinned else 0
+        self.notes = (
+            "host buffer pre-faulted; it stays allocated while offloaded",
+            "device->pinned host and back" if self.pinned else "no CUDA: a plain host-to-host copy",
+        )
+
+    def write(self) -> None:
+        self.host.copy_(self.src, non_blocking=self.pinned)
+
+    def read(self) -> None:
+        self.dst.copy_(self.host, non_blocking=self.pinned)
+
+    def teardown(self) -> None:
+        self.host = None
+
+
+class TorchSave(Method):
+    page_cache = True
+    notes = ("torch.save of the device tensor; torch.load to host, then copy to the device tensor",)
+
+    def setup(self) -> None:
+        self.path = os.path.join(self.workdir, "state.pt")
+
+    def prepare_write(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+    def write(self) -> None:
+        torch.save(self.src, self.path)
+        self.on_disk_bytes = os.path.getsize(self.path)
+
+    def read(self) -> None:
+        loaded = torch.load(self.path, map_location="cpu", weights_only=True)
+        self.dst.copy_(loaded)
+        del loaded
+
+    def teardown(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+
+METHOD_CLASSES: dict[str, type[Method]] = {
+    "raw_aio": RawAio,
+    "aio_backend": AioBackendMethod,
+    "zarr_backend": ZarrBackendMethod,
+    "pinned_copy": PinnedCopy,
+    "torch_save": TorchSave,
+}
+
+
+class Bench:
+    """Runs the methods round-robin (round 1 of every method, then round 2, ...), so slow drift of
+    the disk (host caches, burst credits, neighbours) hits every method alike."""
+
+    def __init__(self, args: argparse.Namespace, src: torch.Tensor, dst: torch.Tensor):
+        self.args = args
+        self.src, self.dst = src, dst
+        self.nbytes = src.numel()
+        self.staging = args.staging_mb * MiB
+        self.drop_ok = False
+
+    def run(self, names: list[str]) -> dict[str, Result]:
+        methods: dict[str, Method] = {}
+        results: dict[str, Result] = {}
+        try:
+            for name in names:
+                workdir = os.path.join(self.args.path, name)
+                os.makedirs(workdir, exist_ok=True)
+                method = METHOD_CLASSES[name](self, workdir)
+                result = results[name] = Result(page_cache=method.page_cache)
+                gc.collect()
+                with MemorySampler() as mem:
+                    method.setup()
+                result.setup_rss = mem.delta
+                methods[name] = method
+            for rep in range(self.args.repeats):
+                for name, method in methods.items():
+                    print(f"[round {rep + 1}/{self.args.repeats}] {name}", flush=True)
+                    self._round(method, results[name])
+        finally:
+            for name, method in methods.items():
+                with contextlib.suppress(Exception):
+                    method.teardown()
+                shutil.rmtree(os.path.join(self.args.path, name), ignore_errors=True)
+        for name, method in methods.items():
+            r = results[name]
+            r.pinned_bytes, r.on_disk_bytes = method.pinned_bytes, method.on_disk_bytes
+            r.notes = list(method.notes)
+            if not method.page_cache:
+                r.cold_reads = None if name == "pinned_copy" else True
+        return results
+
+    def _round(self, method: Method, result: Result) -> None:
+        method.prepare_write()
+        os.sync()
+        gc.collect()
+        with MemorySampler() as mem:
+            result.write_s.append(timed(method.write))
+        result.round_rss = max(result.round_rss, mem.delta)
+        if method.page_cache:
+            t0 = time.perf_counter()
+            os.sync()
+            result.write_sync_s.append(result.write_s[-1] + time.perf_counter() - t0)
+        self.dst.zero_()
+        method.prepare_read()
+        sync_device()
+        dropped = drop_page_cache()
+        self.drop_ok = self.drop_ok or dropped
+        if method.page_cache:
+            result.cold_reads = dropped if result.cold_reads is None else (result.cold_reads and dropped)
+        gc.collect()
+        with MemorySampler() as mem:
+            result.read_s.append(timed(method.read))
+        result.round_rss = max(result.round_rss, mem.delta)
+        result.exact = result.exact and method.result_ok()
+
+
+def _expect(ret: int, what: str) -> None:
+    if ret < 0:
+        raise OSError(f"{what} failed ({ret})")
+
+
+# -- reporting -------------------------------------------------------------------------------------
+def machine_info(path: str, aio_ok: bool, aio_why: str) -> dict:
+    info: dict = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "cpu_model": _cpu_model(),
+        "host_memory_bytes": psutil.virtual_memory().total,
+        "torch": torch.__version__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "path_filesystem": _fs_type(path),
+        "aio_usable": aio_ok,
+        "aio_reason": aio_why,
+    }
+    try:
+        import deepspeed
+
+        info["deepspeed"] = deepspeed.__version__
+    except Exception as exc:  # pragma: no cover
+        info["deepspeed"] = f"unavailable ({exc})"
+    return info
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as fh:
+        for line in fh:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def _fs_type(path: str) -> str:
+    best, fstype = "", "unknown"
+    with contextlib.suppress(OSError), open("/proc/mounts") as fh:
+        for line in fh:
+            parts = line.split()
+            mnt = parts[1]
+            if os.path.realpath(path).startswith(mnt) and len(mnt) > len(best):
+                best, fstype = mnt, parts[2]
+    return fstype
+
+
+def ratios(methods: dict) -> dict:
+    def ratio(a: str, b: str, key: str) -> float | None:
+        x, y = methods.get(a, {}).get(key), methods.get(b, {}).get(key)
+        return round(x / y, 3) if x and y else None
+
+    out = {}
+    for a, b, label in (
+        ("aio_backend", "raw_aio", "aio_backend_vs_raw"),
+        ("zarr_backend", "raw_aio", "zarr_backend_vs_raw"),
+        ("torch_save", "raw_aio", "torch_save_vs_raw"),
+        ("aio_backend", "zarr_backend", "aio_backend_vs_zarr"),
+        ("aio_backend", "torch_save", "aio_backend_vs_torch_save"),
+    ):
+        out[f"{label}_write"] = ratio(a, b, "write_GBps")
+        out[f"{label}_read"] = ratio(a, b, "read_GBps")
+    return out
+
+
+def print_table(report: dict) -> None:
+    head = f"{'method':<14}{'write GB/s':>11}{'+sync':>8}{'read GB/s':>11}{'cold':>6}{'RSS +MiB':>10}{'pinned MiB':>12}  ok"
+    print(head)
+    print("-" * len(head))
+    for name, m in report["methods"].items():
+        if "skipped" in m:
+            print(f"{name:<14}  skipped: {m['skipped']}")
+            continue
+
+        def f(x, w, p=2):
+            return f"{x:>{w}.{p}f}" if isinstance(x, float) else f"{'-':>{w}}"
+
+        print(
+            f"{name:<14}{f(m['write_GBps'], 11)}{f(m['write_plus_sync_GBps'], 8)}{f(m['read_GBps'], 11)}"
+            f"{'-' if m['cold_reads'] is None else str(m['cold_reads'])[:1]:>6}{m['host_peak_rss_delta_bytes'] / MiB:>10.0f}"
+            f"{m['pinned_or_staging_bytes'] / MiB:>12.0f}  {'yes' if m['round_trip_exact'] else 'NO'}"
+        )
+    for k, v in report["ratios"].items():
+        if v is not None:
+            print(f"  {k}: {v}")
+
+
+def plot(report: dict, out: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n, m in report["methods"].items() if "skipped" not in m]
+    w = [report["methods"][n]["write_GBps"] or 0 for n in names]
+    r = [report["methods"][n]["read_GBps"] or 0 for n in names]
+    xs = range(len(names))
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    b1 = ax.bar([x - 0.2 for x in xs], w, 0.4, label="write (device -> tier)")
+    b2 = ax.bar([x + 0.2 for x in xs], r, 0.4, label="read (tier -> device)")
+    ax.bar_label(b1, fmt="%.2f", fontsize=8)
+    ax.bar_label(b2, fmt="%.2f", fontsize=8)
+    ax.set_xticks(list(xs), names)
+    ax.set_ylabel("GB/s (1e9 B/s)")
+    m = report["machine"]
+    dev = m["cuda"] or "CPU only"
+    ax.set_title(
+        f"swap bandwidth, {report['size_bytes'] / 1e9:.2f} GB, {dev}, {m['cpu_count']} cores, {m['path_filesystem']}",
+        fontsize=10,
+    )
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+# -- main ------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None, prog: str | None = None) -> dict:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--size-gb",
+        type=float,
+        default=DEFAULT_SIZE_GB,
+        help="tensor size in GB (1e9 bytes; default %(default)s)",
+    )
+    p.add_argument(
+        "--path",
+        help="scratch directory on the disk under test (default: a new temporary directory under "
+        "$TMPDIR, removed at the end)",
+    )
+    p.add_argument("--json", help="write the results here")
+    p.add_argument("--plot", help="write a bar chart (PNG) here")
+    p.add_argument("--staging-mb", type=int, default=512, help="staging budget of the backends (MiB)")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument(
+        "--repeats", type=int, default=3, help="rounds per method (interleaved); the median is reported"
+    )
+    args = p.parse_args(argv)
+
+    nbytes = max(ALIGN, int(args.size_gb * 1e9) // ALIGN * ALIGN)
+    created_path = args.path is None or not os.path.exists(args.path)
+    if args.path is None:
+        args.path = tempfile.mkdtemp(prefix="nvme_tier_bench_")
+        print(f"scratch directory {args.path} (removed at the end; pass --path to choose the disk)")
+    os.makedirs(args.path, exist_ok=True)
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    gen = torch.Generator().manual_seed(0)
+    src = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, generator=gen).to(device)
+    dst = torch.zeros_like(src)
+    bench = Bench(args, src, dst)
+    aio_ok, aio_why = aio_compatible()
+    if aio_ok and not supports_o_direct(args.path):
+        aio_ok, aio_why = False, f"{args.path} does not support O_DIRECT"
+
+    methods: dict[str, dict] = {}
+    runnable = []
+    for name in args.methods:
+        if name in ("raw_aio", "aio_backend") and not aio_ok:
+            methods[name] = {"skipped": aio_why}
+        else:
+            runnable.append(name)
+    try:
+        for name, result in bench.run(runnable).items():
+            methods[name] = result.as_dict(nbytes)
+    finally:
+        if created_path:
+            shutil.rmtree(args.path, ignore_errors=True)
+    methods = {name: methods[name] for name in args.methods}  # keep the requested order
+
+    machine = machine_info(args.path, aio_ok, aio_why)
+    machine["drop_caches_worked"] = bench.drop_ok or drop_page_cache()
+    machine["device"] = str(device)
+    report = {
+        "machine": machine,
+        "size_bytes": nbytes,
+        "staging_mb": args.staging_mb,
+        "repeats": args.repeats,
+        "methods": methods,
+        "ratios": ratios(methods),
+    }
+    print_table(report)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as fh:
+            json.dump(report, fh, indent=1)
+            fh.write("\n")
+    if args.plot:
+        plot(report, args.plot)
+    return report
+
+
+if __name__ == "__main__":
+    main()
