@@ -17,13 +17,14 @@ from typing import Any
 from . import engine as ds
 from .config import OffloadStatesConfig
 from .errors import ConfigError, StatesOffloadedError, TierIOError
-from .policy import Placement, decide
+from .host_budget import process_budget
+from .policy import EngineFacts, Placement, decide
 from .progress import Progress
 from .status import build_status, human_bytes
 from .storage import open_backend, select_backend
 from .storage.base import on_callers_device
 from .storage.manifest import OwnerInfo, WriterDirectory, clean_writers, ensure_root
-from .tiers import Placed, StateBuffer, TierMover, TransferStats
+from .tiers import HostCopy, Placed, StateBuffer, TierMover, TransferStats
 from .types import OffloadPhase, StateKind, StateStatus, Tier
 
 log = logging.getLogger("nvme_tier")
@@ -48,12 +49,18 @@ class OffloadController:
         self.backend_name: str | None = None
         self.last_stats: dict[str, TransferStats] = {}
         self._progress = Progress(enabled=config.progress)
-        self._mover = TierMover(self._open_backend, progress=self._progress.advance)
+        self._budget = process_budget()
+        self._check_budget()
+        self._budget.register(
+            self, config.host_budget_bytes, config.staging_budget_bytes if config.path else 0
+        )
+        self._mover = TierMover(self._open_backend, progress=self._progress.advance, budget=self._budget)
         self._undo_hooks = ds.install_hooks(
             engine, self.guard, self.mark_dirty, self.offload_states, self.reload_states
         )
         self._finalizer = weakref.finalize(engine, TierMover.release, self._mover)
-        self._preallocate()
+        if config.preallocate:
+            self._preallocate()
 
     # -- engine access ---------------------------------------------------------------------------
     @property
@@ -103,13 +110,18 @@ class OffloadController:
                 28,  # ENOSPC
             )
 
-    def _preallocate(self) -> None:
-        """Start page-locking the host copies this config's policy will need (background thread).
-
-        Set NVME_TIER_PREALLOC=0 to allocate them at the first offload instead.
-        """
-        if os.environ.get("NVME_TIER_PREALLOC", "1") == "0":
+    def _check_budget(self) -> None:
+        """At attach: a host budget this engine's own host copies exceed needs a path to spill to."""
+        limit = self.config.host_budget_bytes
+        if limit is None or self.config.path:
             return
+        buffers = ds.discover_buffers(self.engine)
+        present = [k for k, bufs in buffers.items() if bufs]
+        facts = EngineFacts(self._host_bytes(buffers, present), limit)
+        decide(self.config, present, facts=facts)  # raises ConfigError naming host_budget_mb and path
+
+    def _preallocate(self) -> None:
+        """Start page-locking the host copies this config's policy will need (``preallocate``)."""
         try:
             placement, buffers = self.plan()
         except Exception as exc:  # the first offload reports any problem with the plan
@@ -136,12 +148,31 @@ class OffloadController:
         self.version += 1
 
     # -- offload ---------------------------------------------------------------------------------
+    @staticmethod
+    def _host_bytes(
+        buffers: dict[StateKind, list[StateBuffer]], present: list[StateKind]
+    ) -> dict[StateKind, int]:
+        """Host bytes each state's host copy would take (0 for states already in host RAM)."""
+        host_is_device = ds.accelerator_device().type == "cpu"
+        return {
+            kind: 0
+            if not host_is_device and all(b.device.type == "cpu" for b in buffers[kind])
+            else sum(b.nbytes for b in buffers[kind])
+            for kind in present
+        }
+
     def plan(
-        self, include=None, device=None, pin_memory=None
+        self, include=None, device=None, pin_memory=None, budgeted: bool = False
     ) -> tuple[Placement, dict[StateKind, list[StateBuffer]]]:
+        """Decide each state's tier; ``budgeted`` spills against the host budget (hold its lock)."""
         buffers = ds.discover_buffers(self.engine)
         present = [k for k, bufs in buffers.items() if bufs and k not in self._placed]
-        placement = decide(self.config, present, include=include, device=device, pin_memory=pin_memory)
+        facts = (
+            EngineFacts(self._host_bytes(buffers, present), self._budget.available()) if budgeted else None
+        )
+        placement = decide(
+            self.config, present, include=include, device=device, pin_memory=pin_memory, facts=facts
+        )
         host_is_device = ds.accelerator_device().type == "cpu"
         tiers = dict(placement.tiers)
         for kind in present:
@@ -156,7 +187,7 @@ class OffloadController:
                     f"policy.{kind.value}: {stuck[0].name} lives in page-locked host memory, which cannot be "
                     f'freed in place; keep it where it is with policy {{"{kind.value}": "device"}}'
                 )
-        return Placement(tiers), buffers
+        return Placement(tiers, placement.spilled), buffers
 
     def offload_states(self, include=None, device=None, pin_memory=None, non_blocking=None) -> None:
         """Drop-in for ``engine.offload_states``; ``None`` arguments come from the config."""
@@ -164,32 +195,50 @@ class OffloadController:
             self._finish_pending()
             if self.phase is OffloadPhase.failed:
                 raise StatesOffloadedError("a previous reload failed; see the error it raised")
-            placement, buffers = self.plan(include, device, pin_memory)
-            items = [(b, t) for k, t in placement.tiers.items() if t is not Tier.device for b in buffers[k]]
-            if not items:
-                log.info("nvme_tier: nothing to offload")
-                return
-            nvme_bytes = sum(b.nbytes for b, t in items if t is Tier.nvme and not self._unchanged(b))
-            if nvme_bytes:
-                self._resolve_backend()
-                self._check_free_space(nvme_bytes)
-            ds.quiesce(self.engine)
+            self._mover.settle_preallocation()
+            with self._budget.lock:  # no other engine reserves between these facts and this claim
+                placement, buffers = self.plan(include, device, pin_memory, budgeted=True)
+                items = [
+                    (b, t) for k, t in placement.tiers.items() if t is not Tier.device for b in buffers[k]
+                ]
+                if not items:
+                    log.info("nvme_tier: nothing to offload")
+                    return
+                host_copies = self._mover.claim_host(items)
+            try:
+                nvme_bytes = sum(b.nbytes for b, t in items if t is Tier.nvme and not self._unchanged(b))
+                if nvme_bytes:
+                    self._resolve_backend()
+                    self._check_free_space(nvme_bytes)
+                ds.quiesce(self.engine)
+            except BaseException:
+                self._mover.unclaim_host(host_copies)
+                raise
             blocking = not (self.config.non_blocking if non_blocking is None else non_blocking)
             self.phase = OffloadPhase.offloading
+            spilled = placement.spilled
             if blocking:
-                self._run_offload(items)
+                self._run_offload(items, host_copies, spilled)
             else:
-                self._pending = self._pool().submit(on_callers_device(lambda: self._run_offload(items)))
+                self._pending = self._pool().submit(
+                    on_callers_device(lambda: self._run_offload(items, host_copies, spilled))
+                )
 
-    def _run_offload(self, items: list[tuple[StateBuffer, Tier]]) -> None:
+    def _run_offload(
+        self,
+        items: list[tuple[StateBuffer, Tier]],
+        host_copies: list[HostCopy],
+        spilled: frozenset[StateKind],
+    ) -> None:
         total = sum(b.nbytes for b, t in items if t is not Tier.discard)
         try:
             with self._progress.task("offload", total):
-                placed, stats = self._mover.offload(items, self._unchanged)
+                placed, stats = self._mover.offload(items, self._unchanged, host_copies)
         except BaseException:
             self.phase = OffloadPhase.resident if not self._placed else OffloadPhase.offloaded
             raise
         for p in placed:
+            p.spilled = p.buffer.kind in spilled
             self._placed.setdefault(p.buffer.kind, []).append(p)
             if p.tier is Tier.nvme:
                 self._written[p.buffer.name] = (self.version, p.buffer.nbytes)
@@ -290,6 +339,7 @@ class OffloadController:
 
     def detach(self) -> None:
         self.release()
+        self._budget.unregister(self)
         self._undo_hooks()
         self._finalizer.detach()
         if self._executor is not None:

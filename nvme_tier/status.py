@@ -24,7 +24,12 @@ def build_status(
                 Tier.cpu: "host",
                 Tier.discard: "freed (rebuilt on reload)",
             }.get(tier, device)
-            out[kind.value] = StateStatus(kind.value, tier.value, nbytes, where, len(moved), nbytes)
+            spilled = any(p.spilled for p in moved)
+            if spilled:
+                where = f"{where} (spilled: host budget full)"
+            out[kind.value] = StateStatus(
+                kind.value, tier.value, nbytes, where, len(moved), nbytes, spilled=spilled
+            )
         else:
             bufs = [b for b in buffers.get(kind, []) if not b.is_freed]
             nbytes = sum(b.nbytes for b in bufs)

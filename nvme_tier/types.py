@@ -59,6 +59,7 @@ class StateStatus:
     location: str
     tensors: int
     device_bytes_freed: int
+    spilled: bool = False  # on nvme because the process's host budget could not hold its host copy
 
     def __getitem__(self, key: str):
         try:
@@ -67,7 +68,7 @@ class StateStatus:
             raise KeyError(key) from None
 
     def keys(self):
-        return ("state", "tier", "bytes", "location", "tensors", "device_bytes_freed")
+        return ("state", "tier", "bytes", "location", "tensors", "device_bytes_freed", "spilled")
 
     def as_dict(self) -> dict:
         return {k: self[k] for k in self.keys()}
