@@ -27,7 +27,7 @@ import torch
 from .errors import IntegrityError, TierIOError
 from .host_budget import HostMemoryBudget, process_budget
 from .storage.base import StorageBackend
-from .storage.staging import DeviceCopier, PinnedHostMemory, staging_pool
+from .storage.staging import HUGE_PAGE, DeviceCopier, PinnedHostMemory, round_up, staging_pool
 from .types import StateKind, Tier
 
 log = logging.getLogger("nvme_tier")
@@ -221,6 +221,12 @@ class TierMover:
                     copy.memory.free()
                 self._budget.release(copy.buffer.nbytes)
 
+    def _copy_pinned(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """Queue a copy to/from a pinned copy piece by piece: no single DMA spans two registrations."""
+        step = round_up(self.lock_piece_bytes, HUGE_PAGE)  # the boundaries PinnedHostMemory pieces use
+        for a in range(0, dst.numel(), step):
+            self._copier.copy_async(dst[a : a + step], src[a : a + step])
+
     def _copy_to_host(self, copies: list[HostCopy]) -> list[Placed]:
         """Queue every host copy; page-lock new pinned copies piece by piece, ahead of their DMA.
 
@@ -236,7 +242,7 @@ class TierMover:
                 self._copier.copy_async(host, copy.buffer.view)
                 placed.append(Placed(copy.buffer, copy.tier, host))
             elif copy.memory is not None:
-                self._copier.copy_async(copy.memory.tensor, copy.buffer.view)
+                self._copy_pinned(copy.memory.tensor, copy.buffer.view)
                 placed.append(Placed(copy.buffer, copy.tier, copy.memory.tensor))
             else:
                 fresh.append(copy)
@@ -347,7 +353,10 @@ class TierMover:
                 if p.tier is not Tier.nvme:
                     p.buffer.restore()
                 if p.host is not None:
-                    self._copier.copy_async(p.buffer.view, p.host)
+                    if p.tier is Tier.pinned_cpu:
+                        self._copy_pinned(p.buffer.view, p.host)
+                    else:
+                        self._copier.copy_async(p.buffer.view, p.host)
                     stats.bytes_from_host += p.buffer.nbytes
                 elif p.tier is Tier.discard:
                     p.buffer.view.zero_()

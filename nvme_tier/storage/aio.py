@@ -215,7 +215,7 @@ class AioBackend(StorageBackend):
         self.alignment = self.settings.intra_op_parallelism * PAGE
         self.staging_budget_bytes = staging_budget_bytes
         self.slot_count, self.chunk_bytes = staging_plan(staging_budget_bytes, self.settings)
-        self._held: list[_Slot] = []
+        self._staging_bytes = 0
         self._copier = DeviceCopier()
         self._rewrite: set[str] = set()  # files kept for an in-place rewrite by the next write
 
@@ -228,11 +228,8 @@ class AioBackend(StorageBackend):
     def _checked_out_slots(self) -> Iterator[list[_Slot]]:
         key = ("aio", _handle_key(self.settings), self.chunk_bytes)
         with staging_pool().checkout(self, key, self.slot_count, self.chunk_bytes, self._new_slot) as slots:
-            self._held = slots
-            try:
-                yield slots
-            finally:
-                self._held = []
+            self._staging_bytes = sum(slot.buffer.numel() for slot in slots)
+            yield slots
 
     def _new_slot(self) -> _Slot:
         """A handle and a buffer it can DMA from without a bounce copy (kept together in the pool)."""
@@ -257,8 +254,8 @@ class AioBackend(StorageBackend):
 
     @property
     def pinned_bytes(self) -> int:
-        """Staging bytes this backend has checked out now (the pool's idle slots are shared)."""
-        return sum(slot.buffer.numel() for slot in self._held)
+        """Staging bytes this backend checks out of the shared pool per file (0 before its first I/O)."""
+        return self._staging_bytes
 
     def _release_resources(self) -> None:
         staging_pool().leave(self)

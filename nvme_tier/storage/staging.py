@@ -99,6 +99,10 @@ class SharedStagingPool:
             if not self._users:
                 for key in list(self._idle):
                     self._free_idle(key)
+                if torch.cuda.is_available():  # torch keeps freed pinned blocks cached: return them
+                    torch.cuda.synchronize()
+                    with contextlib.suppress(AttributeError):
+                        torch._C._host_emptyCache()
 
     def _acquire(
         self, user: object, key: Hashable, count: int, slot_bytes: int, make: Callable[[], StagingSlot]

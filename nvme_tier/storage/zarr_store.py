@@ -55,7 +55,7 @@ class ZarrBackend(StorageBackend):
         self.slice_bytes = per_slice * self.chunk_bytes
         self._copier = DeviceCopier()
         self._store = None
-        self._held: HostBuffer | None = None
+        self._staging_bytes = 0
 
     @staticmethod
     def file_name(name: str) -> str:
@@ -63,8 +63,8 @@ class ZarrBackend(StorageBackend):
 
     @property
     def pinned_bytes(self) -> int:
-        """Staging bytes this backend has checked out now (the pool's idle buffers are shared)."""
-        return self._held.buffer.numel() if self._held is not None else 0
+        """Staging bytes this backend checks out of the shared pool per write (0 before its first)."""
+        return self._staging_bytes
 
     def _get_store(self):
         if self._store is None:
@@ -85,11 +85,8 @@ class ZarrBackend(StorageBackend):
         """A host buffer for device sources from the process-wide staging pool (pinned with CUDA)."""
         size = round_up(self.slice_bytes, 4096)  # one size per backend config: idle buffers get reused
         with staging_pool().checkout(self, ("zarr", size), 1, size, lambda: HostBuffer(size)) as (slot,):
-            self._held = slot
-            try:
-                yield slot.buffer
-            finally:
-                self._held = None
+            self._staging_bytes = size
+            yield slot.buffer
 
     def _write_bytes(self, name: str, src: torch.Tensor) -> tuple[str, int, list[int] | None]:
         zarr = _zarr()
