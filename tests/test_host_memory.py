@@ -7,6 +7,7 @@ host budget below their combined host copies; each gets a fresh process budget a
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
@@ -39,7 +40,8 @@ def fresh_budget(monkeypatch):
     engines: list = []
     yield budget, pool, engines
     for engine in engines:
-        nvme_tier.detach(engine)
+        with contextlib.suppress(nvme_tier.StatesOffloadedError):  # a failed test left it offloaded
+            nvme_tier.detach(engine)
 
 
 # -- the pure parts ----------------------------------------------------------------------------------
@@ -275,3 +277,32 @@ def test_engines_share_one_budget_and_spill_to_nvme(count, budget_mb, backend, o
     for i, twin in enumerate(twins):
         for a, b in zip(weights[i], params_of(twin) if weights[i] else [], strict=True):
             assert torch.equal(a, b)
+
+
+def test_kept_copies_are_evicted_for_another_engine_before_it_spills(offload_dir, fresh_budget):
+    budget, _pool, made = fresh_budget
+    a, b = (
+        make_engine(
+            3, offload_dir, width=1024, seed=s, backend="zarr", host_budget_mb=14, staging_budget_mb=2
+        )
+        for s in (0, 1)
+    )
+    made += [a, b]
+    for engine in (a, b):
+        nvme_tier.attach(engine)
+        train(engine, 1)
+    a.offload_states()
+    a.reload_states()
+    kept = budget.parked
+    assert kept > 0 and budget.reserved == kept  # a's pinned copies, kept for its next offload
+    b.offload_states()  # room only if a's kept copies go: they are evicted, nothing of b spills
+    assert not any(e.spilled for e in nvme_tier.offload_status(b).values())
+    assert budget.parked < kept and budget.reserved <= 14 * MiB  # only as much as b needed
+    before = snapshot(a)
+    a.offload_states()  # now b holds the room: a spills what does not fit
+    assert any(e.spilled for e in nvme_tier.offload_status(a).values())
+    assert budget.reserved <= 14 * MiB
+    a.reload_states()
+    after = snapshot(a)
+    assert all(torch.equal(before[k], after[k]) for k in before if not k.startswith(SCRATCH))
+    b.reload_states()
