@@ -18,10 +18,12 @@ GB = 1e9 bytes. Tiny on CPU (proves it runs):
     python benchmarks/host_memory_gpu.py --params-per-engine 0.002 --hidden 512 --host-budget-mb 24 \
         --staging-mb 4 --path /var/tmp/hm --out benchmarks/results/host_memory_cpu.json
 
-GPU (H100):
+GPU (H100), one process per phase so each has its own RSS baseline:
 
-    python benchmarks/host_memory_gpu.py --params-per-engine 1.0 --hidden 8192 --host-budget-mb 16384 \
-        --first-params-b 1.6 --path /tmp/nvme/hm --out benchmarks/results/host_memory_h100.json
+    python benchmarks/host_memory_gpu.py --phases first_offload --first-params-b 1.6 --hidden 8192 \
+        --path /tmp/nvme/hm --out benchmarks/results/host_memory_h100_first.json
+    python benchmarks/host_memory_gpu.py --phases four_engines --params-per-engine 1.0 --hidden 8192 \
+        --host-budget-mb 16384 --path /tmp/nvme/hm --out benchmarks/results/host_memory_h100_four.json
 """
 
 from __future__ import annotations
