@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from .errors import ConfigError
@@ -75,7 +75,30 @@ class OffloadStatesConfig(_Strict):
         ),
     )
     staging_budget_mb: int = Field(
-        512, ge=2, le=65536, description="Pinned host memory for NVMe staging (double-buffered), in MiB."
+        512,
+        ge=2,
+        le=65536,
+        description=(
+            "Pinned host memory for moving NVMe states (up to 4 buffers), in MiB. One staging pool "
+            "serves every engine of the process, sized by the largest value among them."
+        ),
+    )
+    host_budget_mb: int | None = Field(
+        None,
+        ge=0,
+        description=(
+            "Host RAM nvme_tier may hold for the whole process (host copies of cpu/pinned_cpu states, "
+            "pinned copies kept for reuse, staging), in MiB; null: unlimited. Shared by every engine "
+            "of the process (the smallest value set applies); states whose host copies do not fit "
+            "go to nvme instead (needs path)."
+        ),
+    )
+    preallocate: bool = Field(
+        False,
+        description=(
+            "Page-lock the pinned_cpu host copies at attach (background thread) instead of "
+            "pipelined with the first offload; holds that RAM from attach on."
+        ),
     )
     checksum: bool = Field(True, description="crc32c every chunk on write and verify it on read.")
     skip_unchanged: bool = Field(
@@ -109,9 +132,23 @@ class OffloadStatesConfig(_Strict):
                 )
         return policy
 
+    @model_validator(mode="after")
+    def _budget_holds_staging(self) -> OffloadStatesConfig:
+        """Staging is charged to the host budget: with a path, a budget below it could move nothing."""
+        if self.host_budget_mb is not None and self.path and self.host_budget_mb < self.staging_budget_mb:
+            raise ValueError(
+                f"host_budget_mb ({self.host_budget_mb}) is below staging_budget_mb ({self.staging_budget_mb}): "
+                "staging buffers are charged to the host budget; raise host_budget_mb or lower staging_budget_mb"
+            )
+        return self
+
     @property
     def staging_budget_bytes(self) -> int:
         return self.staging_budget_mb * MiB
+
+    @property
+    def host_budget_bytes(self) -> int | None:
+        return None if self.host_budget_mb is None else self.host_budget_mb * MiB
 
     @classmethod
     def parse(cls, block: Any) -> OffloadStatesConfig:

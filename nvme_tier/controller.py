@@ -20,9 +20,10 @@ from . import engine as ds
 from .config import OffloadStatesConfig
 from .errors import ConfigError, StatesOffloadedError, TierIOError
 from .fingerprint import fingerprints
+from .host_budget import process_budget
 from .interrupts import DeferredInterrupt
 from .mounts import log_storage_once
-from .policy import Placement, decide, require_bool
+from .policy import EngineFacts, Placement, decide, require_bool
 from .progress import Progress
 from .status import build_status, human_bytes
 from .storage import open_backend, select_backend
@@ -55,12 +56,18 @@ class OffloadController:
         self.backend_name: str | None = None
         self.last_stats: dict[str, TransferStats] = {}
         self._progress = Progress(enabled=config.progress)
-        self._mover = TierMover(self._open_backend, progress=self._progress.advance)
+        self._budget = process_budget()
+        self._check_budget()
+        self._budget.register(
+            self, config.host_budget_bytes, config.staging_budget_bytes if config.path else 0
+        )
+        self._mover = TierMover(self._open_backend, progress=self._progress.advance, budget=self._budget)
         self._undo_hooks = ds.install_hooks(
             engine, self.guard, self.mark_dirty, self.offload_states, self.reload_states
         )
         self._finalizer = weakref.finalize(engine, TierMover.release, self._mover)
-        self._preallocate()
+        if config.preallocate:
+            self._preallocate()
 
     # -- engine access ---------------------------------------------------------------------------
     @property
@@ -140,13 +147,18 @@ class OffloadController:
                 28,  # ENOSPC
             )
 
-    def _preallocate(self) -> None:
-        """Start page-locking the host copies this config's policy will need (background thread).
-
-        Set NVME_TIER_PREALLOC=0 to allocate them at the first offload instead.
-        """
-        if os.environ.get("NVME_TIER_PREALLOC", "1") == "0":
+    def _check_budget(self) -> None:
+        """At attach: a host budget this engine's own host copies exceed needs a path to spill to."""
+        limit = self.config.host_budget_bytes
+        if limit is None or self.config.path:
             return
+        buffers = ds.discover_buffers(self.engine)
+        present = [k for k, bufs in buffers.items() if bufs]
+        facts = EngineFacts(self._host_bytes(buffers, present), limit)
+        decide(self.config, present, facts=facts)  # raises ConfigError naming host_budget_mb and path
+
+    def _preallocate(self) -> None:
+        """Start page-locking the host copies this config's policy will need (``preallocate``)."""
         try:
             placement, buffers = self.plan()
         except Exception as exc:  # the first offload reports any problem with the plan
@@ -226,12 +238,31 @@ class OffloadController:
         self._rewrite_all = True
 
     # -- offload ---------------------------------------------------------------------------------
+    @staticmethod
+    def _host_bytes(
+        buffers: dict[StateKind, list[StateBuffer]], present: list[StateKind]
+    ) -> dict[StateKind, int]:
+        """Host bytes each state's host copy would take (0 for states already in host RAM)."""
+        host_is_device = ds.accelerator_device().type == "cpu"
+        return {
+            kind: 0
+            if not host_is_device and all(b.device.type == "cpu" for b in buffers[kind])
+            else sum(b.nbytes for b in buffers[kind])
+            for kind in present
+        }
+
     def plan(
-        self, include=None, device=None, pin_memory=None
+        self, include=None, device=None, pin_memory=None, budgeted: bool = False
     ) -> tuple[Placement, dict[StateKind, list[StateBuffer]]]:
+        """Decide each state's tier; ``budgeted`` spills against the host budget (hold its lock)."""
         buffers = ds.discover_buffers(self.engine)
         present = [k for k, bufs in buffers.items() if bufs and k not in self._placed]
-        placement = decide(self.config, present, include=include, device=device, pin_memory=pin_memory)
+        facts = (
+            EngineFacts(self._host_bytes(buffers, present), self._budget.available()) if budgeted else None
+        )
+        placement = decide(
+            self.config, present, include=include, device=device, pin_memory=pin_memory, facts=facts
+        )
         host_is_device = ds.accelerator_device().type == "cpu"
         tiers = dict(placement.tiers)
         for kind in present:
@@ -246,7 +277,7 @@ class OffloadController:
                     f"policy.{kind.value}: {stuck[0].name} lives in page-locked host memory, which cannot be "
                     f'freed in place; keep it where it is with policy {{"{kind.value}": "device"}}'
                 )
-        return Placement(tiers), buffers
+        return Placement(tiers, placement.spilled), buffers
 
     def offload_states(self, include=None, device=None, pin_memory=None, non_blocking=None) -> None:
         """Drop-in for ``engine.offload_states``; ``None`` arguments come from the config.
@@ -265,26 +296,38 @@ class OffloadController:
             self._finish_pending()
             if self.phase is OffloadPhase.failed:
                 raise StatesOffloadedError(self._after_failure("offload_states()"))
-            placement, buffers = self.plan(include, device, pin_memory)
-            items = [(b, t) for k, t in placement.tiers.items() if t is not Tier.device for b in buffers[k]]
-            if not items:
-                log.info("nvme_tier: nothing to offload")
-                return
-            # A file of the same size is rewritten in place (or skipped): only new files need space.
-            nvme_bytes = sum(b.nbytes for b, t in items if t is Tier.nvme and self._stored(b) is None)
-            if nvme_bytes:
-                self._resolve_backend()
-                self._check_free_space(nvme_bytes)
-            ds.quiesce(self.engine)
+            self._mover.settle_preallocation()
+            with self._budget.lock:  # no other engine reserves between these facts and this claim
+                placement, buffers = self.plan(include, device, pin_memory, budgeted=True)
+                items = [
+                    (b, t) for k, t in placement.tiers.items() if t is not Tier.device for b in buffers[k]
+                ]
+                if not items:
+                    log.info("nvme_tier: nothing to offload")
+                    return
+                host_copies = self._mover.claim_host(items)
             blocking = not (self.config.non_blocking if non_blocking is None else non_blocking)
-            self.phase = OffloadPhase.offloading
             try:
+                # A file of the same size is rewritten in place (or skipped): only new files need space.
+                nvme_bytes = sum(b.nbytes for b, t in items if t is Tier.nvme and self._stored(b) is None)
+                if nvme_bytes:
+                    self._resolve_backend()
+                    self._check_free_space(nvme_bytes)
+                ds.quiesce(self.engine)
+                self.phase = OffloadPhase.offloading
                 if self.config.skip_unchanged:
                     self._take_fingerprints([b for b, t in items if t is Tier.nvme])
-                job = self._mover.start_offload(items, self._unchanged)
+            except BaseException:
+                self._mover.unclaim_host(host_copies)
+                self.phase = OffloadPhase.resident if not self._placed else OffloadPhase.offloaded
+                raise
+            try:
+                job = self._mover.start_offload(items, self._unchanged, host_copies)
             except BaseException:
                 self.phase = OffloadPhase.resident if not self._placed else OffloadPhase.offloaded
                 raise
+            for p in job.placed:
+                p.spilled = p.buffer.kind in placement.spilled
             # Where each buffer goes is recorded before any of them is freed, Ctrl-C held: whatever
             # stops the frees (an interrupt, an error), no freed state is left undescribed.
             with DeferredInterrupt(), self._status_lock:
@@ -499,6 +542,7 @@ class OffloadController:
             self._finish_pending()
             self._refuse_while_offloaded("detach()", "nvme_tier.detach(engine)")
             self.release()
+            self._budget.unregister(self)
             self._undo_hooks()
             self._finalizer.detach()
             if self._executor is not None:

@@ -33,11 +33,39 @@ CPU_DEFAULT: Mapping[StateKind, Tier] = {
 }
 
 
+# Which host-tier states keep their host copy first when the host budget cannot hold them all:
+# the weights the next forward needs, then what the next step needs; the big optimizer state spills first.
+HOST_PRIORITY: tuple[StateKind, ...] = (
+    StateKind.lp_params,
+    StateKind.hp_params,
+    StateKind.lp_grads,
+    StateKind.optim_states,
+    StateKind.contiguous_grad_buffer,
+)
+HOST_TIERS = (Tier.cpu, Tier.pinned_cpu)
+
+
+@dataclass(frozen=True)
+class EngineFacts:
+    """What the controller knows about the engine and the process when it decides.
+
+    ``state_bytes``: host bytes each state's host copy would take (0 for a state already in host
+    RAM). ``host_available``: bytes the process's host budget can still give (None: unlimited).
+    """
+
+    state_bytes: Mapping[StateKind, int]
+    host_available: int | None = None
+
+
 @dataclass(frozen=True)
 class Placement:
-    """The decided tier of every state (states not moved map to ``Tier.device``)."""
+    """The decided tier of every state (states not moved map to ``Tier.device``).
+
+    ``spilled``: states placed on nvme only because their host copies did not fit the host budget.
+    """
 
     tiers: Mapping[StateKind, Tier]
+    spilled: frozenset[StateKind] = frozenset()
 
     def states_on(self, tier: Tier) -> list[StateKind]:
         return [s for s, t in self.tiers.items() if t is tier]
@@ -93,6 +121,7 @@ def decide(
     include: Iterable[object] | str | Enum | None = None,
     device: object | None = None,
     pin_memory: bool | None = None,
+    facts: EngineFacts | None = None,
 ) -> Placement:
     """Choose a tier per present state.
 
@@ -103,6 +132,8 @@ def decide(
     config's placement decides whatever device the call names, because every existing caller
     passes upstream's default ``device=cpu``; only ``device=none`` (move nothing) still counts,
     and pinning needs both sides to allow it (``pin_memory=True`` is upstream's default too).
+    With ``facts``, host-tier states whose copies do not fit ``facts.host_available`` (kept in
+    ``HOST_PRIORITY`` order) spill to nvme.
     """
     if pin_memory is not None:
         require_bool("pin_memory", pin_memory)
@@ -133,8 +164,33 @@ def decide(
         if tier is Tier.discard and state.holds_data:
             raise ConfigError(f"policy.{state.value}: 'discard' would lose data")
         tiers[state] = tier
-    placement = Placement(tiers)
+    spilled = _spill(tiers, facts) if facts is not None else frozenset()
+    if spilled and not config.path:
+        names = ", ".join(s.value for s in sorted(spilled, key=HOST_PRIORITY.index))
+        need = sum(facts.state_bytes.get(s, 0) for s in spilled) if facts else 0
+        raise ConfigError(
+            f"offload_states.host_budget_mb: {names} ({need} B) do not fit the host budget "
+            f"({facts.host_available if facts else 0} B left) and would spill to nvme, but "
+            "offload_states.path is not set; set path or raise host_budget_mb"
+        )
+    placement = Placement(tiers, spilled)
     if placement.uses_nvme and not config.path:
         users = ", ".join(s.value for s in placement.states_on(Tier.nvme))
         raise ConfigError(f"offload_states.path is required: {users} placed on the 'nvme' tier")
     return placement
+
+
+def _spill(tiers: dict[StateKind, Tier], facts: EngineFacts) -> frozenset[StateKind]:
+    """Move host-tier states that do not fit ``facts.host_available`` to nvme (in place); return them."""
+    if facts.host_available is None:
+        return frozenset()
+    left = facts.host_available
+    spilled = set()
+    for state in sorted((s for s, t in tiers.items() if t in HOST_TIERS), key=HOST_PRIORITY.index):
+        need = facts.state_bytes.get(state, 0)
+        if need <= left:
+            left -= need
+        else:
+            tiers[state] = Tier.nvme
+            spilled.add(state)
+    return frozenset(spilled)

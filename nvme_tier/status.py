@@ -28,8 +28,19 @@ def build_status(
                 Tier.cpu: "host",
                 Tier.discard: "freed (rebuilt on reload)",
             }.get(tier, device)
+            spilled = any(p.spilled for p in moved)
+            if spilled:
+                where = f"{where} (spilled: host budget full)"
             out[kind.value] = StateStatus(
-                kind.value, tier.value, nbytes, where, len(moved), nbytes, phase.value, in_flight.get(kind, 0)
+                kind.value,
+                tier.value,
+                nbytes,
+                where,
+                len(moved),
+                nbytes,
+                phase.value,
+                in_flight.get(kind, 0),
+                spilled,
             )
         else:
             bufs = [b for b in buffers.get(kind, []) if not b.is_freed]

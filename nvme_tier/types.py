@@ -62,6 +62,7 @@ class StateStatus:
     # resident / offloading / offloaded / reloading / failed: where this state's move stands
     phase: str = OffloadPhase.resident.value
     bytes_in_flight: int = 0  # bytes of a non-blocking offload not yet known safe elsewhere
+    spilled: bool = False  # on nvme because the process's host budget could not hold its host copy
 
     def __getitem__(self, key: str):
         try:
@@ -79,6 +80,7 @@ class StateStatus:
             "device_bytes_freed",
             "phase",
             "bytes_in_flight",
+            "spilled",
         )
 
     def as_dict(self) -> dict:

@@ -64,6 +64,8 @@ FIELDS = {
     "pin_memory": json_values,
     "non_blocking": json_values,
     "staging_budget_mb": ints,
+    "host_budget_mb": st.none() | ints,
+    "preallocate": json_values,
     "checksum": json_values,
     "skip_unchanged": json_values,
     "progress": json_values,
@@ -87,9 +89,18 @@ def assert_valid(cfg: OffloadStatesConfig) -> None:
     assert not any(v is Tier.discard and k.holds_data for k, v in cfg.policy.items())
     assert cfg.include is None or all(isinstance(s, StateKind) for s in cfg.include)
     assert 2 <= cfg.staging_budget_mb <= 65536 and cfg.staging_budget_bytes == cfg.staging_budget_mb << 20
+    assert cfg.host_budget_mb is None or cfg.host_budget_bytes == cfg.host_budget_mb << 20 >= 0
+    assert not (cfg.path and cfg.host_budget_mb is not None and cfg.host_budget_mb < cfg.staging_budget_mb)
     assert cfg.aio.block_size >= 4096 and 1 <= cfg.aio.queue_depth <= 1024
     assert 1 <= cfg.zarr.chunk_mb <= 4096 and cfg.zarr.codec in ("none", "zstd", "blosc")
-    for flag in (cfg.pin_memory, cfg.non_blocking, cfg.checksum, cfg.skip_unchanged, cfg.progress):
+    for flag in (
+        cfg.pin_memory,
+        cfg.non_blocking,
+        cfg.checksum,
+        cfg.skip_unchanged,
+        cfg.progress,
+        cfg.preallocate,
+    ):
         assert isinstance(flag, bool)
     # A parsed config is a fixed point: dumping and parsing it again changes nothing.
     assert OffloadStatesConfig.parse(cfg.model_dump(mode="json")) == cfg

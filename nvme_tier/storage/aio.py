@@ -1,4 +1,4 @@
-"""NVMe backend on DeepSpeed's async_io op (libaio, O_DIRECT) with a ring of pinned staging buffers.
+"""NVMe backend on DeepSpeed's async_io op (libaio, O_DIRECT) with pinned staging slots from the shared pool.
 
 Alignment: O_DIRECT needs buffer addresses, lengths and file offsets aligned. DeepSpeed splits a
 request across ``intra_op_parallelism`` threads, so every on-disk length is padded to
@@ -15,6 +15,7 @@ import os
 import resource
 import stat
 import threading
+from collections.abc import Iterator
 
 import torch
 
@@ -22,7 +23,7 @@ from ..config import AioSettings
 from ..errors import BackendUnavailableError, IntegrityError, TierIOError
 from .base import Capabilities, StorageBackend, chunk_ranges, crc32c
 from .manifest import TensorRecord, WriterDirectory
-from .staging import DeviceCopier, round_down, round_up
+from .staging import DeviceCopier, round_down, round_up, staging_pool
 
 INSTALL_HINT = (
     "the 'aio' backend needs libaio and DeepSpeed's async_io op: run `apt-get install -y libaio-dev` "
@@ -62,7 +63,7 @@ def has_cap_ipc_lock() -> bool:
 def memlock_shortfall(locked_bytes: int, cuda: bool | None = None) -> str | None:
     """Why page-locking ``locked_bytes`` of staging would fail here, or None when it will not.
 
-    Without CUDA the staging ring comes from DeepSpeed's mlock allocator, which aborts the whole
+    Without CUDA the staging slots come from DeepSpeed's mlock allocator, which aborts the whole
     process (a C assert, no Python exception) past ``ulimit -l``: this must be asked first.
     CUDA pinned memory (cudaHostAlloc) and processes holding CAP_IPC_LOCK are not bound by it.
     """
@@ -78,7 +79,7 @@ def memlock_shortfall(locked_bytes: int, cuda: bool | None = None) -> str | None
 
 
 def staging_plan(staging_budget_bytes: int, settings: AioSettings) -> tuple[int, int]:
-    """(slots, bytes per slot) of the pinned ring that ``staging_budget_bytes`` buys."""
+    """(slots, bytes per slot) of the pinned staging that ``staging_budget_bytes`` buys."""
     alignment = settings.intra_op_parallelism * PAGE
     count = min(AioBackend.max_slots, max(2, staging_budget_bytes // AioBackend.max_chunk_bytes))
     chunk = round_down(min(staging_budget_bytes // count, AioBackend.max_chunk_bytes), alignment)
@@ -147,13 +148,21 @@ class _Slot:
     bounce-buffer copy for torch-pinned memory or memory its *own* pinned-tensor manager allocated.
     """
 
-    __slots__ = ("buffer", "handle", "locked_by_handle", "pending")
+    __slots__ = ("buffer", "handle", "locked_by_handle", "pending", "settings")
 
-    def __init__(self, handle, buffer: torch.Tensor):
+    def __init__(self, handle, buffer: torch.Tensor, settings: AioSettings):
         self.handle = handle
         self.buffer = buffer
+        self.settings = settings
         self.locked_by_handle = False
         self.pending = False
+
+    def free(self) -> None:
+        """Free the buffer (through its handle when the handle made it); the handle goes idle."""
+        self.drain()
+        if self.locked_by_handle:
+            self.handle.free_cpu_locked_tensor(self.buffer)
+        _give_back_handle(self.settings, self.handle)
 
     def wait(self, path: str) -> None:
         from ..engine import aio_wait  # never handle.wait(): DeepSpeed <0.18.4 deadlocks (engine.py)
@@ -174,12 +183,14 @@ class _Slot:
 
 
 class AioBackend(StorageBackend):
-    """One file per tensor, moved in chunks through a ring of pinned buffers, one aio handle each.
+    """One file per tensor, moved in chunks through pinned buffers, one aio handle each.
 
     The staging budget is split into ``slots`` buffers of at most ``max_chunk_bytes``: while the
     disk works on one or more chunks, the CPU/DMA fills (write) or drains (read) the next, so the
     disk never idles between requests, and only one chunk of copy + crc32c work is left
-    un-overlapped at the start of a write or the end of a read.
+    un-overlapped at the start of a write or the end of a read. The buffers are checked out of the
+    process-wide staging pool for one file's write or read and given back, so the engines of a
+    process share them instead of each keeping its own.
     """
 
     capabilities = Capabilities(name="aio", alignment=PAGE, needs_libaio=True, o_direct=True)
@@ -208,7 +219,7 @@ class AioBackend(StorageBackend):
         self.alignment = self.settings.intra_op_parallelism * PAGE
         self.staging_budget_bytes = staging_budget_bytes
         self.slot_count, self.chunk_bytes = staging_plan(staging_budget_bytes, self.settings)
-        self._slots: list[_Slot] = []
+        self._staging_bytes = 0
         self._copier = DeviceCopier()
         self._rewrite: set[str] = set()  # files kept for an in-place rewrite by the next write
 
@@ -216,43 +227,53 @@ class AioBackend(StorageBackend):
     def file_name(name: str) -> str:
         return f"{name}.bin"
 
-    # -- lazily built resources (on the worker thread) -------------------------------------------
-    def _get_slots(self) -> list[_Slot]:
-        if not self._slots:
-            shortfall = memlock_shortfall(self.slot_count * self.chunk_bytes)
-            if shortfall:  # refuse in Python: past the limit DeepSpeed's allocator aborts the process
-                raise BackendUnavailableError(f"aio backend: {shortfall}; {MEMLOCK_HINT}")
-            example = torch.empty(0, dtype=torch.uint8)
-            for _ in range(self.slot_count):
-                handle = _take_handle(self.settings)
-                if torch.cuda.is_available():
-                    # torch's pinned allocator (cudaHostAlloc), not PinnedHostMemory: O_DIRECT from
-                    # registered huge-page memory ran ~35 % slower here (docs/performance.md).
-                    buf = torch.empty(self.chunk_bytes, dtype=torch.uint8, pin_memory=True)
-                    slot = _Slot(handle, buf)
-                else:  # no CUDA pinning here: the op's own page-locked, page-aligned allocation
-                    slot = _Slot(handle, handle.new_cpu_locked_tensor(self.chunk_bytes, example))
-                    slot.locked_by_handle = True
-                self._slots.append(slot)
-        return self._slots
+    # -- staging slots: checked out of the process-wide pool for one file's write or read ----------
+    @contextlib.contextmanager
+    def _checked_out_slots(self) -> Iterator[list[_Slot]]:
+        key = ("aio", _handle_key(self.settings), self.chunk_bytes)
+        with staging_pool().checkout(self, key, self.slot_count, self.chunk_bytes, self._new_slot) as slots:
+            self._staging_bytes = sum(slot.buffer.numel() for slot in slots)
+            yield slots
+
+    def _new_slot(self) -> _Slot:
+        """A handle and a buffer it can DMA from without a bounce copy (kept together in the pool)."""
+        shortfall = memlock_shortfall(self.slot_count * self.chunk_bytes)
+        if shortfall:  # refuse in Python: past the limit DeepSpeed's allocator aborts the process
+            raise BackendUnavailableError(f"aio backend: {shortfall}; {MEMLOCK_HINT}")
+        handle = _take_handle(self.settings)
+        if torch.cuda.is_available():
+            # torch's pinned allocator (cudaHostAlloc), not PinnedHostMemory: O_DIRECT from
+            # registered huge-page memory ran ~35 % slower here (docs/performance.md).
+            return _Slot(
+                handle, torch.empty(self.chunk_bytes, dtype=torch.uint8, pin_memory=True), self.settings
+            )
+        # no CUDA pinning here: the op's own page-locked, page-aligned allocation
+        slot = _Slot(
+            handle,
+            handle.new_cpu_locked_tensor(self.chunk_bytes, torch.empty(0, dtype=torch.uint8)),
+            self.settings,
+        )
+        slot.locked_by_handle = True
+        return slot
 
     @property
     def pinned_bytes(self) -> int:
-        return sum(slot.buffer.numel() for slot in self._slots)
+        """Staging bytes this backend checks out of the shared pool per file (0 before its first I/O)."""
+        return self._staging_bytes
 
     def _release_resources(self) -> None:
-        slots, self._slots = self._slots, []
-        for slot in slots:
-            slot.drain()
-            if slot.locked_by_handle:
-                slot.handle.free_cpu_locked_tensor(slot.buffer)
-            _give_back_handle(self.settings, slot.handle)
+        staging_pool().leave(self)
 
     # -- hooks -----------------------------------------------------------------------------------
     def _write_bytes(self, name: str, src: torch.Tensor) -> tuple[str, int, list[int] | None]:
+        with self._checked_out_slots() as slots:
+            return self._write_chunks(slots, name, src)
+
+    def _write_chunks(
+        self, slots: list[_Slot], name: str, src: torch.Tensor
+    ) -> tuple[str, int, list[int] | None]:
         from ..engine import aio_async_pwrite  # the op's binding differs by DeepSpeed version
 
-        slots = self._get_slots()
         chunk = self._chunk_for(src.numel())
         file = self.file_name(name)
         path = self.directory.file_path(file)
@@ -295,9 +316,12 @@ class AioBackend(StorageBackend):
         return file, chunk, crcs
 
     def _read_bytes(self, record: TensorRecord, dst: torch.Tensor) -> None:
+        with self._checked_out_slots() as slots:
+            self._read_chunks(slots, record, dst)
+
+    def _read_chunks(self, slots: list[_Slot], record: TensorRecord, dst: torch.Tensor) -> None:
         from ..engine import aio_async_pread  # settled per request, as aio_async_pwrite
 
-        slots = self._get_slots()
         if record.chunk_bytes > self.chunk_bytes:
             # Written with a larger budget: read with the chunking it was checksummed with.
             raise TierIOError(

@@ -1,8 +1,8 @@
-"""A bounded, reusable pool of pinned host buffers for moving bytes between a device and a disk.
+"""Host memory for moving bytes: the process-wide staging pool, page-locked host copies, device copies.
 
-Two buffers (double buffering): while the disk writes buffer A, the device fills buffer B. The
-pool is allocated lazily on first use, reused across calls, and freed only by ``release()``;
-host memory never grows with the size of the state, only with the budget.
+Staging buffers are one pool per process, shared by every engine's backend and charged to the
+process's host budget (host_budget.py): a backend checks slots out for one file's write or read
+and returns them, so N engines hold at most one staging budget, not N.
 """
 
 from __future__ import annotations
@@ -11,13 +11,19 @@ import contextlib
 import ctypes
 import logging
 import os
+import threading
 import time
-from collections.abc import Callable
+import weakref
+from collections import deque
+from collections.abc import Callable, Hashable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol
 
 import torch
 
-Allocator = Callable[[int], torch.Tensor]
+from ..errors import ConfigError, TierIOError
+from ..host_budget import HostMemoryBudget, process_budget
+
 log = logging.getLogger("nvme_tier")
 
 PAGE = 4096
@@ -27,6 +33,8 @@ REGISTER_MIN_BYTES = 64 << 20
 _MADV_HUGEPAGE = 14
 _MADV_POPULATE_WRITE = 23  # Linux 5.14+: fault a range in without writing it
 _POPULATE_PIECE = 8 << 20
+# How long a backend waits for staging slots another engine holds (one file's write or read each).
+STAGING_WAIT_SECONDS = 600.0
 
 
 def round_down(value: int, multiple: int) -> int:
@@ -37,48 +45,150 @@ def round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
-def default_pinned_allocator(nbytes: int) -> torch.Tensor:
-    """Page-locked when an accelerator is present (fast DMA), page-aligned pageable otherwise."""
-    if torch.cuda.is_available():
-        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-    return torch.empty(nbytes, dtype=torch.uint8)
+class StagingSlot(Protocol):
+    buffer: torch.Tensor
+
+    def free(self) -> None: ...
 
 
-class StagingPool:
-    """``count`` buffers of ``budget // count`` bytes each (rounded down to ``alignment``)."""
+class SharedStagingPool:
+    """Staging slots of every backend in the process, reused across engines and calls.
 
-    def __init__(
-        self,
-        budget_bytes: int,
-        alignment: int = 4096,
-        count: int = 2,
-        allocator: Allocator = default_pinned_allocator,
-        free: Callable[[torch.Tensor], None] | None = None,
-    ):
-        per_buffer = round_down(budget_bytes // count, alignment)
-        if per_buffer <= 0:
-            raise ValueError(f"staging budget {budget_bytes} B is below {count} x alignment {alignment} B")
-        self.buffer_bytes = per_buffer
-        self.count = count
-        self._allocator = allocator
-        self._free = free
-        self._buffers: list[torch.Tensor] = []
+    Slots are grouped by ``key`` (a backend kind with its buffer size and handle settings: an aio
+    buffer stays paired with the handle that allocated it). The pool's bytes stay within the
+    staging capacity (the largest staging_budget_mb of a live engine, or the largest request):
+    idle slots of other keys are freed to make room, else the request waits. Waiters are served
+    first come, first served, and a request takes all its slots at once or none (no hold-and-wait,
+    so engines offloading at the same time cannot deadlock).
+    """
 
-    @property
-    def buffers(self) -> list[torch.Tensor]:
-        if not self._buffers:
-            self._buffers = [self._allocator(self.buffer_bytes) for _ in range(self.count)]
-        return self._buffers
+    def __init__(self, budget: HostMemoryBudget, wait_seconds: float = STAGING_WAIT_SECONDS):
+        self._budget = budget
+        self._wait_seconds = wait_seconds
+        self._cond = threading.Condition()
+        self._idle: dict[Hashable, list[tuple[StagingSlot, int]]] = {}
+        self._queue: deque[object] = deque()
+        self._allocated = 0
+        self._checked_out = 0
+        self._largest_request = 0
+        self._users: weakref.WeakSet = weakref.WeakSet()
 
     @property
     def allocated_bytes(self) -> int:
-        return sum(b.numel() for b in self._buffers)
+        with self._cond:
+            return self._allocated
 
-    def release(self) -> None:
-        if self._free is not None:
-            for buf in self._buffers:
-                self._free(buf)
-        self._buffers = []
+    @contextlib.contextmanager
+    def checkout(
+        self, user: object, key: Hashable, count: int, slot_bytes: int, make: Callable[[], StagingSlot]
+    ) -> Iterator[list[StagingSlot]]:
+        """``count`` slots of ``slot_bytes`` for the duration of the block (made by ``make`` if none idle)."""
+        slots = self._acquire(user, key, count, slot_bytes, make)
+        try:
+            yield slots
+        finally:
+            with self._cond:
+                self._idle.setdefault(key, []).extend((s, slot_bytes) for s in slots)
+                self._checked_out -= len(slots)
+                self._cond.notify_all()
+
+    def leave(self, user: object) -> None:
+        """``user`` (a backend) is released; the last one out frees the idle slots."""
+        with self._cond:
+            self._users.discard(user)
+            if not self._users:
+                for key in list(self._idle):
+                    self._free_idle(key)
+                if torch.cuda.is_available():  # torch keeps freed pinned blocks cached: return them
+                    torch.cuda.synchronize()
+                    with contextlib.suppress(AttributeError):
+                        torch._C._host_emptyCache()
+
+    def _acquire(
+        self, user: object, key: Hashable, count: int, slot_bytes: int, make: Callable[[], StagingSlot]
+    ) -> list[StagingSlot]:
+        ticket = object()
+        deadline = time.monotonic() + self._wait_seconds
+        with self._cond:
+            self._users.add(user)
+            self._largest_request = max(self._largest_request, count * slot_bytes)
+            self._queue.append(ticket)
+            try:
+                while True:
+                    taken = self._take(key, count, slot_bytes) if self._queue[0] is ticket else None
+                    if taken is not None:
+                        break
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise TierIOError(
+                            f"waited {self._wait_seconds:.0f} s for staging buffers other engines hold"
+                        )
+                    self._cond.wait(left)
+            finally:
+                self._queue.remove(ticket)
+                self._cond.notify_all()
+        missing = count - len(taken)
+        made: list[StagingSlot] = []
+        try:  # slow (page-locking): outside the lock, the bytes are already counted and reserved
+            for _ in range(missing):
+                made.append(make())
+        except BaseException:
+            with self._cond:
+                for slot in made:
+                    slot.free()
+                self._idle.setdefault(key, []).extend((s, slot_bytes) for s in taken)
+                self._allocated -= missing * slot_bytes
+                self._checked_out -= count
+                self._budget.release(missing * slot_bytes, staging=True)
+                self._cond.notify_all()
+            raise
+        return taken + made
+
+    def _take(self, key: Hashable, count: int, slot_bytes: int) -> list[StagingSlot] | None:
+        """Under the lock: idle slots of ``key`` plus room (counted, reserved) for the rest, or None."""
+        idle = self._idle.get(key, [])
+        taken = [idle.pop()[0] for _ in range(min(count, len(idle)))]
+        needed = (count - len(taken)) * slot_bytes
+        capacity = max(self._budget.staging_capacity, self._largest_request)
+        for other in [k for k in self._idle if k != key]:
+            if self._allocated + needed <= capacity:
+                break
+            self._free_idle(other)
+        if self._allocated + needed > capacity or not self._budget.reserve(needed, staging=True):
+            idle.extend((s, slot_bytes) for s in taken)
+            if self._checked_out == 0 and self._allocated + needed <= capacity:
+                raise ConfigError(
+                    f"offload_states.host_budget_mb leaves no room for {needed >> 20} MiB of staging "
+                    "buffers; raise it or lower staging_budget_mb"
+                )
+            return None
+        self._allocated += needed
+        self._checked_out += count
+        return taken
+
+    def _free_idle(self, key: Hashable) -> None:
+        for slot, nbytes in self._idle.pop(key, []):
+            slot.free()
+            self._allocated -= nbytes
+            self._budget.release(nbytes, staging=True)
+
+
+_POOL = SharedStagingPool(process_budget())
+
+
+def staging_pool() -> SharedStagingPool:
+    """The staging pool every backend of this process shares."""
+    return _POOL
+
+
+class HostBuffer:
+    """A plain staging buffer (zarr's host slice): page-locked by torch when CUDA is present."""
+
+    def __init__(self, nbytes: int):
+        self.buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
+
+    def free(self) -> None:
+        self.buffer = torch.empty(0, dtype=torch.uint8)
 
 
 class DeviceCopier:
@@ -185,52 +295,77 @@ class PinnedHostMemory:
     8.6 GB of page-locked RAM) and faults the pages in on one thread. Here the pages of a plain
     allocation are faulted in by ``threads`` threads and the exact range is then registered with
     ``cudaHostRegister`` (on a helper thread, so a failure cannot leave a stale CUDA error on the
-    caller's thread); if registering fails, torch's pinned allocator is used instead. ``free()``
-    (or garbage collection) unregisters before the memory is returned: callers must not have a
-    copy in flight then. Small buffers, and every buffer without CUDA, use torch's allocator.
+    caller's thread). ``free()`` (or garbage collection) unregisters before the memory is returned:
+    callers must not have a copy in flight then. Small buffers with CUDA use torch's allocator;
+    without CUDA nothing is page-locked (plain memory, faulted in the same way).
+
+    With ``piece_bytes`` the buffer is only reserved (untouched virtual memory) and each piece is
+    faulted in and registered by ``lock_piece(i)``: the first offload locks piece i+1 on a helper
+    thread while piece i's copy runs, instead of paying for all of it before the first byte moves.
     """
 
-    def __init__(self, nbytes: int, threads: int | None = None):
+    def __init__(self, nbytes: int, threads: int | None = None, piece_bytes: int | None = None):
         self.nbytes = nbytes
         self.registered = False
-        self.seconds: dict[str, float] = {}
-        self._ptr = 0
+        self.seconds: dict[str, float] = {"populate": 0.0, "register": 0.0}
+        self._threads = threads or default_threads()
+        self._registered: list[int] = []  # addresses of the registered ranges
         cuda = torch.cuda.is_available()
-        if not cuda or nbytes < REGISTER_MIN_BYTES:
-            self._raw = self.tensor = torch.empty(nbytes, dtype=torch.uint8, pin_memory=cuda)
-            return
-        threads = threads or default_threads()
-        t0 = time.perf_counter()
-        raw = torch.empty(nbytes + HUGE_PAGE + PAGE, dtype=torch.uint8)
-        offset = (-raw.data_ptr()) % HUGE_PAGE
-        ptr, span = raw.data_ptr() + offset, round_up(nbytes, PAGE)
-        populate(ptr, span, threads)
-        t1 = time.perf_counter()
-        cudart = torch.cuda.cudart()
-        with _thread_pool(1) as pool:
-            err = int(pool.submit(lambda: cudart.cudaHostRegister(ptr, span, 0)).result())
-        t2 = time.perf_counter()
-        self.seconds = {"populate": t1 - t0, "register": t2 - t1}
-        if err != 0:
-            log.warning(
-                "nvme_tier: cudaHostRegister of %d bytes failed (cudaError %d); using torch's pinned allocator",
-                span,
-                err,
-            )
-            del raw
+        self._register = cuda and nbytes >= REGISTER_MIN_BYTES
+        if cuda and not self._register:
             self._raw = self.tensor = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+            self.pieces: list[tuple[int, int]] = [(0, nbytes)]
+            self._locked = len(self.pieces)
             return
-        self._raw, self._ptr, self.registered = raw, ptr, True
+        align = HUGE_PAGE if self._register else PAGE  # huge pages: fewer faults, fewer pages to pin
+        raw = torch.empty(nbytes + align + PAGE, dtype=torch.uint8)
+        offset = (-raw.data_ptr()) % align
+        self._raw, self._ptr = raw, raw.data_ptr() + offset
         self.tensor = raw[offset : offset + nbytes]
+        step = round_up(piece_bytes or nbytes, HUGE_PAGE)
+        self.pieces = [(a, min(a + step, nbytes)) for a in range(0, nbytes, step)]
+        self._locked = 0
+        if piece_bytes is None:
+            for index in range(len(self.pieces)):
+                self.lock_piece(index)
+            if self._register and not self.registered:  # registering failed: torch's allocator instead
+                self.free()
+                self._raw = self.tensor = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+
+    def lock_piece(self, index: int) -> None:
+        """Fault piece ``index`` in (and register it with CUDA); any thread, each piece once."""
+        a, b = self.pieces[index]
+        span = min(round_up(b, PAGE), round_up(self.nbytes, PAGE)) - a
+        t0 = time.perf_counter()
+        populate(self._ptr + a, span, self._threads)
+        t1 = time.perf_counter()
+        if self._register:
+            cudart = torch.cuda.cudart()
+            with _thread_pool(1) as pool:
+                err = int(pool.submit(lambda: cudart.cudaHostRegister(self._ptr + a, span, 0)).result())
+            if err == 0:
+                self._registered.append(self._ptr + a)
+                self.registered = True
+            else:  # the piece stays pageable: copies into it are slower, not wrong
+                log.warning("nvme_tier: cudaHostRegister of %d bytes failed (cudaError %d)", span, err)
+        self.seconds["populate"] += t1 - t0
+        self.seconds["register"] += time.perf_counter() - t1
+        self._locked += 1
+
+    @property
+    def fully_locked(self) -> bool:
+        return self._locked == len(self.pieces)
 
     def free(self) -> None:
         """Unregister (when registered) and drop the memory."""
-        if self.registered:
-            self.registered = False
-            err = int(torch.cuda.cudart().cudaHostUnregister(self._ptr))
+        ranges, self._registered = self._registered, []
+        self.registered = False
+        for ptr in ranges:
+            err = int(torch.cuda.cudart().cudaHostUnregister(ptr))
             if err != 0:  # never hand registered pages back to malloc: keep them for the process
                 log.warning("nvme_tier: cudaHostUnregister failed (cudaError %d); keeping the buffer", err)
                 _LEAKED.append(self._raw)
+                break
         self.tensor = self._raw = None
 
     def __del__(self) -> None:

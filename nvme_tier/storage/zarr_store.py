@@ -7,8 +7,11 @@ backend's worker thread; zarr writes the chunks of each slice concurrently.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -16,7 +19,7 @@ from ..config import ZarrSettings
 from ..errors import BackendUnavailableError, IntegrityError, TierIOError
 from .base import Capabilities, StorageBackend, chunk_ranges, crc32c, host_array
 from .manifest import TensorRecord, WriterDirectory
-from .staging import DeviceCopier, round_up
+from .staging import DeviceCopier, HostBuffer, round_up, staging_pool
 
 MiB = 1 << 20
 
@@ -52,7 +55,7 @@ class ZarrBackend(StorageBackend):
         self.slice_bytes = per_slice * self.chunk_bytes
         self._copier = DeviceCopier()
         self._store = None
-        self._host: torch.Tensor | None = None
+        self._staging_bytes = 0
 
     @staticmethod
     def file_name(name: str) -> str:
@@ -60,7 +63,8 @@ class ZarrBackend(StorageBackend):
 
     @property
     def pinned_bytes(self) -> int:
-        return self._host.numel() if self._host is not None else 0
+        """Staging bytes this backend checks out of the shared pool per write (0 before its first)."""
+        return self._staging_bytes
 
     def _get_store(self):
         if self._store is None:
@@ -76,13 +80,13 @@ class ZarrBackend(StorageBackend):
 
         return ZstdCodec(level=1) if codec == "zstd" else BloscCodec(cname="lz4", clevel=1)
 
-    def _host_slice(self, nbytes: int) -> torch.Tensor:
-        """A reusable host buffer for device sources (pinned when CUDA is present)."""
-        size = round_up(min(nbytes, self.slice_bytes), 4096)
-        if self._host is None or self._host.numel() < size:
-            self._host = None
-            self._host = torch.empty(size, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
-        return self._host
+    @contextlib.contextmanager
+    def _host_slice(self) -> Iterator[torch.Tensor]:
+        """A host buffer for device sources from the process-wide staging pool (pinned with CUDA)."""
+        size = round_up(self.slice_bytes, 4096)  # one size per backend config: idle buffers get reused
+        with staging_pool().checkout(self, ("zarr", size), 1, size, lambda: HostBuffer(size)) as (slot,):
+            self._staging_bytes = size
+            yield slot.buffer
 
     def _write_bytes(self, name: str, src: torch.Tensor) -> tuple[str, int, list[int] | None]:
         zarr = _zarr()
@@ -109,9 +113,23 @@ class ZarrBackend(StorageBackend):
             raise TierIOError(f"cannot create {path}: {exc.strerror}", path, exc.errno) from None
         crcs: list[int] | None = [] if self.checksum else None
         chunk = array.chunks[0]
-        for a, b in chunk_ranges(nbytes, self.slice_bytes):
-            if src.is_cuda:
-                host = self._host_slice(nbytes)[: b - a]
+        with self._host_slice() if src.is_cuda else contextlib.nullcontext() as staging:
+            self._write_slices(src, array, chunk, target, crcs, staging)
+        self._restrict_permissions(file)
+        return file, chunk, crcs
+
+    def _write_slices(
+        self,
+        src: torch.Tensor,
+        array: Any,
+        chunk: int,
+        target: str,
+        crcs: list[int] | None,
+        staging: torch.Tensor | None,
+    ) -> None:
+        for a, b in chunk_ranges(src.numel(), self.slice_bytes):
+            if staging is not None:
+                host = staging[: b - a]
                 self._copier.copy(host, src[a:b])
             else:
                 host = src[a:b]
@@ -123,8 +141,6 @@ class ZarrBackend(StorageBackend):
                 raise TierIOError(
                     f"writing {target} failed: {exc.strerror or exc}", target, exc.errno
                 ) from None
-        self._restrict_permissions(file)
-        return file, chunk, crcs
 
     def _restrict_permissions(self, file: str) -> None:
         """zarr creates 0755/0644 entries (umask); make them 0700/0600 like every file we own."""
@@ -197,7 +213,7 @@ class ZarrBackend(StorageBackend):
             shutil.rmtree(path, ignore_errors=True)
 
     def _release_resources(self) -> None:
-        self._host = None
+        staging_pool().leave(self)
         self._store = None
 
 

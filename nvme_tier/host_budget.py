@@ -1,0 +1,149 @@
+"""One host-memory budget per process, shared by every attached engine.
+
+RLHF runs several engines in one process (actor, critic, reference, reward); per-engine host
+copies would multiply into the very cost this project removes. So every byte of host memory
+nvme_tier holds -- the host copies of the cpu/pinned_cpu tiers, pinned copies kept for reuse, and
+the shared staging pool -- is reserved here first.
+
+Semantics:
+- The limit is the smallest ``host_budget_mb`` among the live attached engines (an engine with
+  ``null`` adds no limit); with none set, memory is only counted.
+- Staging is reserved ahead: the headroom up to the staging capacity (the largest
+  ``staging_budget_mb`` of a live engine with a ``path``) is not available to host copies, so a
+  spilled state can always be written.
+- Pinned copies kept for reuse are *parked*: still reserved, but evicted (freed, least recently
+  parked first) whenever a reservation would not fit otherwise.
+
+No torch here: entries only need ``nbytes`` and ``free()``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import weakref
+from collections import OrderedDict
+from typing import Protocol
+
+log = logging.getLogger("nvme_tier")
+
+
+class Evictable(Protocol):
+    nbytes: int
+
+    def free(self) -> None: ...
+
+
+class HostMemoryBudget:
+    """Thread-safe reservations against the process's host-memory limit."""
+
+    def __init__(self) -> None:
+        # Re-entrant: a controller holds it across (facts, decide, claim) so no other engine's
+        # reservation slips in between.
+        self.lock = threading.RLock()
+        self._owners: weakref.WeakKeyDictionary[object, tuple[int | None, int]] = weakref.WeakKeyDictionary()
+        self._reserved = 0
+        self._staging_reserved = 0
+        self._parked: OrderedDict[Evictable, None] = OrderedDict()  # an ordered set, LRU first
+
+    # -- who sets the limit ----------------------------------------------------------------------
+    def register(self, owner: object, limit_bytes: int | None, staging_bytes: int) -> None:
+        """Count ``owner``'s configured limit and staging capacity while it is alive."""
+        with self.lock:
+            before = self.limit
+            self._owners[owner] = (limit_bytes, staging_bytes)
+            after = self.limit
+        if before is not None and after != before:
+            log.warning(
+                "nvme_tier: engines of this process configure different host_budget_mb; "
+                "the smallest (%d MiB) applies to all of them",
+                (after or 0) >> 20,
+            )
+
+    def unregister(self, owner: object) -> None:
+        with self.lock:
+            self._owners.pop(owner, None)
+
+    @property
+    def limit(self) -> int | None:
+        """The smallest configured limit of a live owner (None: unlimited)."""
+        with self.lock:
+            limits = [lim for lim, _ in self._owners.values() if lim is not None]
+        return min(limits) if limits else None
+
+    @property
+    def staging_capacity(self) -> int:
+        with self.lock:
+            return max((staging for _, staging in self._owners.values()), default=0)
+
+    # -- reservations ----------------------------------------------------------------------------
+    @property
+    def reserved(self) -> int:
+        """Host bytes nvme_tier holds now (host copies, parked copies, staging)."""
+        with self.lock:
+            return self._reserved
+
+    @property
+    def parked(self) -> int:
+        with self.lock:
+            return sum(e.nbytes for e in self._parked)
+
+    def available(self) -> int | None:
+        """Bytes a new host copy may still take (evicting parked copies), or None when unlimited."""
+        with self.lock:
+            limit = self.limit
+            if limit is None:
+                return None
+            headroom = max(0, self.staging_capacity - self._staging_reserved)
+            return max(0, limit - self._reserved + self.parked - headroom)
+
+    def reserve(self, nbytes: int, staging: bool = False) -> bool:
+        """Reserve ``nbytes`` (evicting parked copies as needed); False, changing nothing, if they cannot fit.
+
+        Host copies leave the staging headroom alone; staging may use it.
+        """
+        with self.lock:
+            limit = self.limit
+            if limit is not None:
+                headroom = 0 if staging else max(0, self.staging_capacity - self._staging_reserved)
+                if nbytes > limit - self._reserved + self.parked - headroom:
+                    return False
+                while self._parked and nbytes > limit - self._reserved - headroom:
+                    victim, _ = self._parked.popitem(last=False)
+                    victim.free()
+                    self._reserved -= victim.nbytes
+            self._reserved += nbytes
+            if staging:
+                self._staging_reserved += nbytes
+            return True
+
+    def release(self, nbytes: int, staging: bool = False) -> None:
+        with self.lock:
+            self._reserved -= nbytes
+            if staging:
+                self._staging_reserved -= nbytes
+
+    # -- copies kept for reuse -------------------------------------------------------------------
+    def park(self, entry: Evictable) -> None:
+        """``entry`` (reserved) is not in use now: it may be evicted to make room."""
+        with self.lock:
+            self._parked[entry] = None
+
+    def unpark(self, entry: Evictable) -> bool:
+        """Take ``entry`` back into use; False when it was evicted (freed, no longer reserved)."""
+        with self.lock:
+            return self._parked.pop(entry, False) is None
+
+    def discard(self, entry: Evictable) -> None:
+        """Free a parked ``entry`` and release its bytes (nothing to do when it was evicted)."""
+        if self.unpark(entry):
+            entry.free()
+            self.release(entry.nbytes)
+
+
+_BUDGET = HostMemoryBudget()
+
+
+def process_budget() -> HostMemoryBudget:
+    """The budget every engine of this process shares."""
+    return _BUDGET
