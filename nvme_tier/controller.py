@@ -63,7 +63,7 @@ class OffloadController:
         )
         self._mover = TierMover(self._open_backend, progress=self._progress.advance, budget=self._budget)
         self._undo_hooks = ds.install_hooks(
-            engine, self.guard, self.mark_dirty, self.offload_states, self.reload_states
+            engine, self.guard, self.mark_dirty, self.offload_states, self.reload_states, self.guard_weights
         )
         self._finalizer = weakref.finalize(engine, TierMover.release, self._mover)
         if config.preallocate:
@@ -186,6 +186,24 @@ class OffloadController:
             away = ", ".join(k.value for k in self._placed) or "states"
             raise StatesOffloadedError(
                 f"{what}() called while {away} are offloaded ({self.phase.value}); "
+                "call engine.reload_states() first"
+            )
+
+    def guard_weights(self, what: str) -> None:
+        """Called before DeepSpeed gathers the weights outside forward (``GatheredParameters``).
+
+        Only the weights matter here: OpenRLHF gathers them to broadcast to vLLM while the
+        optimizer states are offloaded, which must keep working. Weights being reloaded (or
+        offloaded) by a non-blocking call are waited for; weights that are away are refused.
+        """
+        if StateKind.lp_params not in self._placed:
+            return
+        self.wait()
+        if self.phase is OffloadPhase.failed:
+            raise StatesOffloadedError(self._after_failure(what))
+        if StateKind.lp_params in self._placed:
+            raise StatesOffloadedError(
+                f"{what} called while lp_params are offloaded ({self.phase.value}); "
                 "call engine.reload_states() first"
             )
 

@@ -328,8 +328,14 @@ def install_hooks(
     mutated: Callable[[], None],
     offload: Callable[..., None],
     reload: Callable[..., None],
+    guard_weights: Callable[[str], None],
 ) -> Callable[[], None]:
     """Route offload_states/reload_states to nvme_tier and guard compute; returns an undo.
+
+    ZeRO-3 parameters' own ``all_gather`` (what ``GatheredParameters`` and user code call, outside
+    forward) goes through ``guard_weights`` first: right after a non-blocking reload the partitions
+    are still being filled on nvme_tier's thread, and gathering them then read freed memory
+    (a segfault on the CPU accelerator) and lost any edit made under ``modifier_rank``.
 
     The ZeRO optimizer's own ``offload_states``/``reload_states`` are routed too: RLHF trainers
     (OpenRLHF's ``offload_deepspeed_states`` and the projects vendoring it) call
@@ -366,6 +372,13 @@ def install_hooks(
         if name in opt_routed:
             object.__setattr__(opt, name, fn)
 
+    gathers: list[tuple[torch.Tensor, Any]] = []
+    for param in engine.module.parameters():
+        gather = param.__dict__.get("all_gather")  # ZeRO-3 partitioned parameters only
+        if callable(gather):
+            gathers.append((param, gather))
+            param.all_gather = _guarded_gather(gather, guard_weights)
+
     # A forward pre-hook on the module covers engine(x) and engine.module(x) alike.
     handle = engine.module.register_forward_pre_hook(lambda _m, _a: guard("forward"))
     handle_engine = engine.register_forward_pre_hook(lambda _m, _a: guard("forward"))
@@ -383,8 +396,19 @@ def install_hooks(
         optimizer = opt_ref() if opt_ref is not None else None
         if optimizer is not None:
             _restore(optimizer, opt_originals)
+        for param, gather in gathers:
+            param.all_gather = gather
 
     return undo
+
+
+def _guarded_gather(gather: Callable[..., Any], guard_weights: Callable[[str], None]) -> Callable[..., Any]:
+    @functools.wraps(gather)
+    def guarded(*args, **kwargs):
+        guard_weights("all_gather() of ZeRO-3 parameters (GatheredParameters)")
+        return gather(*args, **kwargs)
+
+    return guarded
 
 
 def _restore(obj: Any, originals: dict[str, Any]) -> None:
