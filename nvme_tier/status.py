@@ -31,13 +31,15 @@ def build_status(
             spilled = any(p.spilled for p in moved)
             if spilled:
                 where = f"{where} (spilled: host budget full)"
+            # Only what is freed now: a non-blocking NVMe offload frees each buffer once written.
+            freed = sum(p.buffer.nbytes for p in moved if p.buffer.is_freed)
             out[kind.value] = StateStatus(
                 kind.value,
                 tier.value,
                 nbytes,
                 where,
                 len(moved),
-                nbytes,
+                freed,
                 phase.value,
                 in_flight.get(kind, 0),
                 spilled,
