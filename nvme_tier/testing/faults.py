@@ -90,18 +90,18 @@ class FaultInjectingBackend:
         return self.inner.directory
 
     # -- the faulty calls ------------------------------------------------------------------------
-    def write(self, name: str, tensor: torch.Tensor) -> Future[TensorRecord]:
+    def write(self, name: str, tensor: torch.Tensor, fingerprint: str | None = None) -> Future[TensorRecord]:
         check_name(name)
         src = as_bytes(tensor)  # the caller's errors (bad name, non-contiguous) come first, as ever
         self.plan.writes += 1
         if not self.plan.due(self.plan.writes, self.plan.fail_at):
-            return self._track(self.inner.write(name, tensor))
+            return self._track(self.inner.write(name, tensor, fingerprint=fingerprint))
         path = self.directory.file_path(self._file_name(name))
         if self.plan.mode == "fill":
             self._drain()  # the writes queued before this one land before the disk is full
             self.directory.create()
             fill_filesystem(self.directory.root)
-            return self._track(self.inner.write(name, tensor))  # a real ENOSPC
+            return self._track(self.inner.write(name, tensor, fingerprint=fingerprint))  # a real ENOSPC
         torn = self._track(self.inner.write(name, src[: src.numel() // 2])) if self.plan.partial else None
         if self.plan.mode == "hang":
             return self._hang(torn, path)
