@@ -226,7 +226,10 @@ class ZarrBackend(StorageBackend):
         if self._ring and self._ring[0].numel() >= round_up(chunk, PAGE):
             return self._ring
         self._ring, self._ring_storage = [], None
-        raw = torch.empty(count * size + PAGE, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
+        pin = torch.cuda.is_available()
+        raw = torch.empty(count * size, dtype=torch.uint8, pin_memory=pin)
+        if raw.data_ptr() % PAGE:  # cudaHostAlloc is page-aligned; malloc'd memory may not be
+            raw = torch.empty(count * size + PAGE, dtype=torch.uint8, pin_memory=pin)
         offset = (-raw.data_ptr()) % PAGE
         self._ring_storage = raw
         self._ring = [raw[offset + i * size : offset + (i + 1) * size] for i in range(count)]
