@@ -34,8 +34,9 @@ P10 = stall / transfer time (goal <= 0.1). GB = 1e9 bytes.
 
     # tiny, on CPU (a few-M-param Llama, gloo, CPU accelerator), to check it works:
     python benchmarks/rlhf_gpu.py --tiny --path /var/tmp/rlhf --out /tmp/rlhf_cpu.json
-    # H100 (80 GB): actor 1.57 B, critic 1.51 B, reference 1.57 B (3.1 GB bf16)
-    python benchmarks/rlhf_gpu.py --path /local_nvme/rlhf \
+    # H100 (80 GB): actor 1.57 B, critic 1.51 B, reference 1.57 B (3.1 GB bf16); ~8 min for
+    # three modes (the JSON is rewritten after each mode, so a cut-off run keeps what it had)
+    python benchmarks/rlhf_gpu.py --path /local_nvme/rlhf --modes resident nvme upstream_cpu \
         --out benchmarks/results/rlhf_gpu_h100.json --plot benchmarks/results/rlhf_gpu_h100.png
 """
 
@@ -375,25 +376,22 @@ class Transfers:
         return rnd(done)
 
     def blocking_transfers(self) -> dict:
-        """The same offloads and reloads, blocking and one at a time: the time they would cost."""
+        """The same offloads and reloads, blocking and one at a time: the time they would cost.
+        Run after the loop, so pinned buffers and files already exist, as in steady iterations."""
         import nvme_tier
 
         out: dict[str, Any] = {}
         for name, engine in zip(("actor", "critic"), self.engines, strict=True):
-            for rep in range(2):
-                if self.mode == "upstream_cpu":
-                    from deepspeed.runtime.zero.offload_config import OffloadDeviceEnum
+            if self.mode == "upstream_cpu":
+                from deepspeed.runtime.zero.offload_config import OffloadDeviceEnum
 
-                    off = timed(
-                        lambda e=engine: e.offload_states(device=OffloadDeviceEnum.cpu, pin_memory=True)
-                    )
-                    rel = timed(lambda e=engine: e.reload_states())
-                else:
-                    nvme_tier.mark_dirty(engine)  # as after training: the states must be written
-                    off = timed(lambda e=engine: e.offload_states(non_blocking=False))
-                    rel = timed(lambda e=engine: e.reload_states(non_blocking=False))
-                if rep == 1:  # the second: pinned buffers and files exist, as in the steady loop
-                    out[name] = {"offload_s": rnd(off), "reload_s": rnd(rel)}
+                off = timed(lambda e=engine: e.offload_states(device=OffloadDeviceEnum.cpu, pin_memory=True))
+                rel = timed(lambda e=engine: e.reload_states())
+            else:
+                nvme_tier.mark_dirty(engine)  # as after training: the states must be written
+                off = timed(lambda e=engine: e.offload_states(non_blocking=False))
+                rel = timed(lambda e=engine: e.reload_states(non_blocking=False))
+            out[name] = {"offload_s": rnd(off), "reload_s": rnd(rel)}
         out["per_iteration_s"] = rnd(sum(v["offload_s"] + v["reload_s"] for v in out.values()))
         return out
 
@@ -433,7 +431,12 @@ def summarize(out: dict) -> dict:
 
 
 def plot(out: dict, png: str) -> None:
-    import matplotlib
+    """Stacked per-phase bars per mode (needs the optional extra "plot": matplotlib)."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("no plot: matplotlib is not installed (pip install 'nvme_tier[plot]')")
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -501,8 +504,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ref-hidden", type=int, default=2048)
     p.add_argument("--ref-inter", type=int, default=5632)
     p.add_argument("--gen-batch", type=int, default=32)
-    p.add_argument("--gen-seconds", type=float, default=12.0, help="generation work, calibrated idle")
-    p.add_argument("--score-seconds", type=float, default=6.0, help="scoring work, calibrated idle")
+    p.add_argument("--gen-seconds", type=float, default=10.0, help="generation work, calibrated idle")
+    p.add_argument("--score-seconds", type=float, default=5.0, help="scoring work, calibrated idle")
     p.add_argument("--calib-steps", type=int, default=20)
     p.add_argument("--kv-gb", type=float, default=12.0, help="KV-cache tensor allocated in generation")
     p.add_argument("--kv-work-gb", type=float, default=1.0, help="KV bytes read per decode step")
