@@ -507,7 +507,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--gen-seconds", type=float, default=10.0, help="generation work, calibrated idle")
     p.add_argument("--score-seconds", type=float, default=5.0, help="scoring work, calibrated idle")
     p.add_argument("--calib-steps", type=int, default=20)
-    p.add_argument("--kv-gb", type=float, default=12.0, help="KV-cache tensor allocated in generation")
+    p.add_argument("--kv-gb", type=float, default=20.0, help="KV-cache tensor allocated in generation")
     p.add_argument("--kv-work-gb", type=float, default=1.0, help="KV bytes read per decode step")
     p.add_argument(
         "--prefetch-at",
