@@ -61,7 +61,7 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")
 # zarr imports cupy when installed; on the H100 image that import segfaulted (see offload_gpu.py).
 sys.modules.setdefault("cupy", None)
 
-from swap_bandwidth import sync_device, timed  # noqa: E402  (benchmarks/ is sys.path[0] for a script)
+from measure import sync_device, timed  # noqa: E402  (benchmarks/ is sys.path[0] for a script)
 
 GB = 1e9
 MODES = ("resident", "nvme", "upstream_cpu", "pinned_cpu")
