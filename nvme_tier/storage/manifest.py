@@ -279,7 +279,8 @@ class WriterDirectory:
                 try:
                     self.check_identity()
                 except TierIOError as exc:
-                    log.warning("nvme_tier: leaving %s in place: %s", self.path, exc)
+                    if exc.errno != errno.ENOENT:  # replaced: not ours to delete; gone: nothing to do
+                        log.warning("nvme_tier: leaving %s in place: %s", self.path, exc)
                     return
                 shutil.rmtree(self.owner.writer_id, dir_fd=self._root_fd, ignore_errors=True)
             elif os.path.isdir(self.path) and not os.path.islink(self.path):
