@@ -317,6 +317,7 @@ class AioBackend(StorageBackend):
         self._rewrite.discard(file)
         if fd is None:
             fd = self.directory.open(file, write=True, direct=True)
+        op_path = self.directory.op_path(file)
         try:
             try:
                 os.posix_fallocate(fd, 0, round_up(nbytes, self.alignment))
@@ -338,7 +339,7 @@ class AioBackend(StorageBackend):
                 if crcs is not None:
                     crcs.append(crc32c(buf[:length]))
                 samples += self._sample_pages(buf, a, padded)
-                if aio_async_pwrite(slot.handle, buf[:padded], fd, path, a) != 0:
+                if aio_async_pwrite(slot.handle, buf[:padded], fd, op_path, a) != 0:
                     raise TierIOError(f"async write to {path} was refused", path)
                 slot.pending = True
             for slot in slots:
@@ -410,6 +411,7 @@ class AioBackend(StorageBackend):
             )
         path = self.directory.file_path(record.file)
         fd = self.directory.open(record.file, write=False, direct=True)
+        op_path = self.directory.op_path(record.file)
         try:
             size = os.fstat(fd).st_size
             if size < round_up(record.nbytes, self.alignment):
@@ -419,9 +421,12 @@ class AioBackend(StorageBackend):
             def submit(i: int) -> None:
                 a, b = ranges[i]
                 slot = slots[i % len(slots)]
-                # The op has no fd overload for reads; the name is inside our 0700 directory and
-                # was just opened with O_NOFOLLOW above, so it is the regular file we wrote.
-                if aio_async_pread(slot.handle, slot.buffer[: round_up(b - a, self.alignment)], path, a) != 0:
+                # The op has no fd overload for reads: it opens op_path, which resolves through
+                # our directory's fd, to the regular file just opened with O_NOFOLLOW above.
+                if (
+                    aio_async_pread(slot.handle, slot.buffer[: round_up(b - a, self.alignment)], op_path, a)
+                    != 0
+                ):
                     raise TierIOError(f"async read of {path} was refused", path)
                 slot.pending = True
 

@@ -204,7 +204,7 @@ class WriterDirectory:
                 os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
                 dir_fd=self._root_fd,
             )
-            fcntl.flock(self._dir_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _lock(self._dir_fd)
             st = os.fstat(self._dir_fd)
             self._identity = (st.st_dev, st.st_ino)
             os.fchmod(self._dir_fd, 0o700)
@@ -245,6 +245,14 @@ class WriterDirectory:
 
     def file_path(self, filename: str) -> str:
         return os.path.join(self.path, check_name(filename))
+
+    def op_path(self, filename: str) -> str:
+        """A name for code that opens files by path itself (DeepSpeed's async_io op): resolved
+        through this directory's fd (/proc/self/fd), so a directory swapped in at ``path`` after
+        the last identity check is never used."""
+        if self._dir_fd is None or not os.path.isdir("/proc/self/fd"):
+            return self.file_path(filename)
+        return f"/proc/self/fd/{self._dir_fd}/{check_name(filename)}"
 
     def open(self, filename: str, *, write: bool, direct: bool = False) -> int:
         path = self.file_path(filename)
@@ -494,11 +502,7 @@ def _scan(root: str) -> Iterator[tuple[WriterInfo, int, int]]:
                 st = os.fstat(fd)
                 if st.st_uid != os.geteuid():
                     continue
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    unlocked = True
-                except OSError:
-                    unlocked = False  # a live writer holds it
+                unlocked = _lock(fd)  # False: a live writer holds it
                 yield (
                     _writer_info(os.path.join(root, name), fd, st, unlocked),
                     fd if unlocked else -1,
@@ -508,6 +512,19 @@ def _scan(root: str) -> Iterator[tuple[WriterInfo, int, int]]:
                 os.close(fd)
     finally:
         os.close(root_fd)
+
+
+def _lock(fd: int) -> bool:
+    """Take the directory's exclusive flock without waiting: False only when another process
+    holds it. Where flock is unsupported (some network filesystems) there is no lock to ask: True,
+    and liveness rests on the owner's pid as before."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError as exc:
+        log.debug("nvme_tier: no flock on this filesystem (%s); liveness by pid only", exc.strerror)
+    return True
 
 
 def _writer_info(path: str, fd: int, st: os.stat_result, unlocked: bool) -> WriterInfo:
