@@ -345,3 +345,15 @@ def test_scan_leaves_no_fd_behind(tmp_path):
         clean_writers(str(tmp_path), dry_run=True)
     time.sleep(0.01)
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_files_of_a_directory_without_held_fds_go_by_full_path(tmp_path, monkeypatch):
+    """Never relative to the working directory (e.g. after the lock fds were given up)."""
+    monkeypatch.chdir(tmp_path)
+    directory = WriterDirectory(str(tmp_path / "root"), OwnerInfo.current(rank=0, label="t"))
+    directory.create()
+    directory._close_fds()
+    os.close(directory.open("x.bin", write=True))
+    assert os.path.isfile(os.path.join(directory.path, "x.bin")) and not os.path.exists("x.bin")
+    directory.remove_file("x.bin")
+    assert not os.path.exists(os.path.join(directory.path, "x.bin"))

@@ -257,8 +257,9 @@ class WriterDirectory:
     def open(self, filename: str, *, write: bool, direct: bool = False) -> int:
         path = self.file_path(filename)
         self.check_identity()
+        held = self._dir_fd is not None  # else (never created here) by its full path
         try:
-            return os.open(filename, _open_flags(write, direct), 0o600, dir_fd=self._dir_fd)
+            return os.open(filename if held else path, _open_flags(write, direct), 0o600, dir_fd=self._dir_fd)
         except OSError as exc:
             if exc.errno == errno.ELOOP:
                 raise TierIOError(f"refusing to follow a symlink: {path}", path, exc.errno) from None
@@ -267,11 +268,10 @@ class WriterDirectory:
             raise TierIOError(f"cannot open {path}: {exc.strerror}", path, exc.errno) from None
 
     def remove_file(self, filename: str) -> None:
-        check_name(filename)
+        path = self.file_path(filename)
+        held = self._dir_fd is not None
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(filename, dir_fd=self._dir_fd) if self._dir_fd is not None else os.unlink(
-                self.file_path(filename)
-            )
+            os.unlink(filename if held else path, dir_fd=self._dir_fd)
 
     def remove(self) -> None:
         """Delete this writer's directory (and only it), in the process that created it only.
