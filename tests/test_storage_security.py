@@ -318,6 +318,53 @@ def test_reoffload_counts_its_own_files_as_free_space(backend, offload_dir, monk
     nvme_tier.detach(engine)
 
 
+@contextlib.contextmanager
+def small_ext4(tmp_path, size_mb: int):
+    """A real ext4 of ``size_mb`` (no root reserve) on a loop device; skips where that cannot be made."""
+    if os.geteuid() != 0 or not all(shutil.which(t) for t in ("mkfs.ext4", "mount", "umount")):
+        pytest.skip("needs root, mkfs.ext4 and mount")
+    image, mnt = tmp_path / "fs.img", tmp_path / "mnt"
+    mnt.mkdir()
+    with open(image, "wb") as fh:
+        fh.truncate(size_mb << 20)
+
+    def sh(*cmd: str) -> subprocess.CompletedProcess:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+
+    if sh("mkfs.ext4", "-q", "-F", "-m", "0", str(image)).returncode:
+        pytest.skip("cannot make an ext4 image here")
+    mounted = sh("mount", "-o", "loop", str(image), str(mnt))
+    if mounted.returncode:
+        pytest.skip(f"cannot loop-mount an ext4 here: {mounted.stderr.strip()}")
+    try:
+        os.chmod(mnt, 0o700)
+        yield mnt
+    finally:
+        sh("umount", "-l", str(mnt))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reoffload_fits_on_a_real_small_filesystem(backend, tmp_path):
+    """~35 MB of optimizer states on a 128 MB ext4: the second offload (after a step) rewrites
+    them into the space they hold; counting only free space, it was refused."""
+    with small_ext4(tmp_path, 128) as mnt:
+        engine = make_engine(1, mnt, backend=backend, width=2048)
+        controller = nvme_tier.attach(engine)
+        train(engine, 1)
+        engine.offload_states()
+        engine.reload_states()
+        stored = controller._mover.backend.stored_bytes()
+        free = shutil.disk_usage(mnt).free
+        assert free < stored + controller_mod._FREE_SPACE_MARGIN, (free, stored)  # the old check refused
+        train(engine, 1, seed=2)
+        before = snapshot(engine)
+        engine.offload_states()
+        engine.reload_states()
+        assert_resident(engine, before, scratch=False)
+        nvme_tier.detach(engine)
+
+
 # -- 7: a path near PATH_MAX ------------------------------------------------------------------------
 def test_path_near_path_max_is_a_config_error(tmp_path):
     path = str(tmp_path)
