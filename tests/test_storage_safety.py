@@ -29,7 +29,7 @@ from faults import assert_resident, data_entries
 import nvme_tier
 import nvme_tier.engine as ds
 from nvme_tier.config import AioSettings, OffloadStatesConfig
-from nvme_tier.errors import ConfigError, TierIOError
+from nvme_tier.errors import BackendUnavailableError, ConfigError, TierIOError
 from nvme_tier.storage import AioBackend, OwnerInfo, WriterDirectory, select_backend
 from nvme_tier.storage import aio as aio_mod
 
@@ -323,3 +323,71 @@ def test_events_per_handle_match_the_op(tmp_path):
         if seen[-1] == 28:
             break
     assert aio_mod.aio_events_per_handle(settings) == 28 in seen, seen
+
+
+class _CountingOp:
+    """DeepSpeed's real async_io op, counting the handles made through it."""
+
+    def __init__(self, op):
+        self.op = op
+        self.made = 0
+
+    def aio_handle(self, *args):
+        self.made += 1
+        return self.op.aio_handle(*args)
+
+    def __getattr__(self, name):
+        return getattr(self.op, name)
+
+
+@pytest.mark.aio
+@requires_aio
+def test_engines_beyond_the_aio_budget_fall_back_or_refuse(tmp_path, monkeypatch):
+    """Room for 4 handles (2 engines' worth): a third aio engine under 'auto' uses zarr, under
+    'aio' its offload is a typed error with every state in place; once an engine is detached its
+    idle handles are reused by the next, which then needs no new events."""
+    settings = AioSettings()
+    per_handle = aio_mod.aio_events_per_handle(settings)
+    counting = _CountingOp(aio_mod.load_aio_op())
+    limit = 1 << 20
+    aio_mod._IDLE_HANDLES.clear()
+    monkeypatch.setattr(aio_mod, "load_aio_op", lambda: counting)
+    monkeypatch.setattr(
+        aio_mod, "read_aio_budget", lambda: (limit - 4 * per_handle + counting.made * per_handle, limit)
+    )
+
+    def engine_on(backend: str, sub: str):
+        path = tmp_path / sub
+        path.mkdir()
+        engine = make_engine(1, path, backend=backend, staging_budget_mb=8)  # 2 handles each
+        nvme_tier.attach(engine)
+        train(engine, 1)
+        return engine
+
+    first, second = engine_on("auto", "a"), engine_on("auto", "b")
+    for engine in (first, second):
+        engine.offload_states()
+        engine.reload_states()
+    assert [nvme_tier.controller_of(e).backend_name for e in (first, second)] == ["aio", "aio"]
+    assert counting.made == 4
+
+    third = engine_on("auto", "c")
+    before = snapshot(third)
+    third.offload_states()
+    third.reload_states()
+    assert nvme_tier.controller_of(third).backend_name == "zarr"
+    assert_resident(third, before, scratch=False)
+
+    strict = engine_on("aio", "d")
+    before = snapshot(strict)
+    with pytest.raises(BackendUnavailableError, match="fs.aio-max-nr"):
+        strict.offload_states()
+    assert_resident(strict, before)
+
+    nvme_tier.detach(first)  # its 2 handles go idle: the strict engine takes them, no new events
+    strict.offload_states()
+    strict.reload_states()
+    assert_resident(strict, before, scratch=False)
+    assert counting.made == 4
+    for engine in (second, third, strict):
+        nvme_tier.detach(engine)
