@@ -40,12 +40,11 @@ from typing import Any
 import torch
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
-sys.modules.setdefault(
-    "cupy", None
-)  # as offload_gpu.py: zarr's optional cupy import crashed on the H100 image
+# As offload_gpu.py: zarr's optional cupy import crashed on the H100 image.
+sys.modules.setdefault("cupy", None)
 
-from offload_gpu import CUDA, DEV, GB, MiB, RssSampler, dist_env, gbps, machine_info, rnd, rss  # noqa: E402
-from swap_bandwidth import sync_device, timed  # noqa: E402
+from measure import GB, MiB, RssSampler, gbps, launch_env, machine_info, rnd, rss, sync_device, timed  # noqa: E402
+from offload_engine import CUDA, DEV  # noqa: E402
 
 
 def build(params_b: float, hidden: int, adam: bool, seed: int, block: dict | None = None) -> Any:
@@ -289,7 +288,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--staging-mb", type=int, default=512)
     p.add_argument("--backend", default="auto", choices=["auto", "aio", "zarr"])
     args = p.parse_args(argv)
-    dist_env()
+    launch_env()
     os.makedirs(args.path, exist_ok=True)
     out: dict[str, Any] = {"machine": machine_info(args.path), "args": vars(args)}
     try:

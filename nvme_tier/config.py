@@ -26,11 +26,28 @@ class _Strict(BaseModel):
 class AioSettings(_Strict):
     """Knobs of DeepSpeed's async_io handle (libaio, O_DIRECT)."""
 
-    block_size: int = Field(1 * MiB, ge=4096, description="Bytes per libaio request.")
+    block_size: int = Field(
+        1 * MiB,
+        ge=4096,
+        le=1 << 30,
+        description=(
+            "Bytes per libaio request: a multiple of 4096 (and of the device's logical block size), "
+            "at most 1 GiB."
+        ),
+    )
     queue_depth: int = Field(32, ge=1, le=1024, description="libaio requests in flight per thread.")
     intra_op_parallelism: int = Field(8, ge=1, le=64, description="I/O threads that split one request.")
     single_submit: bool = Field(False, description="Submit requests one by one instead of in batches.")
     overlap_events: bool = Field(True, description="Overlap submission and completion of requests.")
+
+    @field_validator("block_size")
+    @classmethod
+    def _block_size_is_aligned(cls, value: int) -> int:
+        # O_DIRECT refuses a request whose length is not a multiple of the device's logical block,
+        # and DeepSpeed's op drops that per-request error: the write would silently not happen.
+        if value % 4096:
+            raise ValueError(f"must be a multiple of 4096 (O_DIRECT alignment), got {value}")
+        return value
 
 
 class ZarrSettings(_Strict):

@@ -36,6 +36,13 @@ log = logging.getLogger("nvme_tier")
 _FREE_SPACE_MARGIN = 64 << 20
 
 
+def _release_in_owner(mover: TierMover, owner_pid: int) -> None:
+    """The engine's finalizer. A child forked after attach runs it too, at its own exit: there it
+    must neither delete the parent's files nor touch the parent's I/O threads (absent in a child)."""
+    if os.getpid() == owner_pid:
+        mover.release()
+
+
 class OffloadController:
     """Attached to one engine; reached through ``engine.offload_states``/``reload_states``."""
 
@@ -65,7 +72,7 @@ class OffloadController:
         self._undo_hooks = ds.install_hooks(
             engine, self.guard, self.mark_dirty, self.offload_states, self.reload_states, self.guard_weights
         )
-        self._finalizer = weakref.finalize(engine, TierMover.release, self._mover)
+        self._finalizer = weakref.finalize(engine, _release_in_owner, self._mover, os.getpid())
         if config.preallocate:
             self._preallocate()
 
@@ -132,17 +139,25 @@ class OffloadController:
         ensure_root(path)  # creates the last level (0700); refuses a read-only or unwritable directory
         log_storage_once(path, log)
 
-    def _check_free_space(self, needed: int) -> None:
+    def _check_free_space(self, needed: int, names: list[str]) -> None:
+        """Refuse before anything moves when ``needed`` bytes cannot fit. The files this writer
+        already holds for ``names`` are rewritten in place or deleted first: their space counts."""
         path = self._require_path()
         ensure_root(path)  # ConfigError for a file, a file as parent, a read-only or unwritable dir
         usage = shutil.disk_usage(path)
         if usage.total == 0:  # ramfs and some FUSE mounts report no capacity: nothing to check
             return
-        free = usage.free
+        reclaimed = 0
+        if self._mover.has_backend:
+            backend = self._mover.backend
+            stored = set(backend.names())
+            reclaimed = sum(backend.record(name).nbytes for name in names if name in stored)
+        free = usage.free + reclaimed
         if free < needed + _FREE_SPACE_MARGIN:
             raise TierIOError(
                 f"not enough free space on {path!r}: the offload needs {human_bytes(needed)} "
-                f"(+{human_bytes(_FREE_SPACE_MARGIN)} margin), {human_bytes(free)} free",
+                f"(+{human_bytes(_FREE_SPACE_MARGIN)} margin), {human_bytes(free)} free "
+                f"(counting {human_bytes(reclaimed)} of this writer's own files it replaces)",
                 path,
                 28,  # ENOSPC
             )
@@ -327,10 +342,11 @@ class OffloadController:
             blocking = not (self.config.non_blocking if non_blocking is None else non_blocking)
             try:
                 # A file of the same size is rewritten in place (or skipped): only new files need space.
-                nvme_bytes = sum(b.nbytes for b, t in items if t is Tier.nvme and self._stored(b) is None)
+                nvme = [b for b, t in items if t is Tier.nvme and self._stored(b) is None]
+                nvme_bytes = sum(b.nbytes for b in nvme)
                 if nvme_bytes:
                     self._resolve_backend()
-                    self._check_free_space(nvme_bytes)
+                    self._check_free_space(nvme_bytes, [b.name for b in nvme])
                 ds.quiesce(self.engine)
                 self.phase = OffloadPhase.offloading
                 if self.config.skip_unchanged:

@@ -50,6 +50,8 @@ def make_writer(root: Path, *, stale: bool, committed: bool, payload: int = 0, l
         os.close(fd)
     if committed:
         d.commit_manifest({})
+    if stale:
+        d._close_fds()  # a dead writer's flock went with its process
     return Path(d.path)
 
 

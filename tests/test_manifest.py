@@ -84,6 +84,8 @@ def make_writer(root, owner: OwnerInfo, payload: bytes = b"x" * 1000, commit: bo
         fh.write(payload)
     if commit:
         directory.commit_manifest({})
+    if owner.pid != os.getpid():
+        directory._close_fds()  # a dead writer's flock went with its process
     return directory.path
 
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
+import logging
 import os
 import re
 import shutil
@@ -24,10 +26,13 @@ import psutil
 
 from ..errors import ConfigError, IntegrityError, TierIOError
 
+log = logging.getLogger("nvme_tier")
+
 FORMAT = "nvme_tier/1"
 OWNER_FILE = "owner.json"
 MANIFEST_FILE = "manifest.json"
 WRITER_PREFIX = "ntier-"
+_MAX_METADATA_BYTES = 1 << 20  # owner.json / manifest.json are a few KiB; anything larger is planted
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
@@ -162,37 +167,103 @@ def _open_flags(write: bool, direct: bool) -> int:
 
 
 class WriterDirectory:
-    """A private directory owned by one writer. The constructor does no I/O; ``create`` does."""
+    """A private directory owned by one writer. The constructor does no I/O; ``create`` does.
+
+    ``create`` keeps an fd of the root and of the directory: files are opened relative to the
+    directory's fd (a name swapped in later for a symlink or another directory is never written
+    through), and the directory's owner and (st_dev, st_ino) are re-checked at each offload and
+    reload. While it exists the directory's fd holds an exclusive flock: the proof of life other
+    processes' stale scans ask for (a pid says nothing across PID namespaces).
+    """
 
     def __init__(self, root: str, owner: OwnerInfo):
         self.root = os.path.abspath(root)
         self.owner = owner
         self.path = os.path.join(self.root, owner.writer_id)
         self._created = False
+        self._root_fd: int | None = None
+        self._dir_fd: int | None = None
+        self._identity: tuple[int, int] | None = None
 
     def create(self) -> None:
+        """Create (first call) or re-check (later calls: before each write) the directory."""
         if self._created:
+            self.check_identity()
             return
         ensure_root(self.root)
         try:
-            os.mkdir(self.path, 0o700)
+            self._root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            os.mkdir(self.owner.writer_id, 0o700, dir_fd=self._root_fd)
         except FileExistsError:
+            self._close_fds()
             raise TierIOError(
                 f"writer directory already exists: {self.path}", self.path, errno.EEXIST
             ) from None
         except OSError as exc:
+            self._close_fds()
             raise TierIOError(f"cannot create {self.path}: {exc.strerror}", self.path, exc.errno) from None
-        os.chmod(self.path, 0o700)
-        atomic_write_json(self.file_path(OWNER_FILE), asdict(self.owner))
+        try:
+            self._dir_fd = os.open(
+                self.owner.writer_id,
+                os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                dir_fd=self._root_fd,
+            )
+            _lock(self._dir_fd)
+            st = os.fstat(self._dir_fd)
+            self._identity = (st.st_dev, st.st_ino)
+            os.fchmod(self._dir_fd, 0o700)
+            atomic_write_json(self.file_path(OWNER_FILE), asdict(self.owner), dir_fd=self._dir_fd)
+        except OSError as exc:
+            self._close_fds()
+            if isinstance(exc, TierIOError):
+                raise
+            raise TierIOError(f"cannot set up {self.path}: {exc.strerror}", self.path, exc.errno) from None
         self._created = True
+        self.check_identity()
+
+    def check_identity(self) -> None:
+        """TierIOError unless ``path`` is still the directory we created, owned by us.
+
+        Catches a directory renamed away and replaced (by a symlink or another directory) by
+        whoever can write the root, before anything is written there or read from there.
+        """
+        if not self._created or self._root_fd is None:
+            return
+        try:
+            st = os.stat(self.owner.writer_id, dir_fd=self._root_fd, follow_symlinks=False)
+        except OSError as exc:
+            raise TierIOError(
+                f"writer directory {self.path} is gone: {exc.strerror}", self.path, exc.errno
+            ) from None
+        if (
+            not stat.S_ISDIR(st.st_mode)
+            or (st.st_dev, st.st_ino) != self._identity
+            or st.st_uid != os.geteuid()
+        ):
+            raise TierIOError(
+                f"writer directory {self.path} was replaced (now a {_kind(st.st_mode)} owned by uid "
+                f"{st.st_uid}); refusing to write or read there",
+                self.path,
+                errno.EPERM,
+            )
 
     def file_path(self, filename: str) -> str:
         return os.path.join(self.path, check_name(filename))
 
+    def op_path(self, filename: str) -> str:
+        """A name for code that opens files by path itself (DeepSpeed's async_io op): resolved
+        through this directory's fd (/proc/self/fd), so a directory swapped in at ``path`` after
+        the last identity check is never used."""
+        if self._dir_fd is None or not os.path.isdir("/proc/self/fd"):
+            return self.file_path(filename)
+        return f"/proc/self/fd/{self._dir_fd}/{check_name(filename)}"
+
     def open(self, filename: str, *, write: bool, direct: bool = False) -> int:
         path = self.file_path(filename)
+        self.check_identity()
+        held = self._dir_fd is not None  # else (never created here) by its full path
         try:
-            return os.open(path, _open_flags(write, direct), 0o600)
+            return os.open(filename if held else path, _open_flags(write, direct), 0o600, dir_fd=self._dir_fd)
         except OSError as exc:
             if exc.errno == errno.ELOOP:
                 raise TierIOError(f"refusing to follow a symlink: {path}", path, exc.errno) from None
@@ -201,14 +272,41 @@ class WriterDirectory:
             raise TierIOError(f"cannot open {path}: {exc.strerror}", path, exc.errno) from None
 
     def remove_file(self, filename: str) -> None:
+        path = self.file_path(filename)
+        held = self._dir_fd is not None
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.file_path(filename))
+            os.unlink(filename if held else path, dir_fd=self._dir_fd)
 
     def remove(self) -> None:
-        """Delete this writer's directory (and only it)."""
-        if os.path.isdir(self.path) and not os.path.islink(self.path):
-            shutil.rmtree(self.path, ignore_errors=True)
-        self._created = False
+        """Delete this writer's directory (and only it), in the process that created it only.
+
+        A child forked after the directory was made (os.fork) shares it with its parent; when the
+        child exits, the parent's files must stay.
+        """
+        try:
+            if os.getpid() != self.owner.pid:
+                log.debug("nvme_tier: not removing %s from forked process %d", self.path, os.getpid())
+                return
+            if self._root_fd is not None and self._created:
+                try:
+                    self.check_identity()
+                except TierIOError as exc:
+                    if exc.errno != errno.ENOENT:  # replaced: not ours to delete; gone: nothing to do
+                        log.warning("nvme_tier: leaving %s in place: %s", self.path, exc)
+                    return
+                shutil.rmtree(self.owner.writer_id, dir_fd=self._root_fd, ignore_errors=True)
+            elif os.path.isdir(self.path) and not os.path.islink(self.path):
+                shutil.rmtree(self.path, ignore_errors=True)
+        finally:
+            self._created = False
+            self._close_fds()
+
+    def _close_fds(self) -> None:
+        for fd in (self._dir_fd, self._root_fd):
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._dir_fd = self._root_fd = None
 
     def commit_manifest(self, records: dict[str, TensorRecord]) -> None:
         data = {
@@ -216,11 +314,13 @@ class WriterDirectory:
             "owner": asdict(self.owner),
             "records": {name: rec.to_json() for name, rec in sorted(records.items())},
         }
-        atomic_write_json(self.file_path(MANIFEST_FILE), data)
+        self.check_identity()
+        atomic_write_json(self.file_path(MANIFEST_FILE), data, dir_fd=self._dir_fd)
 
     def load_manifest(self) -> dict[str, TensorRecord]:
         path = self.file_path(MANIFEST_FILE)
-        data = read_json(path)
+        self.check_identity()
+        data = read_json(path, dir_fd=self._dir_fd)
         if data.get("format") != FORMAT:
             raise IntegrityError(f"{path}: unknown manifest format {data.get('format')!r}", path)
         owner = data.get("owner")
@@ -257,19 +357,34 @@ def ensure_root(root: str) -> None:
         raise ConfigError(f"offload_states.path {root!r}: {exc.strerror}") from None
     if not stat.S_ISDIR(st.st_mode):
         raise ConfigError(f"offload_states.path {root!r} is not a directory")
+    if st.st_uid not in (os.geteuid(), 0):
+        # Its owner can rename anything inside it, whatever the modes (e.g. swap our directory
+        # for a symlink between two offloads).
+        raise ConfigError(
+            f"offload_states.path {root!r} is owned by uid {st.st_uid}, not by this user "
+            f"(uid {os.geteuid()}) or root; use a directory of your own"
+        )
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX:
+        raise ConfigError(
+            f"offload_states.path {root!r} is writable by other users without the sticky bit "
+            f"(mode {stat.S_IMODE(st.st_mode):o}): they could rename or replace this user's files; "
+            "use a private directory or `chmod +t` it"
+        )
     if not os.access(root, os.W_OK | os.X_OK):
         raise ConfigError(f"offload_states.path {root!r} is not writable")
 
 
-def atomic_write_json(path: str, data: dict) -> None:
+def atomic_write_json(path: str, data: dict, *, dir_fd: int | None = None) -> None:
     """tmp + fsync + rename + fsync(dir): readers see the old file or the new one, never half.
 
-    Any failure (an OSError as TierIOError naming ``path``, or unserialisable data) leaves the old
-    file untouched and no ``.tmp`` behind.
+    With ``dir_fd`` the file is the basename of ``path`` inside that directory fd (never a path
+    resolved again). Any failure (an OSError as TierIOError naming ``path``, or unserialisable
+    data) leaves the old file untouched and no ``.tmp`` behind.
     """
-    tmp = f"{path}.tmp"
+    name = os.path.basename(path) if dir_fd is not None else path
+    tmp = f"{name}.tmp"
     try:
-        fd = os.open(tmp, _open_flags(write=True, direct=False), 0o600)
+        fd = os.open(tmp, _open_flags(write=True, direct=False), 0o600, dir_fd=dir_fd)
         try:
             with os.fdopen(fd, "w", encoding="utf-8", closefd=False) as fh:
                 json.dump(data, fh, indent=1, sort_keys=True)
@@ -277,19 +392,20 @@ def atomic_write_json(path: str, data: dict) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, path)
+        os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except BaseException as exc:
         with contextlib.suppress(OSError):
-            os.unlink(tmp)
+            os.unlink(tmp, dir_fd=dir_fd)
         if isinstance(exc, OSError) and not isinstance(exc, TierIOError):
             raise TierIOError(f"cannot write {path}: {exc.strerror or exc}", path, exc.errno) from None
         raise
     try:  # make the rename durable
-        dfd = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY)
+        dfd = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY) if dir_fd is None else dir_fd
         try:
             os.fsync(dfd)
         finally:
-            os.close(dfd)
+            if dfd != dir_fd:
+                os.close(dfd)
     except OSError as exc:
         if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):  # some filesystems cannot fsync a dir
             raise TierIOError(
@@ -297,21 +413,51 @@ def atomic_write_json(path: str, data: dict) -> None:
             ) from None
 
 
-def read_json(path: str) -> dict:
+def read_json(path: str, *, dir_fd: int | None = None) -> dict:
+    """Parse a small regular JSON file; anything else (a FIFO, a directory, a huge or sparse file
+    planted in its place) is refused without blocking or reading it, with an error naming ``path``.
+
+    With ``dir_fd`` the file is the basename of ``path`` inside that directory fd.
+    """
+    name = os.path.basename(path) if dir_fd is not None else path
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        # O_NONBLOCK: opening a FIFO must not wait for a writer that never comes.
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dir_fd)
     except FileNotFoundError:
         raise IntegrityError(f"missing file: {path}", path, errno.ENOENT) from None
     except OSError as exc:
         raise TierIOError(f"cannot open {path}: {exc.strerror}", path, exc.errno) from None
-    with os.fdopen(fd, encoding="utf-8") as fh:
-        try:
-            data = json.load(fh)
-        except ValueError as exc:
-            raise IntegrityError(f"{path}: not valid JSON ({exc})", path) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise IntegrityError(f"{path} is a {_kind(st.st_mode)}, not a regular file", path)
+        if st.st_size > _MAX_METADATA_BYTES:
+            raise IntegrityError(
+                f"{path} is {st.st_size} bytes, larger than any metadata file ({_MAX_METADATA_BYTES})", path
+            )
+        raw = os.read(fd, _MAX_METADATA_BYTES + 1)
+    except OSError as exc:
+        if isinstance(exc, TierIOError):
+            raise
+        raise TierIOError(f"cannot read {path}: {exc.strerror}", path, exc.errno) from None
+    finally:
+        os.close(fd)
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except ValueError as exc:
+        raise IntegrityError(f"{path}: not valid JSON ({exc})", path) from None
     if not isinstance(data, dict):
         raise IntegrityError(f"{path}: not a JSON object", path)
     return data
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "directory"), (stat.S_ISLNK, "symlink"), (stat.S_ISFIFO, "FIFO"),
+                       (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device"), (stat.S_ISREG, "regular file")):  # fmt: skip
+        if test(mode):
+            return name
+    return "special file"
 
 
 @dataclass(frozen=True)
@@ -327,49 +473,114 @@ class WriterInfo:
 
 
 def scan_writers(root: str) -> Iterator[WriterInfo]:
-    """Writer directories under ``root``. A directory counts as stale only when its owner process
-    is provably gone: from a valid owner.json, or from its name when owner.json was never written
-    (killed right after mkdir). Anything unreadable or ambiguous counts as live."""
+    """Writer directories of this user under ``root`` (others' are not ours to judge or delete).
+
+    A directory counts as stale only when (1) no process holds its flock (a live writer holds it
+    for as long as its directory exists, whatever PID namespace it runs in) and (2) its owner
+    process is provably gone: from a valid owner.json, or from its name when owner.json was never
+    written (killed right after mkdir, before the lock). Anything unreadable or ambiguous is live.
+    """
+    for info, _lock_fd, _root_fd in _scan(root):
+        yield info
+
+
+def _scan(root: str) -> Iterator[tuple[WriterInfo, int, int]]:
+    """(info, fd holding the directory's flock when taken (else -1), root fd) per writer directory.
+
+    Each fd stays open, and the lock held, until the consumer asks for the next one.
+    """
     try:
-        entries = sorted(os.scandir(root), key=lambda e: e.name)
-    except FileNotFoundError:
+        root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
         return
-    for entry in entries:
-        if not entry.name.startswith(WRITER_PREFIX) or not entry.is_dir(follow_symlinks=False):
-            continue
-        owner: OwnerInfo | None = None
-        owner_path = os.path.join(entry.path, OWNER_FILE)
-        has_owner_file = os.path.lexists(owner_path)
-        with contextlib.suppress(TierIOError, TypeError, ValueError):
-            owner = OwnerInfo.from_json(read_json(owner_path))
-        if owner is not None and owner.writer_id != entry.name:
-            owner = None  # an owner.json copied from elsewhere proves nothing about this directory
-        size = 0
-        for dirpath, _dirs, files in os.walk(entry.path):
-            for f in files:
-                with contextlib.suppress(OSError):
-                    size += os.lstat(os.path.join(dirpath, f)).st_size
-        created = owner.created if owner else entry.stat(follow_symlinks=False).st_mtime
-        yield WriterInfo(
-            path=entry.path,
-            owner=owner,
-            live=owner.is_alive() if owner else has_owner_file or not _dead_by_name(entry.name),
-            bytes=size,
-            age_s=max(0.0, time.time() - created),
-            committed=os.path.exists(os.path.join(entry.path, MANIFEST_FILE)),
-        )
+    try:
+        names = sorted(n for n in os.listdir(root_fd) if n.startswith(WRITER_PREFIX))
+        for name in names:
+            try:
+                fd = os.open(
+                    name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=root_fd
+                )
+            except OSError:  # not a directory, a symlink, or gone
+                continue
+            try:
+                st = os.fstat(fd)
+                if st.st_uid != os.geteuid():
+                    continue
+                unlocked = _lock(fd)  # False: a live writer holds it
+                yield (
+                    _writer_info(os.path.join(root, name), fd, st, unlocked),
+                    fd if unlocked else -1,
+                    root_fd,
+                )
+            finally:
+                os.close(fd)
+    finally:
+        os.close(root_fd)
+
+
+def _lock(fd: int) -> bool:
+    """Take the directory's exclusive flock without waiting: False only when another process
+    holds it. Where flock is unsupported (some network filesystems) there is no lock to ask: True,
+    and liveness rests on the owner's pid as before."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError as exc:
+        log.debug("nvme_tier: no flock on this filesystem (%s); liveness by pid only", exc.strerror)
+    return True
+
+
+def _writer_info(path: str, fd: int, st: os.stat_result, unlocked: bool) -> WriterInfo:
+    name = os.path.basename(path)
+    owner: OwnerInfo | None = None
+    has_owner_file = True
+    try:
+        owner = OwnerInfo.from_json(read_json(os.path.join(path, OWNER_FILE), dir_fd=fd))
+    except IntegrityError as exc:
+        has_owner_file = exc.errno != errno.ENOENT
+    except (TierIOError, TypeError, ValueError):
+        pass
+    if owner is not None and owner.writer_id != name:
+        owner = None  # an owner.json copied from elsewhere proves nothing about this directory
+    size = 0
+    for dirpath, _dirs, files in os.walk(path):
+        for f in files:
+            with contextlib.suppress(OSError):
+                size += os.lstat(os.path.join(dirpath, f)).st_size
+    created = owner.created if owner else st.st_mtime
+    dead = (
+        owner is not None
+        and not owner.is_alive()
+        or owner is None
+        and not has_owner_file
+        and _dead_by_name(name)
+    )
+    try:
+        committed = stat.S_ISREG(os.stat(MANIFEST_FILE, dir_fd=fd, follow_symlinks=False).st_mode)
+    except OSError:
+        committed = False
+    return WriterInfo(
+        path=path,
+        owner=owner,
+        live=not (unlocked and dead),
+        bytes=size,
+        age_s=max(0.0, time.time() - created),
+        committed=committed,
+    )
 
 
 def clean_writers(root: str, include_live: bool = False, dry_run: bool = False) -> list[WriterInfo]:
     """Remove stale writer directories (owner process gone); live ones only when asked.
 
+    A stale directory is deleted while its flock is held, so no writer can take it meanwhile.
     ``dry_run`` selects exactly what would be removed, without removing it.
     """
     removed = []
-    for info in scan_writers(root):
+    for info, _lock_fd, root_fd in _scan(root):
         if info.live and not include_live:
             continue
         if not dry_run:
-            shutil.rmtree(info.path, ignore_errors=True)
+            shutil.rmtree(os.path.basename(info.path), dir_fd=root_fd, ignore_errors=True)
         removed.append(info)
     return removed

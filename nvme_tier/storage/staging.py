@@ -78,6 +78,11 @@ class SharedStagingPool:
         with self._cond:
             return self._allocated
 
+    def idle_slots(self, match: Callable[[Hashable], bool]) -> int:
+        """How many idle slots have a key ``match`` accepts (e.g. aio slots holding a reusable handle)."""
+        with self._cond:
+            return sum(len(slots) for key, slots in self._idle.items() if match(key))
+
     @contextlib.contextmanager
     def checkout(
         self, user: object, key: Hashable, count: int, slot_bytes: int, make: Callable[[], StagingSlot]

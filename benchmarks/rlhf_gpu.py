@@ -1,0 +1,572 @@
+"""An RLHF-like (PPO-shaped) loop on one GPU: how much do offload/reload stall it?
+
+Three ZeRO-3 bf16 engines built from HF transformers Llama configs (random init, no download):
+an actor (LlamaForCausalLM + Adam), a critic (LlamaForSequenceClassification, num_labels=1: a
+Llama with a value head, + Adam) and a reference model (LlamaForCausalLM, no optimizer). Each
+iteration of the loop:
+
+    actor_train    the actor trains ``--train-steps`` steps on random tokens (seq ``--seq``)
+    actor_offload  actor.offload_states(non_blocking=True) returns
+    generation     fixed work: a KV-cache-sized tensor (``--kv-gb``) is allocated in the memory the
+                   actor frees, then decode-like steps (one-token reference-model forwards + an
+                   attention-shaped matmul over the KV tensor); the critic's reload is issued
+                   (prefetch) at ``--prefetch-at`` of the steps, while the actor's offload runs
+    critic_wait    the loop waits for the critic's reload (nvme_tier.wait / device sync)
+    critic_train   the critic trains (value regression)
+    critic_offload critic.offload_states(non_blocking=True) returns
+    scoring        fixed work: reference-model forwards over a batch; the actor's reload is issued
+                   at its start (prefetch)
+    actor_wait     (next iteration) the loop waits for the actor's reload
+
+Modes, same loop and same fixed work:
+
+* resident      no offloading: both trained models stay on the device (KV tensor shrunk to what
+                fits, the work is the same; recorded as kv_bytes)
+* nvme          nvme_tier.attach(engine, {"device": "nvme", "path": ...}) on actor and critic
+* upstream_cpu  DeepSpeed's own offload_states(device=cpu, pin_memory=True, non_blocking=True),
+                nvme_tier not attached
+* pinned_cpu    nvme_tier with {"device": "cpu"} (everything in page-locked host RAM)
+
+Stall = loop time of a mode minus loop time of ``resident`` (steady iterations: the first is left
+out); blocked = the time the loop spent inside offload/reload calls and waits (measured directly).
+Transfer time = the same offloads/reloads run blocking (timed after the loop), per iteration.
+P10 = stall / transfer time (goal <= 0.1). GB = 1e9 bytes.
+
+    # tiny, on CPU (a few-M-param Llama, gloo, CPU accelerator), to check it works:
+    python benchmarks/rlhf_gpu.py --tiny --path /var/tmp/rlhf --out /tmp/rlhf_cpu.json
+    # H100 (80 GB): actor 1.57 B, critic 1.51 B, reference 1.57 B (3.1 GB bf16); ~8 min for
+    # three modes (the JSON is rewritten after each mode, so a cut-off run keeps what it had)
+    python benchmarks/rlhf_gpu.py --path /local_nvme/rlhf --modes resident nvme upstream_cpu \
+        --out benchmarks/results/rlhf_gpu_h100.json --plot benchmarks/results/rlhf_gpu_h100.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
+# zarr imports cupy when installed; on the H100 image that import segfaulted (see offload_gpu.py).
+sys.modules.setdefault("cupy", None)
+
+from measure import sync_device, timed  # noqa: E402  (benchmarks/ is sys.path[0] for a script)
+
+GB = 1e9
+MODES = ("resident", "nvme", "upstream_cpu", "pinned_cpu")
+PHASES = (
+    "actor_wait",
+    "actor_train",
+    "actor_offload",
+    "generation",
+    "critic_wait",
+    "critic_train",
+    "critic_offload",
+    "scoring",
+)
+
+
+def rnd(x: float | None, n: int = 4) -> float | None:
+    return None if x is None else round(x, n)
+
+
+def median(xs: list[float]) -> float | None:
+    return statistics.median(xs) if xs else None
+
+
+# -- models and engines -----------------------------------------------------------------------------
+def llama_config(args, layers: int, hidden: int, inter: int):
+    from transformers import LlamaConfig
+
+    heads = max(1, hidden // 128) if not args.tiny else 4
+    return LlamaConfig(
+        vocab_size=args.vocab,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=max(2048, args.seq),
+        pad_token_id=0,  # the value head reads the last non-pad token; inputs never hold 0
+        tie_word_embeddings=False,
+    )
+
+
+def build_model(kind: str, config) -> torch.nn.Module:
+    """Random init straight on the accelerator in bf16 (no download, no fp32 host copy)."""
+    from transformers import LlamaForCausalLM, LlamaForSequenceClassification
+
+    from nvme_tier.engine import accelerator_device
+
+    torch.manual_seed({"actor": 0, "critic": 1, "ref": 2}[kind])
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(accelerator_device()):
+            if kind == "critic":
+                config.num_labels = 1
+                return LlamaForSequenceClassification(config)
+            return LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def build_engine(kind: str, model: torch.nn.Module, args):
+    import deepspeed
+
+    cfg: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": args.batch,
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+        "bf16": {"enabled": True},
+        "gradient_clipping": 1.0,
+    }
+    if kind == "ref":
+        engine, *_ = deepspeed.initialize(model=model, config=cfg)
+        engine.eval()
+        return engine
+    # DeepSpeed picks FusedAdam on CUDA (upstream offload_states needs it); on CPU its CPU Adam.
+    cfg["optimizer"] = {"type": "Adam", "params": {"lr": 1e-5}}
+    engine, *_ = deepspeed.initialize(model=model, config=cfg, model_parameters=model.parameters())
+    return engine
+
+
+def tokens(args, batch: int, seq: int, gen: torch.Generator, device) -> torch.Tensor:
+    return torch.randint(1, args.vocab, (batch, seq), generator=gen).to(device)
+
+
+class Loop:
+    """The three engines, the fixed work, and one mode's iterations."""
+
+    def __init__(self, args):
+        self.args = args
+        from nvme_tier.engine import accelerator_device
+
+        self.device = accelerator_device()
+        self.cuda = self.device.type == "cuda"
+        a = args
+        self.configs = {
+            "actor": llama_config(a, a.layers, a.hidden, a.inter),
+            "critic": llama_config(a, a.layers, a.hidden, a.inter),
+            "ref": llama_config(a, a.ref_layers, a.ref_hidden, a.ref_inter),
+        }
+        self.engines = {}
+        self.params = {}
+        for kind, config in self.configs.items():
+            model = build_model(kind, config)
+            self.params[kind] = sum(p.numel() for p in model.parameters())
+            self.engines[kind] = build_engine(kind, model, a)
+            print(f"{kind}: {self.params[kind] / 1e9:.3f} B params", flush=True)
+        self.gen = torch.Generator().manual_seed(0)
+        self.gen_steps = 0
+        self.score_steps = 0
+        self.kv_work_rows = 1  # rows of the KV tensor each decode step reads (set by calibrate)
+        self.losses: dict[str, list[float]] = {"actor": [], "critic": []}
+
+    # -- the work ----------------------------------------------------------------------------------
+    def train(self, kind: str) -> None:
+        engine, a = self.engines[kind], self.args
+        for _ in range(a.train_steps):
+            ids = tokens(a, a.batch, a.seq, self.gen, self.device)
+            if kind == "actor":
+                loss = engine(input_ids=ids, labels=ids).loss
+            else:
+                values = engine(input_ids=ids).logits.float().squeeze(-1)
+                loss = (values - 1.0).pow(2).mean()
+            engine.backward(loss)
+            engine.step()
+            self.losses[kind].append(loss.item())
+        sync_device()
+
+    def decode_step(self, kv: torch.Tensor, token: torch.Tensor) -> None:
+        """One token through the reference model, then attention-shaped reads over a fixed slice of
+        the KV tensor (the work does not depend on how much KV memory was granted)."""
+        with torch.no_grad():
+            self.engines["ref"](input_ids=token, use_cache=False)
+            h = self.configs["ref"].hidden_size
+            keys = kv[: self.kv_work_rows * h].view(self.kv_work_rows, h)
+            q = torch.ones(self.args.gen_batch, h, dtype=kv.dtype, device=kv.device)
+            (q @ keys.T).softmax(-1) @ keys
+
+    def allocate_kv(self, want: int) -> tuple[torch.Tensor, int]:
+        """A KV-cache-sized tensor of ``want`` bytes, or the most that fits (halving down)."""
+        floor = self.kv_work_rows * self.configs["ref"].hidden_size * 2
+        size = max(want, floor)
+        while True:
+            try:
+                kv = torch.empty(size // 2, dtype=torch.bfloat16, device=self.device)
+                kv.fill_(0.01)  # touch every page, as a cache being written does
+                return kv, size
+            except torch.OutOfMemoryError:
+                if size <= floor:
+                    raise
+                size = max(floor, size // 2)
+                gc.collect()
+                torch.cuda.empty_cache()
+
+    def generation(self, steps: int, kv_bytes: int, at: int = -1, prefetch: Callable | None = None) -> dict:
+        kv, granted = self.allocate_kv(kv_bytes)
+        token = tokens(self.args, self.args.gen_batch, 1, self.gen, self.device)
+        issued = 0.0
+        for i in range(steps):
+            if i == at and prefetch is not None:
+                issued = timed(prefetch)
+            self.decode_step(kv, token)
+        sync_device()
+        del kv
+        return {"kv_bytes": granted, "prefetch_call_s": issued}
+
+    def scoring(self, steps: int, prefetch: Callable | None = None) -> float:
+        issued = timed(prefetch) if prefetch is not None else 0.0
+        with torch.no_grad():
+            for _ in range(steps):
+                ids = tokens(self.args, self.args.gen_batch, self.args.seq, self.gen, self.device)
+                self.engines["ref"](input_ids=ids, use_cache=False)
+        sync_device()
+        return issued
+
+    def calibrate(self) -> dict:
+        """Steps of generation/scoring that take --gen-seconds/--score-seconds with nothing in flight;
+        every mode then runs exactly that work."""
+        a = self.args
+        self.kv_work_rows = max(1, int(a.kv_work_gb * GB) // (2 * self.configs["ref"].hidden_size))
+        self.generation(2, 0)  # warm-up
+        self.scoring(1)
+        t_gen = timed(lambda: self.generation(a.calib_steps, 0)) / a.calib_steps
+        t_score = timed(lambda: self.scoring(2)) / 2
+        self.gen_steps = max(4, round(a.gen_seconds / t_gen))
+        self.score_steps = max(1, round(a.score_seconds / t_score))
+        return {
+            "decode_step_s": rnd(t_gen, 5),
+            "score_step_s": rnd(t_score, 5),
+            "gen_steps": self.gen_steps,
+            "score_steps": self.score_steps,
+            "kv_work_bytes": self.kv_work_rows * self.configs["ref"].hidden_size * 2,
+        }
+
+    def iteration(self, it: int, mover: Transfers) -> dict:
+        a = self.args
+        actor, critic = self.engines["actor"], self.engines["critic"]
+        ph: dict[str, float] = {}
+        reset_peak()
+        t0 = time.perf_counter()
+        ph["actor_wait"] = timed(lambda: mover.wait(actor))
+        ph["actor_train"] = timed(lambda: self.train("actor"))
+        ph["actor_offload"] = timed(lambda: mover.offload(actor))
+        at = min(self.gen_steps - 1, int(a.prefetch_at * self.gen_steps))
+        t = time.perf_counter()
+        gen = self.generation(self.gen_steps, a.kv_gb_bytes, at, lambda: mover.reload(critic))
+        ph["generation"] = time.perf_counter() - t
+        ph["critic_wait"] = timed(lambda: mover.wait(critic))
+        ph["critic_train"] = timed(lambda: self.train("critic"))
+        ph["critic_offload"] = timed(lambda: mover.offload(critic))
+        t = time.perf_counter()
+        actor_call = self.scoring(self.score_steps, lambda: mover.reload(actor))
+        ph["scoring"] = time.perf_counter() - t
+        loop_s = time.perf_counter() - t0
+        waits_and_calls = ("actor_wait", "actor_offload", "critic_wait", "critic_offload")
+        blocked = sum(ph[k] for k in waits_and_calls) + gen["prefetch_call_s"] + actor_call
+        return {
+            "iter": it,
+            "loop_s": rnd(loop_s),
+            "blocked_s": rnd(blocked),
+            "phases_s": {k: rnd(v) for k, v in ph.items()},
+            "prefetch_call_s": {"critic": rnd(gen["prefetch_call_s"]), "actor": rnd(actor_call)},
+            "kv_bytes": gen["kv_bytes"],
+            "peak_device_bytes": peak(),
+            "transfer_s_in_loop": mover.in_loop_seconds(),
+        }
+
+    # -- one mode --------------------------------------------------------------------------------
+    def run_mode(self, mode: str) -> dict:
+        import nvme_tier
+
+        actor, critic = self.engines["actor"], self.engines["critic"]
+        mover = Transfers(mode, actor, critic, self.args)
+        iters = []
+        try:
+            mover.offload(critic)  # the loop starts with the actor resident and the critic away
+            mover.wait(critic)
+            for it in range(self.args.iters):
+                iters.append(self.iteration(it, mover))
+                print(mode, json.dumps(iters[-1]), flush=True)
+            final_wait = timed(lambda: mover.wait(actor))
+            blocking = mover.blocking_transfers() if mode != "resident" else {}
+        finally:
+            if mode in ("nvme", "pinned_cpu"):
+                nvme_tier.detach(actor)
+                nvme_tier.detach(critic)
+        steady = iters[1:] if len(iters) > 1 else iters
+        return {
+            "iters": iters,
+            "final_wait_s": rnd(final_wait),
+            "steady_loop_s": rnd(median([r["loop_s"] for r in steady])),
+            "steady_blocked_s": rnd(median([r["blocked_s"] for r in steady])),
+            "steady_phases_s": {p: rnd(median([r["phases_s"][p] for r in steady])) for p in PHASES},
+            "blocking_transfers": blocking,
+            "losses_finite": all(torch.isfinite(torch.tensor(v)).all().item() for v in self.losses.values()),
+        }
+
+
+class Transfers:
+    """How a mode moves the trained engines' states: nvme_tier, upstream, or not at all."""
+
+    def __init__(self, mode: str, actor, critic, args):
+        import nvme_tier
+
+        self.mode = mode
+        self.cuda = torch.cuda.is_available()
+        self.seconds: list[float] = []
+        if mode in ("nvme", "pinned_cpu"):
+            for name, engine in (("actor", actor), ("critic", critic)):
+                block = {"device": "nvme" if mode == "nvme" else "cpu", "progress": False}
+                if mode == "nvme":
+                    block.update(path=os.path.join(args.path, name), backend=args.backend)
+                nvme_tier.attach(engine, block)
+        self.engines = (actor, critic)
+
+    def offload(self, engine) -> None:
+        if self.mode == "resident":
+            return
+        if self.mode == "upstream_cpu":
+            from deepspeed.runtime.zero.offload_config import OffloadDeviceEnum
+
+            engine.offload_states(device=OffloadDeviceEnum.cpu, pin_memory=True, non_blocking=True)
+        else:
+            engine.offload_states(non_blocking=True)
+
+    def reload(self, engine) -> None:
+        if self.mode != "resident":
+            engine.reload_states(non_blocking=True)
+
+    def wait(self, engine) -> None:
+        """Until ``engine`` may compute: nvme_tier's wait; upstream's copies are on the compute
+        stream, so a device sync is what the next step would wait for."""
+        if self.mode in ("nvme", "pinned_cpu"):
+            import nvme_tier
+
+            nvme_tier.wait(engine)
+            self._collect(engine)
+        sync_device()
+
+    def _collect(self, engine) -> None:
+        import nvme_tier
+
+        stats = nvme_tier.controller_of(engine).last_stats
+        for key in ("offload", "reload"):
+            s = stats.pop(key, None)
+            if s is not None:
+                self.seconds.append(s.seconds)
+
+    def in_loop_seconds(self) -> float | None:
+        """Transfer seconds nvme_tier reported for the transfers finished since the last call."""
+        if self.mode not in ("nvme", "pinned_cpu"):
+            return None
+        done, self.seconds = sum(self.seconds), []
+        return rnd(done)
+
+    def blocking_transfers(self) -> dict:
+        """The same offloads and reloads, blocking and one at a time: the time they would cost.
+        Run after the loop, so pinned buffers and files already exist, as in steady iterations."""
+        import nvme_tier
+
+        out: dict[str, Any] = {}
+        for name, engine in zip(("actor", "critic"), self.engines, strict=True):
+            if self.mode == "upstream_cpu":
+                from deepspeed.runtime.zero.offload_config import OffloadDeviceEnum
+
+                off = timed(lambda e=engine: e.offload_states(device=OffloadDeviceEnum.cpu, pin_memory=True))
+                rel = timed(lambda e=engine: e.reload_states())
+            else:
+                nvme_tier.mark_dirty(engine)  # as after training: the states must be written
+                off = timed(lambda e=engine: e.offload_states(non_blocking=False))
+                rel = timed(lambda e=engine: e.reload_states(non_blocking=False))
+            out[name] = {"offload_s": rnd(off), "reload_s": rnd(rel)}
+        out["per_iteration_s"] = rnd(sum(v["offload_s"] + v["reload_s"] for v in out.values()))
+        return out
+
+
+def reset_peak() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak() -> int | None:
+    return torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+
+
+# -- summary, plot, main ----------------------------------------------------------------------------
+def summarize(out: dict) -> dict:
+    modes = out["modes"]
+    base = modes.get("resident", {}).get("steady_loop_s")
+    summary = {}
+    for mode, res in modes.items():
+        if "error" in res or mode == "resident":
+            continue
+        transfer = res["blocking_transfers"].get("per_iteration_s")
+        stall = res["steady_loop_s"] - base if base is not None else None
+        row = {
+            "steady_loop_s": res["steady_loop_s"],
+            "stall_s": rnd(stall),
+            "blocked_s": res["steady_blocked_s"],
+            "transfer_s": transfer,
+            "P10_stall_over_transfer": rnd(stall / transfer, 3) if stall is not None and transfer else None,
+            "P10_blocked_over_transfer": rnd(res["steady_blocked_s"] / transfer, 3) if transfer else None,
+        }
+        row["goal_P10_le_0.1"] = (
+            row["P10_stall_over_transfer"] is not None and row["P10_stall_over_transfer"] <= 0.1
+        )
+        summary[mode] = row
+    return summary
+
+
+def plot(out: dict, png: str) -> None:
+    """Stacked per-phase bars per mode (needs the optional extra "plot": matplotlib)."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("no plot: matplotlib is not installed (pip install 'nvme_tier[plot]')")
+        return
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = [m for m, r in out["modes"].items() if "error" not in r]
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    left = [0.0] * len(modes)
+    colors = plt.get_cmap("tab10").colors
+    for i, phase in enumerate(PHASES):
+        widths = [out["modes"][m]["steady_phases_s"][phase] or 0.0 for m in modes]
+        ax.barh(modes, widths, left=left, color=colors[i % 10], label=phase)
+        left = [x + w for x, w in zip(left, widths, strict=True)]
+    for y, m in enumerate(modes):
+        s = out["summary"].get(m, {})
+        label = f"{left[y]:.2f} s" + (
+            f"  P10={s['P10_stall_over_transfer']}" if s.get("P10_stall_over_transfer") is not None else ""
+        )
+        ax.text(left[y], y, " " + label, va="center", fontsize=8)
+    ax.set_xlabel("steady iteration wall time (s), by phase")
+    dev = out["machine"]["device_name"]
+    ax.set_title(
+        f"RLHF-like loop: actor {out['params']['actor'] / 1e9:.3g} B + critic {out['params']['critic'] / 1e9:.3g} B, {dev}",
+        fontsize=10,
+    )
+    ax.legend(fontsize=7, ncol=4, loc="lower center", bbox_to_anchor=(0.5, 1.08))
+    ax.set_xlim(0, max(left) * 1.3)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def machine_info(args) -> dict:
+    import deepspeed
+    import transformers
+
+    cuda = torch.cuda.is_available()
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "deepspeed": deepspeed.__version__,
+        "transformers": transformers.__version__,
+        "device_name": torch.cuda.get_device_name(0) if cuda else "CPU",
+        "device_memory_bytes": torch.cuda.get_device_properties(0).total_memory if cuda else None,
+        "cpu_count": os.cpu_count(),
+    }
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--path", required=True, help="scratch directory for the NVMe files")
+    p.add_argument("--out", help="write the JSON here (again after every mode)")
+    p.add_argument("--plot", help="write a PNG of per-phase times here")
+    p.add_argument("--tiny", action="store_true", help="a few-M-param Llama: checks the loop on CPU")
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    p.add_argument("--backend", default="auto", choices=("auto", "aio", "zarr"))
+    p.add_argument("--iters", type=int, default=4)
+    p.add_argument("--train-steps", type=int, default=2)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--layers", type=int, default=28, help="actor/critic: 28 x 2048 = 1.57 B / 1.51 B")
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--inter", type=int, default=5632)
+    p.add_argument("--ref-layers", type=int, default=28)
+    p.add_argument("--ref-hidden", type=int, default=2048)
+    p.add_argument("--ref-inter", type=int, default=5632)
+    p.add_argument("--gen-batch", type=int, default=32)
+    p.add_argument("--gen-seconds", type=float, default=10.0, help="generation work, calibrated idle")
+    p.add_argument("--score-seconds", type=float, default=5.0, help="scoring work, calibrated idle")
+    p.add_argument("--calib-steps", type=int, default=20)
+    p.add_argument("--kv-gb", type=float, default=20.0, help="KV-cache tensor allocated in generation")
+    p.add_argument("--kv-work-gb", type=float, default=1.0, help="KV bytes read per decode step")
+    p.add_argument(
+        "--prefetch-at",
+        type=float,
+        default=0.25,
+        help="fraction of generation at which the critic's reload is issued",
+    )
+    args = p.parse_args(argv)
+    if args.tiny:
+        tiny = dict(
+            vocab=2048, layers=2, hidden=256, inter=512, ref_layers=1, ref_hidden=256, ref_inter=512,
+            batch=2, seq=64, gen_batch=2, gen_seconds=0.5, score_seconds=0.3, calib_steps=4,
+            kv_gb=0.02, kv_work_gb=0.002, iters=3,
+        )  # fmt: skip
+        for k, v in tiny.items():
+            if getattr(args, k) == p.get_default(k):
+                setattr(args, k, v)
+    args.kv_gb_bytes = int(args.kv_gb * GB)
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse(argv)
+    from nvme_tier.demo import default_launch_env
+
+    os.environ.update(default_launch_env())
+    os.makedirs(args.path, exist_ok=True)
+    loop = Loop(args)
+    out: dict[str, Any] = {
+        "args": {k: v for k, v in vars(args).items() if k != "kv_gb_bytes"},
+        "machine": machine_info(args),
+        "params": loop.params,
+        "calibration": loop.calibrate(),
+        "modes": {},
+    }
+
+    def save() -> None:
+        out["summary"] = summarize(out)
+        if args.out:
+            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+            with open(args.out, "w") as fh:
+                json.dump(out, fh, indent=1)
+                fh.write("\n")
+
+    for mode in args.modes:
+        gc.collect()
+        try:
+            out["modes"][mode] = loop.run_mode(mode)
+        except Exception as exc:  # e.g. upstream refusing the CPU accelerator's Adam
+            out["modes"][mode] = {"error": f"{type(exc).__name__}: {exc}"}
+            print(mode, "failed:", out["modes"][mode]["error"], flush=True)
+        save()
+    print(json.dumps(out["summary"], indent=1))
+    if args.plot:
+        plot(out, args.plot)
+    with contextlib.suppress(OSError):
+        shutil.rmtree(args.path)
+    return out
+
+
+if __name__ == "__main__":
+    main()

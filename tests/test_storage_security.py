@@ -1,0 +1,406 @@
+"""Whose files are these (issue 18): a forked child, a live writer in another PID namespace, a root
+owned by someone else, a writer directory swapped between offloads, planted metadata, space this
+writer already owns, a path near PATH_MAX.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from conftest import make_engine, requires_aio, snapshot, train
+from faults import assert_resident, writer_dirs
+
+import nvme_tier
+import nvme_tier.controller as controller_mod
+from nvme_tier.errors import ConfigError, IntegrityError, TierIOError
+from nvme_tier.storage import supports_o_direct
+from nvme_tier.storage.manifest import (
+    OWNER_FILE,
+    OwnerInfo,
+    WriterDirectory,
+    clean_writers,
+    ensure_root,
+    read_json,
+    scan_writers,
+)
+
+BACKENDS = ["zarr", pytest.param("aio", marks=[requires_aio, pytest.mark.aio])]
+NOBODY = 65534
+as_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to chown files to another user")
+
+
+def child_env() -> dict:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
+
+
+# -- 3: a forked child exits -----------------------------------------------------------------------
+def _fork_and_exit_normally() -> int:
+    """os.fork(); the child runs what a normal interpreter exit runs (atexit: weakref finalizers)."""
+    pid = os.fork()
+    if pid == 0:  # child
+        code = 0
+        try:
+            atexit._run_exitfuncs()
+        except BaseException:
+            code = 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forked_child_exit_keeps_the_parents_files(backend, offload_dir):
+    engine = make_engine(1, offload_dir, backend=backend)
+    nvme_tier.attach(engine)
+    train(engine, 2)
+    before = snapshot(engine)
+    engine.offload_states()
+    dirs = writer_dirs(offload_dir)
+    assert len(dirs) == 1
+    assert _fork_and_exit_normally() == 0
+    assert writer_dirs(offload_dir) == dirs, "the child's exit removed the parent's writer directory"
+    engine.reload_states()
+    assert_resident(engine, before, scratch=False)
+    nvme_tier.detach(engine)
+    assert writer_dirs(offload_dir) == []  # the owner still cleans up
+
+
+def test_forked_child_release_keeps_the_parents_directory(tmp_path):
+    directory = WriterDirectory(str(tmp_path), OwnerInfo.current(rank=0, label="t"))
+    directory.create()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            directory.remove()
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    assert os.path.isdir(directory.path)
+    directory.remove()
+    assert not os.path.exists(directory.path)
+
+
+# -- 4: a live writer whose pid we cannot see (another PID namespace) -------------------------------
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+@contextlib.contextmanager
+def writer_in_another_pid_namespace(root):
+    """A live process holding its writer directory, whose owner.json (as seen from here) names a
+    pid that is gone: what a writer in a container's PID namespace looks like to this process."""
+    fake_pid = _dead_pid()
+    code = (
+        "import dataclasses, sys, socket, time\n"
+        "from nvme_tier.storage.manifest import OwnerInfo, WriterDirectory\n"
+        "me = OwnerInfo.current(rank=0, label='container')\n"
+        f"pid = {fake_pid}\n"
+        "token = me.writer_id.rsplit('-', 2)[-2]\n"
+        "me = dataclasses.replace(me, pid=pid, pid_start=1.0,\n"
+        "    writer_id=f'ntier-{socket.gethostname()}-{pid}-{token}-r0')\n"
+        "d = WriterDirectory(sys.argv[1], me)\n"
+        "d.create(); d.commit_manifest({})\n"
+        "open(d.path + '/optim_states.0.bin', 'wb').write(b'live data')\n"
+        "print(d.path, flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(root)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=child_env(),
+    )
+    try:
+        yield proc.stdout.readline().strip()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_live_writer_in_another_pid_namespace_is_not_cleaned(tmp_path):
+    with writer_in_another_pid_namespace(tmp_path) as path:
+        assert os.path.isdir(path)
+        info = {w.path: w for w in scan_writers(str(tmp_path))}
+        assert info[path].live, "a writer holding its lock was taken for stale"
+        assert clean_writers(str(tmp_path)) == []
+        assert os.path.isfile(os.path.join(path, "optim_states.0.bin"))
+    # Its process is gone now: the lock went with it, and the pid is dead too.
+    assert [w.path for w in clean_writers(str(tmp_path))] == [path]
+    assert not os.path.exists(path)
+
+
+def test_engine_offload_keeps_a_live_writer_of_another_pid_namespace(offload_dir):
+    with writer_in_another_pid_namespace(offload_dir) as path:
+        engine = make_engine(1, offload_dir, backend="zarr")
+        nvme_tier.attach(engine)
+        train(engine, 1)
+        engine.offload_states()  # its stale scan must keep the other job's directory
+        assert os.path.isfile(os.path.join(path, "optim_states.0.bin"))
+        engine.reload_states()
+        nvme_tier.detach(engine)
+
+
+# -- 5: the root and the writer directory ---------------------------------------------------------
+@as_root
+def test_root_owned_by_another_user_is_refused(tmp_path):
+    root = tmp_path / "shared"
+    root.mkdir(mode=0o755)
+    os.chown(root, NOBODY, NOBODY)
+    with pytest.raises(ConfigError, match=r"owned by uid 65534"):
+        ensure_root(str(root))
+
+
+def test_root_writable_by_others_needs_the_sticky_bit(tmp_path):
+    root = tmp_path / "scratch"
+    root.mkdir()
+    os.chmod(root, 0o777)
+    with pytest.raises(ConfigError, match="sticky"):
+        ensure_root(str(root))
+    os.chmod(root, 0o1777)  # like /tmp
+    ensure_root(str(root))
+
+
+@as_root
+def test_engine_refuses_a_root_owned_by_another_user(offload_dir):
+    os.chown(offload_dir, NOBODY, NOBODY)
+    engine = make_engine(1, offload_dir, backend="zarr")
+    nvme_tier.attach(engine)
+    train(engine, 1)
+    before = snapshot(engine)
+    with pytest.raises(ConfigError, match="owned by uid"):
+        engine.offload_states()
+    assert_resident(engine, before)
+    nvme_tier.detach(engine)
+
+
+@pytest.mark.parametrize("swap", ["symlink", "directory"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_writer_directory_swapped_between_offloads(backend, swap, offload_dir, tmp_path):
+    """Someone renames the writer directory away and puts a symlink (to a directory only root may
+    write) or a directory of their own in its place: nothing is written or read there."""
+    engine = make_engine(1, offload_dir, backend=backend)
+    controller = nvme_tier.attach(engine)
+    train(engine, 1)
+    engine.offload_states()
+    engine.reload_states()
+    train(engine, 1, seed=2)  # changed: the next offload rewrites every file
+    before = snapshot(engine)
+    writer = controller._mover.backend.directory.path
+    target = tmp_path / "root-only"
+    target.mkdir(mode=0o700)
+    os.rename(writer, str(tmp_path / "moved-away"))
+    if swap == "symlink":
+        os.symlink(target, writer)
+    else:
+        os.mkdir(writer, 0o700)
+    with pytest.raises(TierIOError, match="replaced|gone") as err:
+        engine.offload_states()
+    assert writer in str(err.value)
+    assert os.listdir(target) == []
+    if swap == "directory":
+        assert os.listdir(writer) == []
+    assert_resident(engine, before)
+    nvme_tier.detach(engine)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_writer_directory_swapped_before_reload_is_refused(backend, offload_dir, tmp_path):
+    engine = make_engine(1, offload_dir, backend=backend)
+    controller = nvme_tier.attach(engine)
+    train(engine, 1)
+    engine.offload_states()
+    writer = controller._mover.backend.directory.path
+    moved = str(tmp_path / "moved-away")
+    os.rename(writer, moved)
+    shutil.copytree(moved, writer)  # same bytes, another directory (another inode)
+    with pytest.raises(TierIOError, match="replaced"):
+        engine.reload_states()
+    shutil.rmtree(writer)
+    os.rename(moved, writer)  # put the real one back: now a retried reload works
+    engine.reload_states()
+    nvme_tier.detach(engine)
+
+
+# -- 5: planted metadata ----------------------------------------------------------------------------
+def _planted_writer(root, owner_uid: int | None = None) -> str:
+    path = os.path.join(str(root), f"ntier-{socket.gethostname()}-{_dead_pid()}-0123456789-r0")
+    os.mkdir(path, 0o700)
+    if owner_uid is not None:
+        os.chown(path, owner_uid, owner_uid)
+    return path
+
+
+def _finishes(fn, timeout: float = 20.0):
+    out: list = []
+    worker = threading.Thread(target=lambda: out.append(fn()), daemon=True)
+    worker.start()
+    worker.join(timeout)
+    assert not worker.is_alive(), "hung (blocked on a planted FIFO?)"
+    return out[0]
+
+
+@pytest.mark.parametrize("uid", [None, pytest.param(NOBODY, marks=as_root)], ids=["mine", "another-user"])
+def test_planted_fifo_owner_json_does_not_hang_the_scan(tmp_path, uid):
+    planted = _planted_writer(tmp_path)
+    os.mkfifo(os.path.join(planted, OWNER_FILE))
+    if uid is not None:
+        os.chown(planted, uid, uid)
+    seen = _finishes(lambda: {w.path: w for w in scan_writers(str(tmp_path))})
+    if uid is None:
+        assert seen[planted].live  # unreadable: nobody's to delete
+    else:
+        assert planted not in seen  # another user's directory is not ours to judge
+    assert _finishes(lambda: clean_writers(str(tmp_path))) == []
+    assert os.path.isdir(planted)
+
+
+def test_planted_owner_json_directory_or_huge_file_is_harmless(tmp_path):
+    as_dir = _planted_writer(tmp_path)
+    os.mkdir(os.path.join(as_dir, OWNER_FILE))
+    huge = _planted_writer(tmp_path)
+    with open(os.path.join(huge, OWNER_FILE), "wb") as fh:
+        fh.truncate(2 << 30)  # 2 GiB, sparse
+    seen = _finishes(lambda: {w.path: w for w in scan_writers(str(tmp_path))})
+    assert seen[as_dir].live and seen[huge].live
+    for planted, what in ((as_dir, "directory"), (huge, "bytes")):
+        path = os.path.join(planted, OWNER_FILE)
+        with pytest.raises(IntegrityError, match=what) as err:
+            read_json(path)
+        assert path in str(err.value)
+
+
+@as_root
+def test_planted_fifo_does_not_hang_an_offload(offload_dir):
+    planted = _planted_writer(offload_dir, owner_uid=NOBODY)
+    os.mkfifo(os.path.join(planted, OWNER_FILE))
+    os.chown(os.path.join(planted, OWNER_FILE), NOBODY, NOBODY)
+    engine = make_engine(1, offload_dir, backend="zarr")
+    nvme_tier.attach(engine)
+    train(engine, 1)
+    _finishes(engine.offload_states, timeout=300)
+    engine.reload_states()
+    nvme_tier.detach(engine)
+    assert os.path.isdir(planted)
+
+
+# -- 6: re-offload into space this writer already owns ---------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reoffload_counts_its_own_files_as_free_space(backend, offload_dir, monkeypatch):
+    engine = make_engine(1, offload_dir, backend=backend)
+    controller = nvme_tier.attach(engine)
+    train(engine, 2)
+    engine.offload_states()
+    engine.reload_states()  # files kept (skip_unchanged)
+    stored = controller._mover.backend.stored_bytes()
+    assert stored > 0
+    train(engine, 1, seed=2)  # every state changed: the offload rewrites all of its files
+    real = shutil.disk_usage(offload_dir)
+    # The disk is full but for the margin: only the space of the files being replaced is left.
+    full = real._replace(free=controller_mod._FREE_SPACE_MARGIN)
+    monkeypatch.setattr(controller_mod.shutil, "disk_usage", lambda path: full)
+    before = snapshot(engine)
+    engine.offload_states()
+    engine.reload_states()
+    assert_resident(engine, before, scratch=False)
+    nvme_tier.detach(engine)
+
+
+@contextlib.contextmanager
+def small_ext4(tmp_path, size_mb: int):
+    """A real ext4 of ``size_mb`` (no root reserve) on a loop device; skips where that cannot be made."""
+    if os.geteuid() != 0 or not all(shutil.which(t) for t in ("mkfs.ext4", "mount", "umount")):
+        pytest.skip("needs root, mkfs.ext4 and mount")
+    image, mnt = tmp_path / "fs.img", tmp_path / "mnt"
+    mnt.mkdir()
+    with open(image, "wb") as fh:
+        fh.truncate(size_mb << 20)
+
+    def sh(*cmd: str) -> subprocess.CompletedProcess:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+
+    if sh("mkfs.ext4", "-q", "-F", "-m", "0", str(image)).returncode:
+        pytest.skip("cannot make an ext4 image here")
+    mounted = sh("mount", "-o", "loop", str(image), str(mnt))
+    if mounted.returncode:
+        pytest.skip(f"cannot loop-mount an ext4 here: {mounted.stderr.strip()}")
+    try:
+        os.chmod(mnt, 0o700)
+        yield mnt
+    finally:
+        sh("umount", "-l", str(mnt))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reoffload_fits_on_a_real_small_filesystem(backend, tmp_path):
+    """~35 MB of optimizer states on a 128 MB ext4: the second offload (after a step) rewrites
+    them into the space they hold; counting only free space, it was refused."""
+    with small_ext4(tmp_path, 128) as mnt:
+        engine = make_engine(1, mnt, backend=backend, width=2048)
+        controller = nvme_tier.attach(engine)
+        train(engine, 1)
+        engine.offload_states()
+        engine.reload_states()
+        stored = controller._mover.backend.stored_bytes()
+        free = shutil.disk_usage(mnt).free
+        assert free < stored + controller_mod._FREE_SPACE_MARGIN, (free, stored)  # the old check refused
+        train(engine, 1, seed=2)
+        before = snapshot(engine)
+        engine.offload_states()
+        engine.reload_states()
+        assert_resident(engine, before, scratch=False)
+        nvme_tier.detach(engine)
+
+
+# -- 7: a path near PATH_MAX ------------------------------------------------------------------------
+def test_path_near_path_max_is_a_config_error(tmp_path):
+    path = str(tmp_path)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        while len(path) < os.pathconf(str(tmp_path), "PC_PATH_MAX") - 25:
+            name = "d" * min(200, os.pathconf(str(tmp_path), "PC_PATH_MAX") - 25 - len(path))
+            os.mkdir(name, dir_fd=fd)
+            new = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd, path = new, os.path.join(path, name)
+    finally:
+        os.close(fd)
+    with pytest.raises(ConfigError) as err:
+        supports_o_direct(path)
+    assert path in str(err.value)
+
+
+def test_scan_leaves_no_fd_behind(tmp_path):
+    for _ in range(3):
+        _planted_writer(tmp_path)
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(5):
+        list(scan_writers(str(tmp_path)))
+        clean_writers(str(tmp_path), dry_run=True)
+    time.sleep(0.01)
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_files_of_a_directory_without_held_fds_go_by_full_path(tmp_path, monkeypatch):
+    """Never relative to the working directory (e.g. after the lock fds were given up)."""
+    monkeypatch.chdir(tmp_path)
+    directory = WriterDirectory(str(tmp_path / "root"), OwnerInfo.current(rank=0, label="t"))
+    directory.create()
+    directory._close_fds()
+    os.close(directory.open("x.bin", write=True))
+    assert os.path.isfile(os.path.join(directory.path, "x.bin")) and not os.path.exists("x.bin")
+    directory.remove_file("x.bin")
+    assert not os.path.exists(os.path.join(directory.path, "x.bin"))
