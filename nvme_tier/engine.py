@@ -320,6 +320,8 @@ def aio_wait(handle: Any) -> int:
 # -- hooking the engine -----------------------------------------------------------------------------
 GUARDED_METHODS = ("backward", "step", "save_checkpoint", "load_checkpoint", "eval_batch", "train_batch")
 MUTATING_METHODS = frozenset({"backward", "step", "load_checkpoint", "train_batch"})
+# Read the weights only: allowed while just the optimizer states are away (guard_weights).
+WEIGHT_READING_METHODS = ("save_16bit_model",)
 
 
 def install_hooks(
@@ -333,7 +335,7 @@ def install_hooks(
     """Route offload_states/reload_states to nvme_tier and guard compute; returns an undo.
 
     ZeRO-3 parameters' own ``all_gather`` (what ``GatheredParameters`` and user code call, outside
-    forward) goes through ``guard_weights`` first: right after a non-blocking reload the partitions
+    forward) and ``save_16bit_model`` go through ``guard_weights`` first: right after a non-blocking reload the partitions
     are still being filled on nvme_tier's thread, and gathering them then read freed memory
     (a segfault on the CPU accelerator) and lost any edit made under ``modifier_rank``.
 
@@ -348,12 +350,12 @@ def install_hooks(
     opt_routed = [n for n in ("offload_states", "reload_states") if callable(getattr(opt, n, None))]
     opt_originals = {name: opt.__dict__.get(name) for name in opt_routed}
 
-    def wrap(name: str):
+    def wrap(name: str, check: Callable[[str], None] = guard):
         method = getattr(engine, name)
 
         @functools.wraps(method)
         def guarded(*args, **kwargs):
-            guard(name)
+            check(name)
             try:
                 return method(*args, **kwargs)
             finally:
@@ -366,6 +368,10 @@ def install_hooks(
         if hasattr(engine, name):
             originals[name] = engine.__dict__.get(name)
             object.__setattr__(engine, name, wrap(name))
+    for name in WEIGHT_READING_METHODS:
+        if hasattr(engine, name):
+            originals[name] = engine.__dict__.get(name)
+            object.__setattr__(engine, name, wrap(name, guard_weights))
     for name, fn in (("offload_states", offload), ("reload_states", reload)):
         originals[name] = engine.__dict__.get(name)
         object.__setattr__(engine, name, fn)

@@ -75,3 +75,30 @@ def test_gather_while_only_the_optimizer_states_are_offloaded(offload_dir):
     engine.reload_states()
     nvme_tier.detach(engine)
     assert "all_gather" in param.__dict__ and not hasattr(param.all_gather, "__wrapped__")
+
+
+def saved_weights(engine, tmp_path, tag: str) -> dict:
+    out = tmp_path / tag
+    engine.save_16bit_model(str(out))
+    return torch.load(out / "pytorch_model.bin")
+
+
+def test_save_16bit_model_waits_for_or_refuses_offloaded_weights(offload_dir, tmp_path):
+    """ZeRO-2 params are views of the flat lp buffer: saving them while it is freed or still
+    being filled raised torch's "storage that is not resizable" (or read freed memory)."""
+    engine = make_engine(2, offload_dir, backend="zarr", policy={"lp_params": "nvme"})
+    nvme_tier.attach(engine)
+    train(engine, 1)
+    expected = saved_weights(engine, tmp_path, "resident")
+
+    engine.offload_states(include=["optim_states"])  # OpenRLHF saves with the optimizer states away
+    assert saved_weights(engine, tmp_path, "optim-away").keys() == expected.keys()
+    engine.reload_states()
+
+    engine.offload_states()
+    with pytest.raises(nvme_tier.StatesOffloadedError, match="lp_params are offloaded"):
+        engine.save_16bit_model(str(tmp_path / "refused"))
+    nvme_tier.controller_of(engine)._mover.wrap_backend(lambda b: SlowReads(b, FaultPlan()))
+    engine.reload_states(non_blocking=True)
+    saved = saved_weights(engine, tmp_path, "after-reload")
+    assert all(torch.equal(saved[k], expected[k]) for k in expected)
