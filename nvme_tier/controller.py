@@ -395,7 +395,11 @@ class OffloadController:
             self._rewrite_all = False
             self._in_flight = None
             self.phase = OffloadPhase.offloaded
-        ds.empty_cache()
+        if not free_as_written:
+            # Blocking: hand the freed memory back to the driver, as upstream does. Not from the
+            # worker of a non-blocking offload: emptying the cache synchronizes the device and makes
+            # the compute running meanwhile (another model's generation) re-allocate its blocks.
+            ds.empty_cache()
         self.last_stats["offload"] = stats
         log.info(
             "nvme_tier: rank %d offloaded %.3f GB (%.3f GB to %s, %.3f GB unchanged on disk, %.3f GB to host) in %.2f s",
