@@ -28,9 +28,10 @@ from faults import assert_resident, data_entries
 
 import nvme_tier
 import nvme_tier.engine as ds
+from nvme_tier import host_budget
 from nvme_tier.config import AioSettings, OffloadStatesConfig
 from nvme_tier.errors import BackendUnavailableError, ConfigError, TierIOError
-from nvme_tier.storage import AioBackend, OwnerInfo, WriterDirectory, select_backend
+from nvme_tier.storage import AioBackend, OwnerInfo, WriterDirectory, select_backend, staging
 from nvme_tier.storage import aio as aio_mod
 
 AIO = [requires_aio, pytest.mark.aio]
@@ -343,23 +344,26 @@ class _CountingOp:
 @pytest.mark.aio
 @requires_aio
 def test_engines_beyond_the_aio_budget_fall_back_or_refuse(tmp_path, monkeypatch):
-    """Room for 4 handles (2 engines' worth): a third aio engine under 'auto' uses zarr, under
-    'aio' its offload is a typed error with every state in place; once an engine is detached its
-    idle handles are reused by the next, which then needs no new events."""
+    """Room for 2 handles: two aio engines of one process share them (one staging pool); an
+    engine with other aio settings needs handles of its own: under 'auto' it uses zarr, under
+    'aio' its offload is a typed error with every state in place; another engine with the shared
+    settings needs no new events."""
     settings = AioSettings()
     per_handle = aio_mod.aio_events_per_handle(settings)
     counting = _CountingOp(aio_mod.load_aio_op())
     limit = 1 << 20
     aio_mod._IDLE_HANDLES.clear()
+    # A pool of its own: idle slots of earlier tests hold handles this count must not see.
+    monkeypatch.setattr(staging, "_POOL", staging.SharedStagingPool(host_budget.process_budget()))
     monkeypatch.setattr(aio_mod, "load_aio_op", lambda: counting)
     monkeypatch.setattr(
-        aio_mod, "read_aio_budget", lambda: (limit - 4 * per_handle + counting.made * per_handle, limit)
+        aio_mod, "read_aio_budget", lambda: (limit - 2 * per_handle + counting.made * per_handle, limit)
     )
 
-    def engine_on(backend: str, sub: str):
+    def engine_on(backend: str, sub: str, **aio):
         path = tmp_path / sub
         path.mkdir()
-        engine = make_engine(1, path, backend=backend, staging_budget_mb=8)  # 2 handles each
+        engine = make_engine(1, path, backend=backend, staging_budget_mb=8, aio=aio)  # 2 handles each
         nvme_tier.attach(engine)
         train(engine, 1)
         return engine
@@ -369,25 +373,26 @@ def test_engines_beyond_the_aio_budget_fall_back_or_refuse(tmp_path, monkeypatch
         engine.offload_states()
         engine.reload_states()
     assert [nvme_tier.controller_of(e).backend_name for e in (first, second)] == ["aio", "aio"]
-    assert counting.made == 4
+    assert counting.made == 2  # one ring of the shared pool served both engines
 
-    third = engine_on("auto", "c")
+    third = engine_on("auto", "c", queue_depth=16)
     before = snapshot(third)
     third.offload_states()
     third.reload_states()
     assert nvme_tier.controller_of(third).backend_name == "zarr"
     assert_resident(third, before, scratch=False)
 
-    strict = engine_on("aio", "d")
+    strict = engine_on("aio", "d", queue_depth=16)
     before = snapshot(strict)
     with pytest.raises(BackendUnavailableError, match="fs.aio-max-nr"):
         strict.offload_states()
     assert_resident(strict, before)
 
-    nvme_tier.detach(first)  # its 2 handles go idle: the strict engine takes them, no new events
-    strict.offload_states()
-    strict.reload_states()
-    assert_resident(strict, before, scratch=False)
-    assert counting.made == 4
-    for engine in (second, third, strict):
+    shared = engine_on("aio", "e")  # the pool's idle slots hold its handles: no new events
+    before = snapshot(shared)
+    shared.offload_states()
+    shared.reload_states()
+    assert_resident(shared, before, scratch=False)
+    assert counting.made == 2
+    for engine in (first, second, third, strict, shared):
         nvme_tier.detach(engine)

@@ -177,9 +177,13 @@ def test_root_writable_by_others_needs_the_sticky_bit(tmp_path):
 def test_engine_refuses_a_root_owned_by_another_user(offload_dir):
     os.chown(offload_dir, NOBODY, NOBODY)
     engine = make_engine(1, offload_dir, backend="zarr")
+    with pytest.raises(ConfigError, match="owned by uid"):  # known at attach: refused there
+        nvme_tier.attach(engine)
+    os.chown(offload_dir, 0, 0)
     nvme_tier.attach(engine)
     train(engine, 1)
     before = snapshot(engine)
+    os.chown(offload_dir, NOBODY, NOBODY)  # handed to another user after attach
     with pytest.raises(ConfigError, match="owned by uid"):
         engine.offload_states()
     assert_resident(engine, before)
