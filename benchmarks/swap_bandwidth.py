@@ -13,9 +13,11 @@ import os
 import sys
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
+# zarr imports cupy when it is installed; on the H100 image that import (cupy -> ml_dtypes)
+# segfaulted. nvme_tier never hands zarr a GPU buffer: make it an ImportError, as without cupy.
+sys.modules.setdefault("cupy", None)
 
-# drop_page_cache, sync_device and timed are re-exported for benchmarks/offload_gpu.py.
-from nvme_tier.bench.swap_bandwidth import drop_page_cache, main, sync_device, timed  # noqa: E402, F401
+from nvme_tier.bench.swap_bandwidth import main  # noqa: E402
 
 if __name__ == "__main__":
     main()
