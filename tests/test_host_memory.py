@@ -145,6 +145,7 @@ def test_first_pinned_offload_locks_pieces_while_copying(fresh_budget, monkeypat
     """The chunked path: new host copies are faulted in piece by piece on a helper thread."""
     budget, _pool, _ = fresh_budget
     monkeypatch.setattr(TierMover, "lock_piece_bytes", 2 * MiB)
+    monkeypatch.setattr(staging, "REGISTER_MIN_BYTES", 0)  # CUDA: register this small copy piecewise too
     src = torch.arange(5 * MiB + 123, dtype=torch.int64).to(torch.uint8)
     buf = StateBuffer.of(StateKind.hp_params, "hp_params.0", src)
     expected = src.clone()
