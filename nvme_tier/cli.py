@@ -63,8 +63,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 # -- build-ops -----------------------------------------------------------------------------------
 def cmd_build_ops(args: argparse.Namespace) -> int:
-    from . import ops
-    from .storage.aio import aio_compatible
+    from .deepspeed import ops
+    from .deepspeed.ops import aio_compatible
 
     aio_ok, aio_why = aio_compatible()
     if args.ops:

@@ -105,7 +105,7 @@ def snapshot(engine) -> dict:
     Quiesced first, as offload_states does: ZeRO-3 releases gathered params, which then hold no
     state of their own.
     """
-    from nvme_tier.engine import discover_buffers, quiesce
+    from nvme_tier.deepspeed.locators import discover_buffers, quiesce
 
     quiesce(engine)
     out = {}

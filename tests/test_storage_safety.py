@@ -27,9 +27,10 @@ from conftest import make_engine, requires_aio, snapshot, train
 from faults import assert_resident, data_entries
 
 import nvme_tier
-import nvme_tier.engine as ds
+import nvme_tier.deepspeed.aio_binding as ds
 from nvme_tier import host_budget
 from nvme_tier.config import AioSettings, OffloadStatesConfig
+from nvme_tier.deepspeed.ops import aio_compatible
 from nvme_tier.errors import BackendUnavailableError, ConfigError, TierIOError
 from nvme_tier.storage import AioBackend, OwnerInfo, WriterDirectory, select_backend, staging
 from nvme_tier.storage import aio as aio_mod
@@ -311,7 +312,7 @@ def test_events_per_handle_match_the_op(tmp_path):
     Other processes on this host may io_setup()/io_destroy() meanwhile: one clean measurement of
     several is enough.
     """
-    if not aio_mod.aio_compatible()[0] or aio_mod.read_aio_budget() is None:
+    if not aio_compatible()[0] or aio_mod.read_aio_budget() is None:
         pytest.skip("needs the aio op and /proc/sys/fs/aio-nr")
     settings = AioSettings(queue_depth=7, intra_op_parallelism=3)
     op = aio_mod.load_aio_op()

@@ -39,8 +39,9 @@ import psutil
 import torch
 
 from nvme_tier.config import AioSettings  # noqa: E402
+from nvme_tier.deepspeed.ops import aio_compatible, load_aio_op  # noqa: E402
+from nvme_tier.deepspeed.version import installed_version  # noqa: E402
 from nvme_tier.storage import AioBackend, OwnerInfo, WriterDirectory, ZarrBackend, supports_o_direct  # noqa: E402
-from nvme_tier.storage.aio import aio_compatible, load_aio_op  # noqa: E402
 
 METHODS = ("raw_aio", "aio_backend", "zarr_backend", "pinned_copy", "torch_save")
 MiB = 1 << 20
@@ -438,9 +439,7 @@ def machine_info(path: str, aio_ok: bool, aio_why: str) -> dict:
         "aio_reason": aio_why,
     }
     try:
-        import deepspeed
-
-        info["deepspeed"] = deepspeed.__version__
+        info["deepspeed"] = installed_version()
     except Exception as exc:  # pragma: no cover
         info["deepspeed"] = f"unavailable ({exc})"
     return info

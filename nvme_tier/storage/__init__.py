@@ -13,15 +13,14 @@ import os
 import tempfile
 
 from ..config import OffloadStatesConfig
+from ..deepspeed.ops import INSTALL_HINT, aio_compatible
 from ..errors import BackendUnavailableError, ConfigError
 from .aio import (
     AIO_MAX_NR_HINT,
-    INSTALL_HINT,
     MEMLOCK_HINT,
     PAGE,
     AioBackend,
     aio_budget_shortfall,
-    aio_compatible,
     idle_handle_count,
     memlock_shortfall,
     staging_plan,

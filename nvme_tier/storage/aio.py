@@ -25,35 +25,19 @@ import google_crc32c
 import torch
 
 from ..config import AioSettings
+from ..deepspeed import aio_binding  # the op's calls differ by DeepSpeed version; settled per request
+from ..deepspeed.ops import load_aio_op
 from ..errors import BackendUnavailableError, IntegrityError, TierIOError
 from .base import Capabilities, StorageBackend, chunk_ranges, crc32c
 from .manifest import TensorRecord, WriterDirectory
 from .staging import DeviceCopier, round_down, round_up, staging_pool
 
-INSTALL_HINT = (
-    "the 'aio' backend needs libaio and DeepSpeed's async_io op: run `apt-get install -y libaio-dev` "
-    "(or `yum install libaio-devel`), then `ds_report` should show async_io [OKAY]; or use backend 'zarr'"
-)
 PAGE = 4096
 MEMLOCK_HINT = (
     "raise the limit (`ulimit -l unlimited`, `memlock unlimited` in /etc/security/limits.conf, "
     "`docker run --ulimit memlock=-1`) or lower offload_states.staging_budget_mb"
 )
 CAP_IPC_LOCK = 14  # capability bit that lifts RLIMIT_MEMLOCK (root in most containers)
-
-
-@functools.lru_cache(maxsize=1)
-def aio_compatible() -> tuple[bool, str]:
-    """(usable, reason) without building anything."""
-    try:
-        from deepspeed.ops.op_builder import AsyncIOBuilder
-    except Exception as exc:  # pragma: no cover - deepspeed is a hard dependency
-        return False, f"cannot import DeepSpeed's AsyncIOBuilder ({exc})"
-    try:
-        ok = AsyncIOBuilder().is_compatible(verbose=False)
-    except Exception as exc:
-        return False, f"async_io compatibility check failed ({exc})"
-    return (True, "async_io op is compatible") if ok else (False, "libaio is not installed")
 
 
 def has_cap_ipc_lock() -> bool:
@@ -93,26 +77,6 @@ def staging_plan(staging_budget_bytes: int, settings: AioSettings) -> tuple[int,
             f"staging budget {staging_budget_bytes} B is below 2 x the aio alignment {alignment} B"
         )
     return count, chunk
-
-
-@functools.lru_cache(maxsize=1)
-def load_aio_op():
-    """Build (first time: minutes, then cached in ~/.cache/torch_extensions) and load async_io."""
-    ok, why = aio_compatible()
-    if not ok:
-        raise BackendUnavailableError(f"{why}; {INSTALL_HINT}")
-    from deepspeed.ops.op_builder import AsyncIOBuilder
-
-    from ..ops import load_op, own_write_endurance_warning
-
-    try:
-        op = load_op(AsyncIOBuilder())  # a line before a JIT build: it takes minutes, silently
-    except Exception as exc:
-        raise BackendUnavailableError(
-            f"building DeepSpeed's async_io op failed ({exc}); {INSTALL_HINT}"
-        ) from exc
-    own_write_endurance_warning()
-    return op
 
 
 # Idle aio handles, reused across backends. Creating a handle starts intra_op_parallelism threads
@@ -243,21 +207,17 @@ class _Slot:
         _give_back_handle(self.settings, self.handle)
 
     def wait(self, path: str) -> None:
-        from ..engine import aio_wait  # never handle.wait(): DeepSpeed <0.18.4 deadlocks (engine.py)
-
         self.pending = False
-        done = aio_wait(self.handle)
+        done = aio_binding.aio_wait(self.handle)  # never handle.wait(): DeepSpeed <0.18.4 deadlocks
         if done != 1:
             raise TierIOError(f"async I/O on {path} completed {done} of 1 requests", path)
 
     def drain(self) -> None:
         """After an error: let an in-flight request finish before its buffer or fd go away."""
-        from ..engine import aio_wait
-
         if self.pending:
             self.pending = False
             with contextlib.suppress(Exception):
-                aio_wait(self.handle)
+                aio_binding.aio_wait(self.handle)
 
 
 class AioBackend(StorageBackend):
@@ -350,8 +310,6 @@ class AioBackend(StorageBackend):
     def _write_chunks(
         self, slots: list[_Slot], name: str, src: torch.Tensor
     ) -> tuple[str, int, list[int] | None]:
-        from ..engine import aio_async_pwrite  # the op's binding differs by DeepSpeed version
-
         chunk = self._chunk_for(src.numel())
         file = self.file_name(name)
         path = self.directory.file_path(file)
@@ -382,7 +340,7 @@ class AioBackend(StorageBackend):
                 samples += self._sample_pages(buf, a, padded)
                 if i == 0:
                     reservation.result()
-                if aio_async_pwrite(slot.handle, buf[:padded], fd, op_path, a) != 0:
+                if aio_binding.aio_async_pwrite(slot.handle, buf[:padded], fd, op_path, a) != 0:
                     raise TierIOError(f"async write to {path} was refused", path)
                 slot.pending = True
             for slot in slots:
@@ -448,8 +406,6 @@ class AioBackend(StorageBackend):
             self._read_chunks(slots, record, dst)
 
     def _read_chunks(self, slots: list[_Slot], record: TensorRecord, dst: torch.Tensor) -> None:
-        from ..engine import aio_async_pread  # settled per request, as aio_async_pwrite
-
         if record.chunk_bytes > self.chunk_bytes:
             # Written with a larger budget: read with the chunking it was checksummed with.
             raise TierIOError(
@@ -471,7 +427,9 @@ class AioBackend(StorageBackend):
                 # The op has no fd overload for reads: it opens op_path, which resolves through
                 # our directory's fd, to the regular file just opened with O_NOFOLLOW above.
                 if (
-                    aio_async_pread(slot.handle, slot.buffer[: round_up(b - a, self.alignment)], op_path, a)
+                    aio_binding.aio_async_pread(
+                        slot.handle, slot.buffer[: round_up(b - a, self.alignment)], op_path, a
+                    )
                     != 0
                 ):
                     raise TierIOError(f"async read of {path} was refused", path)
