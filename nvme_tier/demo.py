@@ -56,10 +56,9 @@ def ds_config(stage: int, block: dict) -> dict:
 
 def offload_block(args: argparse.Namespace, path: str) -> tuple[dict, str]:
     """The demo's offload_states block (--config's, then --device/--backend, in ``path``) and a note."""
-    from .cli import load_block
     from .config import OffloadStatesConfig
 
-    base = load_block(args.config) or OffloadStatesConfig()
+    base = OffloadStatesConfig.from_file(args.config) if args.config else OffloadStatesConfig()
     block = base.model_dump(mode="json", exclude_defaults=True)
     note = ""
     if args.config and base.path:
