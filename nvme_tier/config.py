@@ -220,16 +220,6 @@ _SECTIONS: dict[tuple, type[BaseModel]] = {
 }
 
 
-def config_from_engine(engine: Any) -> OffloadStatesConfig | None:
-    """Return the parsed block from a DeepSpeed engine's config, or None when absent."""
-    raw = getattr(getattr(engine, "config", None), "get", None)
-    block = raw(CONFIG_KEY) if callable(raw) else None
-    if block is None:
-        params = getattr(getattr(engine, "_config", None), "_param_dict", None)
-        block = params.get(CONFIG_KEY) if isinstance(params, dict) else None
-    return None if block is None else OffloadStatesConfig.parse(block)
-
-
 def load_deepspeed_config(config_path: str) -> dict:
     """A DeepSpeed JSON config file as a dict; ConfigError naming the file when it is not one."""
     try:

@@ -58,7 +58,6 @@ class OffloadController:
         self._placed: dict[StateKind, list[Placed]] = {}
         self._pending: Future | None = None
         self._in_flight: OffloadJob | None = None  # an offload started and not yet finished
-        self._pending_error: BaseException | None = None
         self._failure: BaseException | None = None  # why the last reload failed (phase failed)
         self._executor: ThreadPoolExecutor | None = None
         self._lock = threading.RLock()

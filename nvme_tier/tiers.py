@@ -27,7 +27,7 @@ import psutil
 import torch
 
 from .buffers import StateBuffer
-from .errors import IntegrityError, TierIOError
+from .errors import TierIOError
 from .host_budget import HostMemoryBudget, process_budget
 from .interrupts import DeferredInterrupt
 from .storage.base import StorageBackend
@@ -552,4 +552,4 @@ class TierMover:
             self._backend = None
 
 
-__all__ = ["HostCopy", "IntegrityError", "OffloadJob", "Placed", "StateBuffer", "TierMover", "TransferStats"]
+__all__ = ["HostCopy", "OffloadJob", "Placed", "TierMover", "TransferStats"]

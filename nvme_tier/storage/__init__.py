@@ -35,7 +35,6 @@ BACKENDS: dict[str, type[StorageBackend]] = {"aio": AioBackend, "zarr": ZarrBack
 _warned: set[str] = set()
 
 __all__ = [
-    "aio_compatible_reason",
     "check_block_alignment",
     "logical_block_size",
     "BACKENDS",
@@ -168,8 +167,3 @@ def open_backend(config: OffloadStatesConfig, directory: WriterDirectory, name: 
     if name == "aio":
         return AioBackend(directory, settings=config.aio, **common)
     return ZarrBackend(directory, settings=config.zarr, **common)
-
-
-def aio_compatible_reason() -> tuple[bool, str]:
-    """(usable, why) for the aio backend, without building the op."""
-    return aio_compatible()
