@@ -118,12 +118,6 @@ def check_aio() -> Iterator[Check]:
     yield Check("libaio / async_io", OK, why)
 
 
-def _has_cap_ipc_lock() -> bool:
-    from .storage.aio import has_cap_ipc_lock
-
-    return has_cap_ipc_lock()
-
-
 def check_memlock(staging_budget_bytes: int, cuda: bool | None = None) -> Iterator[Check]:
     """RLIMIT_MEMLOCK caps mlock()ed memory unless the process holds CAP_IPC_LOCK.
 
@@ -131,19 +125,17 @@ def check_memlock(staging_budget_bytes: int, cuda: bool | None = None) -> Iterat
     aborts the whole process (a C assert, no Python exception) when the limit is too low. CUDA
     pinned memory (cudaHostAlloc) is not bound by this limit.
     """
-    if cuda is None:
-        import torch
+    from .storage.aio import memlock_limit
 
-        cuda = torch.cuda.is_available()
     name = "pinned memory (ulimit -l)"
-    soft, _hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    soft, lifted_by = memlock_limit(cuda)
     shown = "unlimited" if soft == resource.RLIM_INFINITY else human_bytes(soft)
     need = human_bytes(staging_budget_bytes)
-    if soft == resource.RLIM_INFINITY:
+    if lifted_by == "unlimited":
         yield Check(name, OK, shown)
-    elif _has_cap_ipc_lock():
+    elif lifted_by == "CAP_IPC_LOCK":
         yield Check(name, OK, f"{shown}, but CAP_IPC_LOCK lifts the limit")
-    elif cuda:
+    elif lifted_by == "CUDA":
         yield Check(name, OK, f"{shown}; CUDA pinned memory (cudaHostAlloc) is not bound by it")
     elif soft < staging_budget_bytes:
         yield Check(

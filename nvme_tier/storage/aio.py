@@ -49,17 +49,28 @@ def has_cap_ipc_lock() -> bool:
     return os.geteuid() == 0
 
 
-def memlock_shortfall(locked_bytes: int, cuda: bool | None = None) -> str | None:
-    """Why page-locking ``locked_bytes`` of staging would fail here, or None when it will not.
+def memlock_limit(cuda: bool | None = None) -> tuple[int, str | None]:
+    """The soft ``ulimit -l`` and what lifts it for page-locked staging here, or None when it binds.
 
     Without CUDA the staging slots come from DeepSpeed's mlock allocator, which aborts the whole
     process (a C assert, no Python exception) past ``ulimit -l``: this must be asked first.
     CUDA pinned memory (cudaHostAlloc) and processes holding CAP_IPC_LOCK are not bound by it.
+    What lifts it: ``"unlimited"``, ``"CAP_IPC_LOCK"`` or ``"CUDA"``.
     """
+    soft, _hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    if soft == resource.RLIM_INFINITY:
+        return soft, "unlimited"
+    if has_cap_ipc_lock():
+        return soft, "CAP_IPC_LOCK"
     if cuda is None:
         cuda = torch.cuda.is_available()
-    soft, _hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
-    if cuda or soft == resource.RLIM_INFINITY or soft >= locked_bytes or has_cap_ipc_lock():
+    return soft, "CUDA" if cuda else None
+
+
+def memlock_shortfall(locked_bytes: int, cuda: bool | None = None) -> str | None:
+    """Why page-locking ``locked_bytes`` of staging would fail here, or None when it will not."""
+    soft, lifted_by = memlock_limit(cuda)
+    if lifted_by is not None or soft >= locked_bytes:
         return None
     return (
         f"ulimit -l is {soft} B, below the {locked_bytes} B of page-locked staging the aio backend "
