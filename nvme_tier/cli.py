@@ -90,7 +90,7 @@ def human_age(seconds: float) -> str:
 
 
 def writer_rows(path: str) -> list[dict[str, Any]]:
-    from .storage.manifest import scan_writers
+    from .storage.stale_writers import scan_writers
 
     rows = []
     for w in scan_writers(path):
@@ -156,7 +156,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_clean(args: argparse.Namespace) -> int:
-    from .storage.manifest import clean_writers
+    from .storage.stale_writers import clean_writers
 
     path = _require_dir(args.path)
     doomed = clean_writers(path, include_live=args.all, dry_run=args.dry_run)

@@ -31,7 +31,8 @@ from .progress import Progress
 from .status import build_status, human_bytes
 from .storage import open_backend, select_backend
 from .storage.base import on_callers_device
-from .storage.manifest import OwnerInfo, TensorRecord, WriterDirectory, clean_writers, ensure_root
+from .storage.manifest import OwnerInfo, TensorRecord, WriterDirectory, ensure_root
+from .storage.stale_writers import clean_writers
 from .tiers import OffloadJob, Placed, TierMover, TransferStats
 from .types import OffloadPhase, StateKind, StateStatus, Tier
 

@@ -206,7 +206,7 @@ def run(args: argparse.Namespace) -> int:
     from .deepspeed.ops import build_missing, quiet_comm_op_build
     from .policy import decide
     from .storage import select_backend
-    from .storage.manifest import scan_writers
+    from .storage.stale_writers import scan_writers
 
     if args.steps < 1 or args.rounds < 1:
         raise nvme_tier.ConfigError("--steps and --rounds must be at least 1")

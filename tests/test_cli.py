@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from nvme_tier import cli
-from nvme_tier.storage.manifest import OwnerInfo, WriterDirectory, scan_writers
+from nvme_tier.storage.manifest import OwnerInfo, WriterDirectory
+from nvme_tier.storage.stale_writers import scan_writers
 
 REPO = Path(__file__).resolve().parent.parent
 

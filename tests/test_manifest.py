@@ -25,10 +25,9 @@ from nvme_tier.storage.manifest import (
     WriterDirectory,
     atomic_write_json,
     check_name,
-    clean_writers,
     read_json,
-    scan_writers,
 )
+from nvme_tier.storage.stale_writers import clean_writers, scan_writers
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,8 @@ from .aio import (
     staging_plan,
 )
 from .base import Capabilities, StorageBackend
-from .manifest import OwnerInfo, TensorRecord, WriterDirectory, clean_writers, scan_writers
+from .manifest import OwnerInfo, TensorRecord, WriterDirectory
+from .stale_writers import clean_writers, scan_writers
 from .zarr_store import ZarrBackend
 
 log = logging.getLogger("nvme_tier")
