@@ -125,7 +125,7 @@ def check_memlock(staging_budget_bytes: int, cuda: bool | None = None) -> Iterat
     aborts the whole process (a C assert, no Python exception) when the limit is too low. CUDA
     pinned memory (cudaHostAlloc) is not bound by this limit.
     """
-    from .storage.aio import memlock_limit
+    from .storage.aio_handles import memlock_limit
 
     name = "pinned memory (ulimit -l)"
     soft, lifted_by = memlock_limit(cuda)

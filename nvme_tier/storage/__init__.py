@@ -15,15 +15,13 @@ import tempfile
 from ..config import OffloadStatesConfig
 from ..deepspeed.ops import INSTALL_HINT, aio_compatible
 from ..errors import BackendUnavailableError, ConfigError
-from .aio import (
+from .aio import PAGE, AioBackend, staging_plan
+from .aio_handles import (
     AIO_MAX_NR_HINT,
     MEMLOCK_HINT,
-    PAGE,
-    AioBackend,
     aio_budget_shortfall,
     idle_handle_count,
     memlock_shortfall,
-    staging_plan,
 )
 from .base import Capabilities, StorageBackend
 from .manifest import OwnerInfo, TensorRecord, WriterDirectory
