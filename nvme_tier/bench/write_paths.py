@@ -33,7 +33,7 @@ from collections.abc import Callable
 
 import torch
 
-from nvme_tier.bench.swap_bandwidth import drop_page_cache, machine_info
+from nvme_tier.bench.common import drop_page_cache, machine_info
 from nvme_tier.deepspeed.ops import aio_compatible
 from nvme_tier.storage import AioBackend, OwnerInfo, WriterDirectory, supports_o_direct
 
