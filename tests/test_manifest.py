@@ -23,10 +23,9 @@ from nvme_tier.storage.manifest import (
     OwnerInfo,
     TensorRecord,
     WriterDirectory,
-    atomic_write_json,
     check_name,
-    read_json,
 )
+from nvme_tier.storage.safe_files import atomic_write_json, read_json
 from nvme_tier.storage.stale_writers import clean_writers, scan_writers
 
 

@@ -28,8 +28,8 @@ from nvme_tier.storage.manifest import (
     OwnerInfo,
     WriterDirectory,
     ensure_root,
-    read_json,
 )
+from nvme_tier.storage.safe_files import read_json
 from nvme_tier.storage.stale_writers import clean_writers, scan_writers
 
 BACKENDS = ["zarr", pytest.param("aio", marks=[requires_aio, pytest.mark.aio])]

@@ -18,7 +18,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from ..errors import IntegrityError, TierIOError
-from .manifest import MANIFEST_FILE, OWNER_FILE, WRITER_PREFIX, OwnerInfo, process_start, read_json, try_flock
+from .manifest import MANIFEST_FILE, OWNER_FILE, WRITER_PREFIX, OwnerInfo, process_start, try_flock
+from .safe_files import read_json
 
 _WRITER_NAME = re.compile(r"^ntier-(?P<host>.+)-(?P<pid>[0-9]+)-[0-9a-f]{10}-r[0-9]+$")
 
