@@ -70,7 +70,7 @@ def extra_device_memory(fn: Callable[[], object], device: torch.device) -> int |
 def measure_aio_write_gbps(path: str, nbytes: int, repeats: int) -> float:
     """Median GB/s of DeepSpeed's aio op writing a page-locked buffer to a new file (O_DIRECT)."""
     from nvme_tier.config import AioSettings
-    from nvme_tier.storage.aio import load_aio_op
+    from nvme_tier.deepspeed.ops import load_aio_op
 
     s = AioSettings()
     handle = load_aio_op().aio_handle(

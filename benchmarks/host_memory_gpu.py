@@ -88,7 +88,7 @@ def step(engine, hidden: int, adam: bool) -> None:
 
 def fingerprint(engine) -> dict[str, list[int]]:
     """crc32c of every data-holding state buffer, through a 64 MiB host buffer (no device clones)."""
-    from nvme_tier import engine as ds
+    from nvme_tier.deepspeed import locators as ds
     from nvme_tier.storage.base import crc32c
     from nvme_tier.types import StateKind
 
@@ -176,7 +176,7 @@ def phase_first_offload(args, out: dict) -> None:
 
 
 def _host_items(engine):
-    from nvme_tier import engine as ds
+    from nvme_tier.deepspeed import locators as ds
     from nvme_tier.types import StateKind
 
     for kind, bufs in ds.discover_buffers(engine).items():

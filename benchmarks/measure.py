@@ -28,6 +28,8 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 if ROOT not in sys.path:  # a script in benchmarks/ imports the nvme_tier of this checkout
     sys.path.insert(0, ROOT)
 
+from nvme_tier.bench.common import cpu_model, fs_type  # noqa: E402  (after the path is set)
+
 GB = 1e9
 MiB = 1 << 20
 PROC = psutil.Process()
@@ -181,7 +183,7 @@ def machine_info(path: str | None = None) -> dict[str, Any]:
         "kernel": platform.release(),
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "host_mem_total_GB": round(psutil.virtual_memory().total / GB, 1),
         "torch": torch.__version__,
         "cuda": torch.version.cuda if cuda else None,
@@ -203,30 +205,11 @@ def machine_info(path: str | None = None) -> dict[str, Any]:
                 "path": path,
                 "total_GB": round(u.total / GB, 1),
                 "free_GB": round(u.free / GB, 1),
-                "filesystem": _fs_type(path),
+                "filesystem": fs_type(path),
             }
             out = subprocess.run(["df", "-T", path], capture_output=True, text=True, timeout=10).stdout
             info["disk"]["df"] = out.strip().splitlines()[-1]
     return info
-
-
-def _cpu_model() -> str:
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as fh:
-        for line in fh:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor()
-
-
-def _fs_type(path: str) -> str:
-    best, fstype = "", "unknown"
-    with contextlib.suppress(OSError), open("/proc/mounts") as fh:
-        for line in fh:
-            parts = line.split()
-            mnt = parts[1]
-            if os.path.realpath(path).startswith(mnt) and len(mnt) > len(best):
-                best, fstype = mnt, parts[2]
-    return fstype
 
 
 # -- launching, reporting --------------------------------------------------------------------------

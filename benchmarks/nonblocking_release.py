@@ -63,7 +63,7 @@ def train_step(engine, hidden: int) -> None:
 
 
 def sync() -> None:
-    from nvme_tier.engine import synchronize
+    from nvme_tier.deepspeed.accelerator import synchronize
 
     synchronize()
 
@@ -73,7 +73,7 @@ def allocated() -> int | None:
 
 
 def state_storages(engine) -> list:
-    from nvme_tier.engine import discover_buffers, quiesce
+    from nvme_tier.deepspeed.locators import discover_buffers, quiesce
 
     quiesce(engine)
     return [b for bufs in discover_buffers(engine).values() for b in bufs]

@@ -83,14 +83,14 @@ def start_engine(run: OffloadRun) -> dict[str, Any]:
 
 
 def state_sizes(engine) -> dict[str, int]:
-    from nvme_tier import engine as ds
+    from nvme_tier.deepspeed import locators as ds
 
     return {k.value: v for k, v in ds.buffers_present(engine).items()}
 
 
 def snapshot(engine) -> dict[str, torch.Tensor]:
     """Device clones of every data-holding state buffer (contiguous_grad_buffer is scratch)."""
-    from nvme_tier import engine as ds
+    from nvme_tier.deepspeed import locators as ds
     from nvme_tier.types import StateKind
 
     out = {}
@@ -105,7 +105,7 @@ def snapshot(engine) -> dict[str, torch.Tensor]:
 
 def check_exact(engine, ref: dict[str, torch.Tensor]) -> dict:
     """torch.equal of every state buffer against its snapshot, plus crc32c of a sample of each."""
-    from nvme_tier import engine as ds
+    from nvme_tier.deepspeed import locators as ds
     from nvme_tier.storage.base import crc32c
 
     now = {b.name: b for bufs in ds.discover_buffers(engine).values() for b in bufs}

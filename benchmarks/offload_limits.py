@@ -19,7 +19,7 @@ from offload_engine import CUDA, DEV, OffloadRun
 def phase_limits(run: OffloadRun) -> dict[str, Any]:
     """The ceilings: pinned PCIe copies and raw DeepSpeed aio (one aio_handle, page-locked, O_DIRECT)."""
     from nvme_tier.config import AioSettings
-    from nvme_tier.storage.aio import load_aio_op
+    from nvme_tier.deepspeed.ops import load_aio_op
 
     args = run.args
     n = int(args.raw_gb * GB) // MiB * MiB
@@ -88,8 +88,8 @@ def phase_limits(run: OffloadRun) -> dict[str, Any]:
 def phase_disk(run: OffloadRun) -> dict[str, Any]:
     """Exploration: fresh file vs in-place overwrite vs delete-then-write; AioBackend chunkings (A/B, alternated)."""
     from nvme_tier.config import AioSettings
+    from nvme_tier.deepspeed.ops import load_aio_op
     from nvme_tier.storage import AioBackend, OwnerInfo, WriterDirectory
-    from nvme_tier.storage.aio import load_aio_op
 
     args = run.args
     n = int(args.raw_gb * GB) // MiB * MiB

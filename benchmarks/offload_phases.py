@@ -282,7 +282,7 @@ def phase_zarr(run: OffloadRun) -> dict[str, Any]:
 
 def phase_torch_save(run: OffloadRun) -> dict[str, Any]:
     """torch.save of the optimizer-state tensors as a dict, torch.load + copy back into place."""
-    from nvme_tier import engine as ds
+    from nvme_tier.deepspeed import locators as ds
     from nvme_tier.types import StateKind
 
     args, engine, ref = run.args, run.engine, run.ref

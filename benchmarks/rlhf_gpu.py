@@ -107,7 +107,7 @@ def build_model(kind: str, config) -> torch.nn.Module:
     """Random init straight on the accelerator in bf16 (no download, no fp32 host copy)."""
     from transformers import LlamaForCausalLM, LlamaForSequenceClassification
 
-    from nvme_tier.engine import accelerator_device
+    from nvme_tier.deepspeed.accelerator import accelerator_device
 
     torch.manual_seed({"actor": 0, "critic": 1, "ref": 2}[kind])
     previous = torch.get_default_dtype()
@@ -150,7 +150,7 @@ class Loop:
 
     def __init__(self, args):
         self.args = args
-        from nvme_tier.engine import accelerator_device
+        from nvme_tier.deepspeed.accelerator import accelerator_device
 
         self.device = accelerator_device()
         self.cuda = self.device.type == "cuda"

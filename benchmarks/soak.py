@@ -191,7 +191,7 @@ def main() -> int:
     args = parser.parse_args()
 
     launch_env()
-    from nvme_tier.storage import aio_compatible_reason
+    from nvme_tier.deepspeed.ops import aio_compatible
 
     base = args.path or tempfile.mkdtemp(prefix="nvme-tier-soak-")
     os.makedirs(base, exist_ok=True)
@@ -204,7 +204,7 @@ def main() -> int:
         "model": "TinyNet(width=256), ZeRO-3, bf16, Adam; default nvme policy",
         "backends": {},
     }
-    ok, why = aio_compatible_reason()
+    ok, why = aio_compatible()
     for backend in [b for b in args.backends.split(",") if b]:
         if backend == "aio" and not ok:
             results["backends"][backend] = {"skipped": why}

@@ -5,9 +5,10 @@ from __future__ import annotations
 import weakref
 from typing import Any
 
-from . import engine as ds
 from .config import CONFIG_KEY, OffloadStatesConfig
 from .controller import OffloadController
+from .deepspeed.config_block import engine_config_block
+from .deepspeed.version import check_deepspeed_version
 from .errors import NvmeTierError
 from .status import format_table
 from .types import StateStatus
@@ -24,9 +25,9 @@ def attach(engine: Any, config: OffloadStatesConfig | dict | None = None) -> Off
     different config replaces the old controller (detached cleanly, refused while offloaded), so
     the engine's methods are never wrapped twice.
     """
-    ds.check_deepspeed_version()
+    check_deepspeed_version()
     if config is None:
-        config = ds.engine_config_block(engine, CONFIG_KEY)
+        config = engine_config_block(engine, CONFIG_KEY)
     cfg = OffloadStatesConfig.parse(config)
     existing = _controllers.get(engine)
     if existing is not None and existing.config == cfg:
@@ -45,7 +46,7 @@ def initialize(*args: Any, **kwargs: Any):
     import deepspeed
 
     result = deepspeed.initialize(*args, **kwargs)
-    block = ds.engine_config_block(result[0], CONFIG_KEY)
+    block = engine_config_block(result[0], CONFIG_KEY)
     if block is not None:
         attach(result[0], block)
     return result

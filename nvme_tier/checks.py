@@ -51,19 +51,20 @@ def check_versions() -> Iterator[Check]:
     yield Check("python", INFO, platform.python_version())
     cuda = f", CUDA {torch.version.cuda}" if torch.version.cuda else ", CPU build"
     yield Check("torch", INFO, f"{torch.__version__}{cuda}")
+    from .deepspeed.version import SUPPORTED_DEEPSPEED, check_deepspeed_version, installed_version
+
     try:
-        import deepspeed
+        ds_version = installed_version()
     except ImportError as exc:
         yield Check("deepspeed", FAIL, f"not importable ({exc})", "pip install 'deepspeed>=0.16.9,<0.20'")
         return
-    from .engine import SUPPORTED_DEEPSPEED, check_deepspeed_version
     from .errors import UnsupportedEngineError
 
     try:
-        check_deepspeed_version(deepspeed.__version__)
-        yield Check("deepspeed", OK, f"{deepspeed.__version__} (supported: {','.join(SUPPORTED_DEEPSPEED)})")
+        check_deepspeed_version(ds_version)
+        yield Check("deepspeed", OK, f"{ds_version} (supported: {','.join(SUPPORTED_DEEPSPEED)})")
     except UnsupportedEngineError as exc:
-        yield Check("deepspeed", FAIL, deepspeed.__version__, str(exc))
+        yield Check("deepspeed", FAIL, ds_version, str(exc))
     for mod in ("zarr", "pydantic"):
         try:
             version = __import__(mod).__version__
@@ -75,11 +76,9 @@ def check_versions() -> Iterator[Check]:
 
 def check_accelerator() -> Iterator[Check]:
     try:
-        from deepspeed.accelerator import get_accelerator
+        from .deepspeed.accelerator import accelerator_facts
 
-        acc = get_accelerator()
-        name, comm = acc.device_name(), acc.communication_backend_name()
-        count = acc.device_count() if name != "cpu" else 0
+        name, comm, count = accelerator_facts()
     except Exception as exc:  # a broken accelerator setup is worth reporting, not crashing on
         yield Check("accelerator", WARN, f"DeepSpeed could not pick an accelerator ({exc})")
         return
@@ -89,7 +88,7 @@ def check_accelerator() -> Iterator[Check]:
 
 def check_ops(aio_usable: bool) -> Iterator[Check]:
     """Which DeepSpeed JIT ops the demo's kind of run needs and whether they are built yet."""
-    from .ops import CACHED, LOADED, PREBUILT, builder_of, extensions_dir, op_state, ops_for_config
+    from .deepspeed.ops import CACHED, LOADED, PREBUILT, builder_of, extensions_dir, op_state, ops_for_config
 
     states = {}
     for op in ops_for_config(None, aio_usable):
@@ -110,19 +109,13 @@ def check_ops(aio_usable: bool) -> Iterator[Check]:
 
 
 def check_aio() -> Iterator[Check]:
-    from .storage.aio import INSTALL_HINT, aio_compatible
+    from .deepspeed.ops import INSTALL_HINT, aio_compatible
 
     ok, why = aio_compatible()
     if not ok:
         yield Check("libaio / async_io", WARN, f"{why}: backend 'auto' uses zarr", INSTALL_HINT)
         return
     yield Check("libaio / async_io", OK, why)
-
-
-def _has_cap_ipc_lock() -> bool:
-    from .storage.aio import has_cap_ipc_lock
-
-    return has_cap_ipc_lock()
 
 
 def check_memlock(staging_budget_bytes: int, cuda: bool | None = None) -> Iterator[Check]:
@@ -132,19 +125,17 @@ def check_memlock(staging_budget_bytes: int, cuda: bool | None = None) -> Iterat
     aborts the whole process (a C assert, no Python exception) when the limit is too low. CUDA
     pinned memory (cudaHostAlloc) is not bound by this limit.
     """
-    if cuda is None:
-        import torch
+    from .storage.aio_handles import memlock_limit
 
-        cuda = torch.cuda.is_available()
     name = "pinned memory (ulimit -l)"
-    soft, _hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    soft, lifted_by = memlock_limit(cuda)
     shown = "unlimited" if soft == resource.RLIM_INFINITY else human_bytes(soft)
     need = human_bytes(staging_budget_bytes)
-    if soft == resource.RLIM_INFINITY:
+    if lifted_by == "unlimited":
         yield Check(name, OK, shown)
-    elif _has_cap_ipc_lock():
+    elif lifted_by == "CAP_IPC_LOCK":
         yield Check(name, OK, f"{shown}, but CAP_IPC_LOCK lifts the limit")
-    elif cuda:
+    elif lifted_by == "CUDA":
         yield Check(name, OK, f"{shown}; CUDA pinned memory (cudaHostAlloc) is not bound by it")
     elif soft < staging_budget_bytes:
         yield Check(
@@ -233,7 +224,7 @@ def check_path(
 
 def run_checks(path: str | None = None, config: OffloadStatesConfig | None = None) -> list[Check]:
     """Every check, in report order. ``config`` supplies the staging budget and backend to test."""
-    from .storage.aio import aio_compatible
+    from .deepspeed.ops import aio_compatible
 
     config = config or OffloadStatesConfig()
     checks = [

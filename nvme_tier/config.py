@@ -6,6 +6,7 @@ docs/performance.md) and a description that docs/configuration.md is generated f
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Literal
 
@@ -168,6 +169,11 @@ class OffloadStatesConfig(_Strict):
         return None if self.host_budget_mb is None else self.host_budget_mb * MiB
 
     @classmethod
+    def from_file(cls, config_path: str) -> OffloadStatesConfig:
+        """The validated offload_states block of a DeepSpeed JSON config file (defaults when absent)."""
+        return cls.parse(load_deepspeed_config(config_path).get(CONFIG_KEY))
+
+    @classmethod
     def parse(cls, block: Any) -> OffloadStatesConfig:
         """Validate a raw block; a failure raises ``ConfigError`` that names each culprit key."""
         if isinstance(block, OffloadStatesConfig):
@@ -214,11 +220,15 @@ _SECTIONS: dict[tuple, type[BaseModel]] = {
 }
 
 
-def config_from_engine(engine: Any) -> OffloadStatesConfig | None:
-    """Return the parsed block from a DeepSpeed engine's config, or None when absent."""
-    raw = getattr(getattr(engine, "config", None), "get", None)
-    block = raw(CONFIG_KEY) if callable(raw) else None
-    if block is None:
-        params = getattr(getattr(engine, "_config", None), "_param_dict", None)
-        block = params.get(CONFIG_KEY) if isinstance(params, dict) else None
-    return None if block is None else OffloadStatesConfig.parse(block)
+def load_deepspeed_config(config_path: str) -> dict:
+    """A DeepSpeed JSON config file as a dict; ConfigError naming the file when it is not one."""
+    try:
+        with open(config_path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {config_path}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise ConfigError(f"{config_path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{config_path}: a DeepSpeed config must be a JSON object")
+    return data

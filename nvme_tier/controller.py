@@ -1,6 +1,6 @@
 """One engine's offload lifecycle: validate, place, move, guard, reload, report.
 
-It knows nothing of DeepSpeed's internals (engine.py does) nor of bytes on disk (storage/ and
+It knows nothing of DeepSpeed's internals (deepspeed/ does) nor of bytes on disk (storage/ and
 tiers.py do); it sequences them and owns the state machine the guards consult.
 """
 
@@ -16,8 +16,11 @@ from typing import Any
 
 import torch
 
-from . import engine as ds
+from .buffers import StateBuffer
 from .config import OffloadStatesConfig
+from .deepspeed.accelerator import accelerator_device, empty_cache, rank_of
+from .deepspeed.hooks import install_hooks
+from .deepspeed.locators import discover_buffers, quiesce
 from .errors import ConfigError, StatesOffloadedError, TierIOError
 from .fingerprint import fingerprints
 from .host_budget import process_budget
@@ -28,8 +31,9 @@ from .progress import Progress
 from .status import build_status, human_bytes
 from .storage import open_backend, select_backend
 from .storage.base import on_callers_device
-from .storage.manifest import OwnerInfo, TensorRecord, WriterDirectory, clean_writers, ensure_root
-from .tiers import OffloadJob, Placed, StateBuffer, TierMover, TransferStats
+from .storage.manifest import OwnerInfo, TensorRecord, WriterDirectory, ensure_root
+from .storage.stale_writers import clean_writers
+from .tiers import OffloadJob, Placed, TierMover, TransferStats
 from .types import OffloadPhase, StateKind, StateStatus, Tier
 
 log = logging.getLogger("nvme_tier")
@@ -49,13 +53,12 @@ class OffloadController:
     def __init__(self, engine: Any, config: OffloadStatesConfig):
         self._engine_ref = weakref.ref(engine)
         self.config = config
-        self.rank = ds.rank_of(engine)
+        self.rank = rank_of(engine)
         self.phase = OffloadPhase.resident
         self._rewrite_all = False  # set by mark_dirty: the next offload skips nothing
         self._placed: dict[StateKind, list[Placed]] = {}
         self._pending: Future | None = None
         self._in_flight: OffloadJob | None = None  # an offload started and not yet finished
-        self._pending_error: BaseException | None = None
         self._failure: BaseException | None = None  # why the last reload failed (phase failed)
         self._executor: ThreadPoolExecutor | None = None
         self._lock = threading.RLock()
@@ -69,7 +72,7 @@ class OffloadController:
             self, config.host_budget_bytes, config.staging_budget_bytes if config.path else 0
         )
         self._mover = TierMover(self._open_backend, progress=self._progress.advance, budget=self._budget)
-        self._undo_hooks = ds.install_hooks(
+        self._undo_hooks = install_hooks(
             engine, self.guard, self.mark_dirty, self.offload_states, self.reload_states, self.guard_weights
         )
         self._finalizer = weakref.finalize(engine, _release_in_owner, self._mover, os.getpid())
@@ -117,7 +120,7 @@ class OffloadController:
         weights (hp_params) has an optimizer, whose states appear at its first step. A missing
         last level is created (0700); a missing parent is refused (a typo, not a new directory).
         """
-        buffers = ds.discover_buffers(engine)
+        buffers = discover_buffers(engine)
         present = [k for k, bufs in buffers.items() if bufs]
         if buffers.get(StateKind.hp_params) and StateKind.optim_states not in present:
             present.append(StateKind.optim_states)
@@ -167,7 +170,7 @@ class OffloadController:
         limit = self.config.host_budget_bytes
         if limit is None or self.config.path:
             return
-        buffers = ds.discover_buffers(self.engine)
+        buffers = discover_buffers(self.engine)
         present = [k for k, bufs in buffers.items() if bufs]
         facts = EngineFacts(self._host_bytes(buffers, present), limit)
         decide(self.config, present, facts=facts)  # raises ConfigError naming host_budget_mb and path
@@ -276,7 +279,7 @@ class OffloadController:
         buffers: dict[StateKind, list[StateBuffer]], present: list[StateKind]
     ) -> dict[StateKind, int]:
         """Host bytes each state's host copy would take (0 for states already in host RAM)."""
-        host_is_device = ds.accelerator_device().type == "cpu"
+        host_is_device = accelerator_device().type == "cpu"
         return {
             kind: 0
             if not host_is_device and all(b.device.type == "cpu" for b in buffers[kind])
@@ -288,7 +291,7 @@ class OffloadController:
         self, include=None, device=None, pin_memory=None, budgeted: bool = False
     ) -> tuple[Placement, dict[StateKind, list[StateBuffer]]]:
         """Decide each state's tier; ``budgeted`` spills against the host budget (hold its lock)."""
-        buffers = ds.discover_buffers(self.engine)
+        buffers = discover_buffers(self.engine)
         present = [k for k, bufs in buffers.items() if bufs and k not in self._placed]
         facts = (
             EngineFacts(self._host_bytes(buffers, present), self._budget.available()) if budgeted else None
@@ -296,7 +299,7 @@ class OffloadController:
         placement = decide(
             self.config, present, include=include, device=device, pin_memory=pin_memory, facts=facts
         )
-        host_is_device = ds.accelerator_device().type == "cpu"
+        host_is_device = accelerator_device().type == "cpu"
         tiers = dict(placement.tiers)
         for kind in present:
             # States that already live in host RAM (ZeRO-Offload) gain nothing from a host tier.
@@ -347,7 +350,7 @@ class OffloadController:
                 if nvme_bytes:
                     self._resolve_backend()
                     self._check_free_space(nvme_bytes, [b.name for b in nvme])
-                ds.quiesce(self.engine)
+                quiesce(self.engine)
                 self.phase = OffloadPhase.offloading
                 if self.config.skip_unchanged:
                     self._take_fingerprints([b for b, t in items if t is Tier.nvme])
@@ -399,7 +402,7 @@ class OffloadController:
             # Blocking: hand the freed memory back to the driver, as upstream does. Not from the
             # worker of a non-blocking offload: emptying the cache synchronizes the device and makes
             # the compute running meanwhile (another model's generation) re-allocate its blocks.
-            ds.empty_cache()
+            empty_cache()
         self.last_stats["offload"] = stats
         log.info(
             "nvme_tier: rank %d offloaded %.3f GB (%.3f GB to %s, %.3f GB unchanged on disk, %.3f GB to host) in %.2f s",
@@ -552,9 +555,9 @@ class OffloadController:
             job, phase = self._in_flight, self.phase
             placed = {k: list(ps) for k, ps in self._placed.items()}
             in_flight = job.bytes_in_flight() if job is not None else {}
-            buffers = ds.discover_buffers(self.engine)
+            buffers = discover_buffers(self.engine)
         directory = self._mover.backend.directory.path if self._mover.has_backend else self.config.path
-        return build_status(buffers, placed, directory, str(ds.accelerator_device()), phase, in_flight)
+        return build_status(buffers, placed, directory, str(accelerator_device()), phase, in_flight)
 
     def release(self) -> None:
         """Delete this engine's files and free pinned host memory (states must be resident)."""

@@ -56,10 +56,9 @@ def ds_config(stage: int, block: dict) -> dict:
 
 def offload_block(args: argparse.Namespace, path: str) -> tuple[dict, str]:
     """The demo's offload_states block (--config's, then --device/--backend, in ``path``) and a note."""
-    from .cli import load_block
     from .config import OffloadStatesConfig
 
-    base = load_block(args.config) or OffloadStatesConfig()
+    base = OffloadStatesConfig.from_file(args.config) if args.config else OffloadStatesConfig()
     block = base.model_dump(mode="json", exclude_defaults=True)
     note = ""
     if args.config and base.path:
@@ -102,7 +101,7 @@ class Role:
 
 def take_snapshot(engine: Any) -> dict:
     """Byte copies of every state buffer (quiesced first, exactly as offload_states does)."""
-    from .engine import discover_buffers, quiesce
+    from .deepspeed.locators import discover_buffers, quiesce
 
     quiesce(engine)
     return {
@@ -171,9 +170,9 @@ def quiet_deepspeed() -> None:
     """DeepSpeed logs every engine's full config at INFO; the demo's own lines are what matters."""
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(torch|deepspeed)\.")
     warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"(torch|deepspeed)\.")
-    from deepspeed.utils import logger as ds_logger
+    from .deepspeed.ops import set_deepspeed_log_level
 
-    ds_logger.setLevel(logging.WARNING)
+    set_deepspeed_log_level(logging.WARNING)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -200,14 +199,14 @@ def run(args: argparse.Namespace) -> int:
     quiet_deepspeed()
     import deepspeed
     import torch
-    from deepspeed.accelerator import get_accelerator
 
     import nvme_tier
 
-    from .ops import build_missing, quiet_comm_op_build
+    from .deepspeed.accelerator import accelerator_name
+    from .deepspeed.ops import build_missing, quiet_comm_op_build
     from .policy import decide
     from .storage import select_backend
-    from .storage.manifest import scan_writers
+    from .storage.stale_writers import scan_writers
 
     if args.steps < 1 or args.rounds < 1:
         raise nvme_tier.ConfigError("--steps and --rounds must be at least 1")
@@ -222,9 +221,7 @@ def run(args: argparse.Namespace) -> int:
             where = f"backend {backend} ({why})"
         else:
             where = "host memory only, nothing goes to disk"
-        print(
-            f"nvme_tier demo: accelerator {get_accelerator().device_name()}, ZeRO-{args.stage} bf16, {where}"
-        )
+        print(f"nvme_tier demo: accelerator {accelerator_name()}, ZeRO-{args.stage} bf16, {where}")
         print(f"  offload path: {path}{' (temporary)' if temporary else ''}")
         print(f"  offload_states: {json.dumps(block)}")
         if note:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from .tiers import Placed, StateBuffer
+from .buffers import StateBuffer
+from .tiers import Placed
 from .types import OffloadPhase, StateKind, StateStatus, Tier
 
 

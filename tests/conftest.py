@@ -7,12 +7,12 @@ import os
 import pytest
 import torch
 
+from nvme_tier.deepspeed.ops import aio_compatible
 from nvme_tier.demo import default_launch_env
-from nvme_tier.storage import aio_compatible_reason
 
 os.environ.update(default_launch_env())  # single-process rendezvous, a free port
 
-AIO_OK, AIO_WHY = aio_compatible_reason()
+AIO_OK, AIO_WHY = aio_compatible()
 requires_aio = pytest.mark.skipif(
     not AIO_OK, reason=f"aio backend unavailable: {AIO_WHY} (apt-get install -y libaio-dev)"
 )
@@ -105,7 +105,7 @@ def snapshot(engine) -> dict:
     Quiesced first, as offload_states does: ZeRO-3 releases gathered params, which then hold no
     state of their own.
     """
-    from nvme_tier.engine import discover_buffers, quiesce
+    from nvme_tier.deepspeed.locators import discover_buffers, quiesce
 
     quiesce(engine)
     out = {}

@@ -24,7 +24,7 @@ import errno, json, os, resource, signal, sys
 import torch
 from nvme_tier.errors import TierIOError
 from nvme_tier.storage import AioBackend, OwnerInfo, WriterDirectory
-from nvme_tier.storage.aio import load_aio_op
+from nvme_tier.deepspeed.ops import load_aio_op
 
 load_aio_op()  # JIT-loading the op writes to ~/.cache: do it before the limit
 root = sys.argv[1]

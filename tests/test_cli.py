@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from nvme_tier import cli
-from nvme_tier.storage.manifest import OwnerInfo, WriterDirectory, scan_writers
+from nvme_tier.storage.manifest import OwnerInfo, WriterDirectory
+from nvme_tier.storage.stale_writers import scan_writers
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -187,9 +188,10 @@ def test_mountinfo_parsing_unescapes_and_takes_the_innermost_mount(monkeypatch, 
 
 def test_memlock_warning_names_the_fix(monkeypatch):
     from nvme_tier import checks
+    from nvme_tier.storage import aio_handles
 
     monkeypatch.setattr(checks.resource, "getrlimit", lambda _r: (64 << 10, 64 << 10))
-    monkeypatch.setattr(checks, "_has_cap_ipc_lock", lambda: False)
+    monkeypatch.setattr(aio_handles, "has_cap_ipc_lock", lambda: False)
     (found,) = checks.check_memlock(512 << 20, cuda=False)
     assert found.level == checks.WARN and "64.00 KiB" in found.detail and "ulimit -l" in found.hint
     (found,) = checks.check_memlock(32 << 10, cuda=False)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 import nvme_tier
-from nvme_tier.engine import SUPPORTED_DEEPSPEED, check_deepspeed_version
+from nvme_tier.deepspeed.version import SUPPORTED_DEEPSPEED, check_deepspeed_version
 from nvme_tier.errors import UnsupportedEngineError
 
 
@@ -41,8 +41,8 @@ def test_attach_refuses_unsupported_version_before_touching_the_engine(monkeypat
 
 _AIO_LOOP = r"""
 import os, sys, tempfile, torch
-from nvme_tier.engine import aio_async_pread, aio_async_pwrite, aio_wait
-from nvme_tier.storage.aio import load_aio_op
+from nvme_tier.deepspeed.aio_binding import aio_async_pread, aio_async_pwrite, aio_wait
+from nvme_tier.deepspeed.ops import load_aio_op
 
 handle = load_aio_op().aio_handle(1 << 20, 32, False, True, 8)
 buf = handle.new_cpu_locked_tensor(1 << 18, torch.empty(0, dtype=torch.uint8))

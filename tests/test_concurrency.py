@@ -27,7 +27,8 @@ from faults import assert_resident, data_entries, writer_dirs
 
 import nvme_tier
 from nvme_tier.errors import TierIOError
-from nvme_tier.storage.manifest import OWNER_FILE, OwnerInfo, clean_writers, scan_writers
+from nvme_tier.storage.manifest import OWNER_FILE, OwnerInfo
+from nvme_tier.storage.stale_writers import clean_writers, scan_writers
 from nvme_tier.types import OffloadPhase
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -185,7 +185,7 @@ steps, seed = TWIN_PLAN[0]
 losses = train(engine, steps, seed=seed)
 before = snapshot(engine)
 if backend == "aio":
-    from nvme_tier.storage.aio import load_aio_op
+    from nvme_tier.deepspeed.ops import load_aio_op
     load_aio_op()  # JIT-loading the op writes to ~/.cache: do it before the limit
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (16 << 10, resource.RLIM_INFINITY))

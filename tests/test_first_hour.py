@@ -72,7 +72,7 @@ class FakeBuilder:
 
 
 def test_op_build_is_announced_only_when_it_compiles(tmp_path, monkeypatch, caplog):
-    from nvme_tier import ops
+    from nvme_tier.deepspeed import ops
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     builder = FakeBuilder("nvme_tier_fake_op", tmp_path)
@@ -92,7 +92,7 @@ def test_op_build_is_announced_only_when_it_compiles(tmp_path, monkeypatch, capl
 def test_ops_a_config_needs():
     from deepspeed.accelerator import get_accelerator
 
-    from nvme_tier.ops import ops_for_config
+    from nvme_tier.deepspeed.ops import ops_for_config
 
     def names(cfg, aio=True):
         return [op.name for op in ops_for_config(cfg, aio) if op.name != "deepspeed_shm_comm"]
@@ -113,7 +113,7 @@ def test_ops_a_config_needs():
 def test_write_endurance_warning_is_nvme_tiers_once(monkeypatch, caplog):
     import deepspeed.utils
 
-    from nvme_tier import ops
+    from nvme_tier.deepspeed import ops
 
     monkeypatch.delattr(deepspeed.utils, ops._DS_WRITE_WARNING_MARKER, raising=False)
     with caplog.at_level(logging.WARNING, logger="nvme_tier"):

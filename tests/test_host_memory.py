@@ -17,13 +17,14 @@ from conftest import make_engine, params_of, requires_aio, snapshot, train
 
 import nvme_tier
 from nvme_tier import host_budget
+from nvme_tier.buffers import StateBuffer
 from nvme_tier.config import OffloadStatesConfig
 from nvme_tier.errors import ConfigError
 from nvme_tier.host_budget import HostMemoryBudget
 from nvme_tier.policy import EngineFacts, decide
 from nvme_tier.storage import staging
 from nvme_tier.storage.staging import SharedStagingPool
-from nvme_tier.tiers import StateBuffer, TierMover
+from nvme_tier.tiers import TierMover
 from nvme_tier.types import StateKind, Tier
 
 MiB = 1 << 20
@@ -208,7 +209,7 @@ def steps(engine, seed: int) -> list[float]:
 
 
 def _has_optimizer(engine) -> bool:
-    from nvme_tier.engine import _zero_optimizer
+    from nvme_tier.deepspeed.locators import _zero_optimizer
 
     return _zero_optimizer(engine) is not None
 

@@ -18,7 +18,7 @@ from conftest import make_engine, params_of, snapshot, train
 from faults import TWIN_PLAN, assert_resident, assert_twin
 
 import nvme_tier
-from nvme_tier.tiers import StateBuffer
+from nvme_tier.buffers import StateBuffer
 from nvme_tier.types import OffloadPhase
 
 KWARGS = {"stage": 3, "backend": "zarr", "policy": {"hp_params": "nvme"}}

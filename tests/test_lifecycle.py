@@ -15,7 +15,7 @@ from faults import assert_resident, writer_dirs
 from test_corruption import ZARR_CHUNK, flip
 
 import nvme_tier
-from nvme_tier.engine import GUARDED_METHODS
+from nvme_tier.deepspeed.hooks import GUARDED_METHODS
 from nvme_tier.errors import IntegrityError, StatesOffloadedError
 from nvme_tier.types import OffloadPhase
 

@@ -23,12 +23,10 @@ from nvme_tier.storage.manifest import (
     OwnerInfo,
     TensorRecord,
     WriterDirectory,
-    atomic_write_json,
     check_name,
-    clean_writers,
-    read_json,
-    scan_writers,
 )
+from nvme_tier.storage.safe_files import atomic_write_json, read_json
+from nvme_tier.storage.stale_writers import clean_writers, scan_writers
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,7 @@ CHILD = textwrap.dedent(
     from nvme_tier.config import OffloadStatesConfig
     from nvme_tier.errors import BackendUnavailableError
     from nvme_tier.storage import AioBackend, OwnerInfo, WriterDirectory, select_backend
-    from nvme_tier.storage.aio import has_cap_ipc_lock
+    from nvme_tier.storage.aio_handles import has_cap_ipc_lock
 
     path = sys.argv[1]
     out = {"cap": has_cap_ipc_lock(), "cuda": torch.cuda.is_available()}

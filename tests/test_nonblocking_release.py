@@ -18,7 +18,7 @@ from conftest import make_engine, params_of, requires_aio, snapshot, train
 from faults import TWIN_PLAN, assert_resident, assert_twin, data_entries
 
 import nvme_tier
-from nvme_tier.engine import discover_buffers
+from nvme_tier.deepspeed.locators import discover_buffers
 from nvme_tier.errors import TierIOError
 from nvme_tier.types import StateKind
 

@@ -18,7 +18,7 @@ from conftest import make_engine, snapshot, train
 
 import nvme_tier
 import nvme_tier.controller as controller_module
-from nvme_tier.engine import discover_buffers
+from nvme_tier.deepspeed.locators import discover_buffers
 from nvme_tier.fingerprint import fingerprint
 
 ALL_ON_NVME = {"optim_states": "nvme", "hp_params": "nvme", "lp_params": "nvme", "lp_grads": "nvme"}

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from nvme_tier.config import AioSettings
+from nvme_tier.deepspeed.ops import aio_compatible
 from nvme_tier.storage import AioBackend, ZarrBackend, supports_o_direct
-from nvme_tier.storage.aio import aio_compatible
 from nvme_tier.testing.conformance import BackendConformance, data_files
 from nvme_tier.testing.samples import random_bytes
 

@@ -27,12 +27,13 @@ from conftest import make_engine, requires_aio, snapshot, train
 from faults import assert_resident, data_entries
 
 import nvme_tier
-import nvme_tier.engine as ds
+import nvme_tier.deepspeed.aio_binding as ds
 from nvme_tier import host_budget
 from nvme_tier.config import AioSettings, OffloadStatesConfig
+from nvme_tier.deepspeed.ops import aio_compatible
 from nvme_tier.errors import BackendUnavailableError, ConfigError, TierIOError
 from nvme_tier.storage import AioBackend, OwnerInfo, WriterDirectory, select_backend, staging
-from nvme_tier.storage import aio as aio_mod
+from nvme_tier.storage import aio_handles as aio_mod
 
 AIO = [requires_aio, pytest.mark.aio]
 
@@ -66,8 +67,8 @@ def test_block_size_checked_against_the_device(backend, tmp_path, monkeypatch):
 # -- 1b: writes that never reached the disk ---------------------------------------------------------
 def _misaligned_op(monkeypatch) -> None:
     """Handles made with block_size 5000: the real op, whose O_DIRECT requests all fail (EINVAL)."""
-    real_key = aio_mod._handle_key
-    monkeypatch.setattr(aio_mod, "_handle_key", lambda s: (5000, *real_key(s)[1:]))
+    real_key = aio_mod.handle_key
+    monkeypatch.setattr(aio_mod, "handle_key", lambda s: (5000, *real_key(s)[1:]))
     aio_mod._IDLE_HANDLES.clear()
 
 
@@ -225,7 +226,7 @@ BUDGET_CHILD = textwrap.dedent(
     from nvme_tier.config import OffloadStatesConfig
     from nvme_tier.errors import BackendUnavailableError
     from nvme_tier.storage import AioBackend, OwnerInfo, WriterDirectory, select_backend
-    from nvme_tier.storage import aio
+    from nvme_tier.storage import aio_handles as aio
 
     path, mode = sys.argv[1], sys.argv[2]
     held = []
@@ -311,7 +312,7 @@ def test_events_per_handle_match_the_op(tmp_path):
     Other processes on this host may io_setup()/io_destroy() meanwhile: one clean measurement of
     several is enough.
     """
-    if not aio_mod.aio_compatible()[0] or aio_mod.read_aio_budget() is None:
+    if not aio_compatible()[0] or aio_mod.read_aio_budget() is None:
         pytest.skip("needs the aio op and /proc/sys/fs/aio-nr")
     settings = AioSettings(queue_depth=7, intra_op_parallelism=3)
     op = aio_mod.load_aio_op()
@@ -319,7 +320,7 @@ def test_events_per_handle_match_the_op(tmp_path):
     handles = []
     for _ in range(5):
         before = aio_mod.read_aio_budget()[0]
-        handles.append(op.aio_handle(*aio_mod._handle_key(settings)))
+        handles.append(op.aio_handle(*aio_mod.handle_key(settings)))
         seen.append(aio_mod.read_aio_budget()[0] - before)
         if seen[-1] == 28:
             break

@@ -27,11 +27,10 @@ from nvme_tier.storage.manifest import (
     OWNER_FILE,
     OwnerInfo,
     WriterDirectory,
-    clean_writers,
     ensure_root,
-    read_json,
-    scan_writers,
 )
+from nvme_tier.storage.safe_files import read_json
+from nvme_tier.storage.stale_writers import clean_writers, scan_writers
 
 BACKENDS = ["zarr", pytest.param("aio", marks=[requires_aio, pytest.mark.aio])]
 NOBODY = 65534

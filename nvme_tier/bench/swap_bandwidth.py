@@ -26,115 +26,23 @@ import contextlib
 import gc
 import json
 import os
-import platform
 import shutil
 import statistics
 import tempfile
-import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import psutil
 import torch
 
-from nvme_tier.config import AioSettings  # noqa: E402
-from nvme_tier.storage import AioBackend, OwnerInfo, WriterDirectory, ZarrBackend, supports_o_direct  # noqa: E402
-from nvme_tier.storage.aio import aio_compatible, load_aio_op  # noqa: E402
+from nvme_tier.bench.common import MemorySampler, drop_page_cache, machine_info, sync_device, timed  # noqa: E402
+from nvme_tier.bench.swap_methods import METHOD_CLASSES, Method
+from nvme_tier.deepspeed.ops import aio_compatible  # noqa: E402
+from nvme_tier.storage import supports_o_direct  # noqa: E402
 
 METHODS = ("raw_aio", "aio_backend", "zarr_backend", "pinned_copy", "torch_save")
 MiB = 1 << 20
 ALIGN = 1 * MiB  # sizes are rounded to this so raw O_DIRECT I/O needs no padding
 DEFAULT_SIZE_GB = 0.25  # a few seconds per method on a laptop SSD; pass --size-gb 1+ for real numbers
-
-
-# -- measurement helpers ---------------------------------------------------------------------------
-class MemorySampler:
-    """Peak RSS over a block: a sampling thread (every ``interval`` s) plus the kernel's VmHWM."""
-
-    def __init__(self, interval: float = 0.002):
-        self.interval = interval
-        self.proc = psutil.Process()
-        self.baseline = 0
-        self.peak = 0
-        self.hwm_resettable = _reset_hwm()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def __enter__(self) -> MemorySampler:
-        self.hwm_resettable = _reset_hwm()
-        self.baseline = self.peak = self.proc.memory_info().rss
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            time.sleep(self.interval)
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.proc.memory_info().rss)
-        if self.hwm_resettable:
-            self.peak = max(self.peak, _vm_hwm())
-
-    @property
-    def delta(self) -> int:
-        return max(0, self.peak - self.baseline)
-
-
-def _vm_hwm() -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def _reset_hwm() -> bool:
-    """Reset the peak-RSS counter (Linux >= 4.0: write 5 to clear_refs)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def drop_page_cache() -> bool:
-    """sync, then drop clean page cache; needs root (CAP_SYS_ADMIN). True when it worked."""
-    os.sync()
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as fh:
-            fh.write("1")
-        return True
-    except OSError:
-        return False
-
-
-def sync_device() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def timed(fn: Callable[[], object]) -> float:
-    sync_device()
-    t0 = time.perf_counter()
-    fn()
-    sync_device()
-    return time.perf_counter() - t0
-
-
-def dir_bytes(path: str) -> int:
-    total = 0
-    for dirpath, _dirs, files in os.walk(path):
-        for f in files:
-            with contextlib.suppress(OSError):
-                total += os.lstat(os.path.join(dirpath, f)).st_size
-    return total
 
 
 @dataclass
@@ -172,183 +80,6 @@ class Result:
             "cold_reads": self.cold_reads,
             "notes": self.notes,
         }
-
-
-# -- the methods -----------------------------------------------------------------------------------
-class Method:
-    """One way of moving the state out and back: ``setup`` once, then rounds of ``write``/``read``.
-
-    ``src``/``dst`` are the "device" tensors (CUDA when present): they exist before any method runs,
-    so host memory counted for a method is what the method itself adds.
-    """
-
-    page_cache = False  # True: reads can hit the page cache unless it was dropped
-    notes: tuple[str, ...] = ()
-
-    def __init__(self, bench: Bench, workdir: str):
-        self.bench = bench
-        self.src, self.dst = bench.src, bench.dst
-        self.nbytes = bench.nbytes
-        self.workdir = workdir
-        self.pinned_bytes = 0
-        self.on_disk_bytes = 0
-
-    def setup(self) -> None:
-        pass
-
-    def prepare_write(self) -> None:
-        """Untimed: remove the previous round's files."""
-
-    def prepare_read(self) -> None:
-        """Untimed: clear what the read will fill."""
-
-    def write(self) -> None:
-        raise NotImplementedError
-
-    def read(self) -> None:
-        raise NotImplementedError
-
-    def result_ok(self) -> bool:
-        return bool(torch.equal(self.dst, self.src))
-
-    def teardown(self) -> None:
-        pass
-
-
-class RawAio(Method):
-    notes = ("page-locked host buffer written/read in one request; the device<->host copy is not timed",)
-
-    def setup(self) -> None:
-        s = AioSettings()
-        self.handle = load_aio_op().aio_handle(
-            s.block_size, s.queue_depth, s.single_submit, s.overlap_events, s.intra_op_parallelism
-        )
-        self.path = os.path.join(self.workdir, "raw.bin")
-        self.buf = self.handle.new_cpu_locked_tensor(self.nbytes, torch.empty(0, dtype=torch.uint8))
-        self.buf.copy_(self.src)
-        self.pinned_bytes = self.buf.numel()
-
-    def prepare_write(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
-
-    def write(self) -> None:
-        _expect(self.handle.sync_pwrite(self.buf, self.path), "sync_pwrite")
-        self.on_disk_bytes = os.path.getsize(self.path)
-
-    def read(self) -> None:
-        _expect(self.handle.sync_pread(self.buf, self.path), "sync_pread")
-
-    def prepare_read(self) -> None:
-        self.buf.zero_()
-
-    def result_ok(self) -> bool:
-        return bool(torch.equal(self.buf, self.src.cpu()))
-
-    def teardown(self) -> None:
-        self.handle.free_cpu_locked_tensor(self.buf)
-        self.buf = self.handle = None
-
-
-class BackendMethod(Method):
-    backend_cls: type = AioBackend
-
-    def setup(self) -> None:
-        self.backend = self.backend_cls(
-            WriterDirectory(self.workdir, OwnerInfo.current(label="bench")),
-            staging_budget_bytes=self.bench.staging,
-        )
-        # Warm-up: open the handles and allocate staging once, as a long-lived engine does.
-        self.backend.write("warmup", torch.zeros(4096, dtype=torch.uint8, device=self.src.device)).result()
-        self.backend.delete("warmup")
-        if hasattr(self.backend, "slot_count"):
-            self.notes = (
-                *self.notes,
-                f"{self.backend.slot_count} requests in flight x {self.backend.chunk_bytes / MiB:g} MiB chunks",
-            )
-        elif isinstance(self.backend, ZarrBackend):
-            self.notes = (*self.notes, f"zarr chunks of {self.backend.chunk_bytes / MiB:g} MiB")
-
-    def prepare_write(self) -> None:
-        self.backend.delete("state")  # a fresh file each round, like raw_aio
-
-    def write(self) -> None:
-        self.backend.write("state", self.src).result()
-        self.on_disk_bytes = dir_bytes(self.backend.directory.path)
-        self.pinned_bytes = max(self.pinned_bytes, self.backend.pinned_bytes)
-
-    def read(self) -> None:
-        self.backend.read_into("state", self.dst).result()
-        self.pinned_bytes = max(self.pinned_bytes, self.backend.pinned_bytes)
-
-    def teardown(self) -> None:
-        self.backend.release()
-
-
-class AioBackendMethod(BackendMethod):
-    backend_cls = AioBackend
-    notes = ("from device memory through pinned staging; crc32c on",)
-
-
-class ZarrBackendMethod(BackendMethod):
-    backend_cls = ZarrBackend
-    page_cache = True
-    notes = ("crc32c on; codec none; zarr allocates its read slices (not pinned)",)
-
-
-class PinnedCopy(Method):
-    def setup(self) -> None:
-        self.pinned = torch.cuda.is_available()
-        self.host = torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=self.pinned)
-        self.host.fill_(0)  # fault the pages in outside the timed region
-        self.pinned_bytes = self.nbytes if self.pinned else 0
-        self.notes = (
-            "host buffer pre-faulted; it stays allocated while offloaded",
-            "device->pinned host and back" if self.pinned else "no CUDA: a plain host-to-host copy",
-        )
-
-    def write(self) -> None:
-        self.host.copy_(self.src, non_blocking=self.pinned)
-
-    def read(self) -> None:
-        self.dst.copy_(self.host, non_blocking=self.pinned)
-
-    def teardown(self) -> None:
-        self.host = None
-
-
-class TorchSave(Method):
-    page_cache = True
-    notes = ("torch.save of the device tensor; torch.load to host, then copy to the device tensor",)
-
-    def setup(self) -> None:
-        self.path = os.path.join(self.workdir, "state.pt")
-
-    def prepare_write(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
-
-    def write(self) -> None:
-        torch.save(self.src, self.path)
-        self.on_disk_bytes = os.path.getsize(self.path)
-
-    def read(self) -> None:
-        loaded = torch.load(self.path, map_location="cpu", weights_only=True)
-        self.dst.copy_(loaded)
-        del loaded
-
-    def teardown(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
-
-
-METHOD_CLASSES: dict[str, type[Method]] = {
-    "raw_aio": RawAio,
-    "aio_backend": AioBackendMethod,
-    "zarr_backend": ZarrBackendMethod,
-    "pinned_copy": PinnedCopy,
-    "torch_save": TorchSave,
-}
 
 
 class Bench:
@@ -418,53 +149,7 @@ class Bench:
         result.exact = result.exact and method.result_ok()
 
 
-def _expect(ret: int, what: str) -> None:
-    if ret < 0:
-        raise OSError(f"{what} failed ({ret})")
-
-
 # -- reporting -------------------------------------------------------------------------------------
-def machine_info(path: str, aio_ok: bool, aio_why: str) -> dict:
-    info: dict = {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "cpu_model": _cpu_model(),
-        "host_memory_bytes": psutil.virtual_memory().total,
-        "torch": torch.__version__,
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "path_filesystem": _fs_type(path),
-        "aio_usable": aio_ok,
-        "aio_reason": aio_why,
-    }
-    try:
-        import deepspeed
-
-        info["deepspeed"] = deepspeed.__version__
-    except Exception as exc:  # pragma: no cover
-        info["deepspeed"] = f"unavailable ({exc})"
-    return info
-
-
-def _cpu_model() -> str:
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as fh:
-        for line in fh:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor()
-
-
-def _fs_type(path: str) -> str:
-    best, fstype = "", "unknown"
-    with contextlib.suppress(OSError), open("/proc/mounts") as fh:
-        for line in fh:
-            parts = line.split()
-            mnt = parts[1]
-            if os.path.realpath(path).startswith(mnt) and len(mnt) > len(best):
-                best, fstype = mnt, parts[2]
-    return fstype
-
-
 def ratios(methods: dict) -> dict:
     def ratio(a: str, b: str, key: str) -> float | None:
         x, y = methods.get(a, {}).get(key), methods.get(b, {}).get(key)

@@ -33,9 +33,9 @@ from collections.abc import Callable
 
 import torch
 
-from nvme_tier.bench.swap_bandwidth import drop_page_cache, machine_info
+from nvme_tier.bench.common import drop_page_cache, machine_info
+from nvme_tier.deepspeed.ops import aio_compatible
 from nvme_tier.storage import AioBackend, OwnerInfo, WriterDirectory, supports_o_direct
-from nvme_tier.storage.aio import aio_compatible
 
 MiB = 1 << 20
 CHUNK = 8 * MiB  # per write/read call of the buffered methods (the aio backend sizes its own)

@@ -13,21 +13,19 @@ import os
 import tempfile
 
 from ..config import OffloadStatesConfig
+from ..deepspeed.ops import INSTALL_HINT, aio_compatible
 from ..errors import BackendUnavailableError, ConfigError
-from .aio import (
+from .aio import PAGE, AioBackend, staging_plan
+from .aio_handles import (
     AIO_MAX_NR_HINT,
-    INSTALL_HINT,
     MEMLOCK_HINT,
-    PAGE,
-    AioBackend,
     aio_budget_shortfall,
-    aio_compatible,
     idle_handle_count,
     memlock_shortfall,
-    staging_plan,
 )
 from .base import Capabilities, StorageBackend
-from .manifest import OwnerInfo, TensorRecord, WriterDirectory, clean_writers, scan_writers
+from .manifest import OwnerInfo, TensorRecord, WriterDirectory
+from .stale_writers import clean_writers, scan_writers
 from .zarr_store import ZarrBackend
 
 log = logging.getLogger("nvme_tier")
@@ -36,7 +34,6 @@ BACKENDS: dict[str, type[StorageBackend]] = {"aio": AioBackend, "zarr": ZarrBack
 _warned: set[str] = set()
 
 __all__ = [
-    "aio_compatible_reason",
     "check_block_alignment",
     "logical_block_size",
     "BACKENDS",
@@ -169,8 +166,3 @@ def open_backend(config: OffloadStatesConfig, directory: WriterDirectory, name: 
     if name == "aio":
         return AioBackend(directory, settings=config.aio, **common)
     return ZarrBackend(directory, settings=config.zarr, **common)
-
-
-def aio_compatible_reason() -> tuple[bool, str]:
-    """(usable, why) for the aio backend, without building the op."""
-    return aio_compatible()

@@ -14,9 +14,7 @@ import errno
 import functools
 import mmap
 import os
-import resource
 import stat
-import threading
 from collections.abc import Iterator
 from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
@@ -25,62 +23,14 @@ import google_crc32c
 import torch
 
 from ..config import AioSettings
+from ..deepspeed import aio_binding  # the op's calls differ by DeepSpeed version; settled per request
 from ..errors import BackendUnavailableError, IntegrityError, TierIOError
+from . import aio_handles
 from .base import Capabilities, StorageBackend, chunk_ranges, crc32c
 from .manifest import TensorRecord, WriterDirectory
 from .staging import DeviceCopier, round_down, round_up, staging_pool
 
-INSTALL_HINT = (
-    "the 'aio' backend needs libaio and DeepSpeed's async_io op: run `apt-get install -y libaio-dev` "
-    "(or `yum install libaio-devel`), then `ds_report` should show async_io [OKAY]; or use backend 'zarr'"
-)
 PAGE = 4096
-MEMLOCK_HINT = (
-    "raise the limit (`ulimit -l unlimited`, `memlock unlimited` in /etc/security/limits.conf, "
-    "`docker run --ulimit memlock=-1`) or lower offload_states.staging_budget_mb"
-)
-CAP_IPC_LOCK = 14  # capability bit that lifts RLIMIT_MEMLOCK (root in most containers)
-
-
-@functools.lru_cache(maxsize=1)
-def aio_compatible() -> tuple[bool, str]:
-    """(usable, reason) without building anything."""
-    try:
-        from deepspeed.ops.op_builder import AsyncIOBuilder
-    except Exception as exc:  # pragma: no cover - deepspeed is a hard dependency
-        return False, f"cannot import DeepSpeed's AsyncIOBuilder ({exc})"
-    try:
-        ok = AsyncIOBuilder().is_compatible(verbose=False)
-    except Exception as exc:
-        return False, f"async_io compatibility check failed ({exc})"
-    return (True, "async_io op is compatible") if ok else (False, "libaio is not installed")
-
-
-def has_cap_ipc_lock() -> bool:
-    """Whether this process may lock memory past RLIMIT_MEMLOCK."""
-    with contextlib.suppress(OSError, ValueError), open("/proc/self/status", encoding="ascii") as fh:
-        for line in fh:
-            if line.startswith("CapEff:"):
-                return bool(int(line.split()[1], 16) >> CAP_IPC_LOCK & 1)
-    return os.geteuid() == 0
-
-
-def memlock_shortfall(locked_bytes: int, cuda: bool | None = None) -> str | None:
-    """Why page-locking ``locked_bytes`` of staging would fail here, or None when it will not.
-
-    Without CUDA the staging slots come from DeepSpeed's mlock allocator, which aborts the whole
-    process (a C assert, no Python exception) past ``ulimit -l``: this must be asked first.
-    CUDA pinned memory (cudaHostAlloc) and processes holding CAP_IPC_LOCK are not bound by it.
-    """
-    if cuda is None:
-        cuda = torch.cuda.is_available()
-    soft, _hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
-    if cuda or soft == resource.RLIM_INFINITY or soft >= locked_bytes or has_cap_ipc_lock():
-        return None
-    return (
-        f"ulimit -l is {soft} B, below the {locked_bytes} B of page-locked staging the aio backend "
-        "needs (DeepSpeed's mlock allocator would abort the process)"
-    )
 
 
 def staging_plan(staging_budget_bytes: int, settings: AioSettings) -> tuple[int, int]:
@@ -93,114 +43,6 @@ def staging_plan(staging_budget_bytes: int, settings: AioSettings) -> tuple[int,
             f"staging budget {staging_budget_bytes} B is below 2 x the aio alignment {alignment} B"
         )
     return count, chunk
-
-
-@functools.lru_cache(maxsize=1)
-def load_aio_op():
-    """Build (first time: minutes, then cached in ~/.cache/torch_extensions) and load async_io."""
-    ok, why = aio_compatible()
-    if not ok:
-        raise BackendUnavailableError(f"{why}; {INSTALL_HINT}")
-    from deepspeed.ops.op_builder import AsyncIOBuilder
-
-    from ..ops import load_op, own_write_endurance_warning
-
-    try:
-        op = load_op(AsyncIOBuilder())  # a line before a JIT build: it takes minutes, silently
-    except Exception as exc:
-        raise BackendUnavailableError(
-            f"building DeepSpeed's async_io op failed ({exc}); {INSTALL_HINT}"
-        ) from exc
-    own_write_endurance_warning()
-    return op
-
-
-# Idle aio handles, reused across backends. Creating a handle starts intra_op_parallelism threads
-# and io_setup()s as many kernel aio contexts; destroying one io_destroy()s them, which waits for an
-# RCU grace period each (~0.3 s per handle here). A backend takes its handles on first I/O and gives
-# them back (idle, nothing in flight, buffers freed) on release().
-_IDLE_HANDLES: dict[tuple, list] = {}
-_IDLE_LOCK = threading.Lock()
-_MAX_IDLE_PER_KIND = 8
-
-
-def _handle_key(settings: AioSettings) -> tuple:
-    s = settings
-    return (s.block_size, s.queue_depth, s.single_submit, s.overlap_events, s.intra_op_parallelism)
-
-
-AIO_MAX_NR_HINT = (
-    "raise the host's limit (`sysctl -w fs.aio-max-nr=1048576`; in a container, on the host), "
-    "lower offload_states.aio.queue_depth or aio.intra_op_parallelism, or use backend 'zarr'"
-)
-
-
-def aio_events_per_handle(settings: AioSettings) -> int:
-    """Kernel aio events one handle io_setup()s: DeepSpeed's op gives its own synchronous context
-    and each of its ``intra_op_parallelism`` threads an ``aio_context`` of ``queue_depth`` events
-    (csrc/aio/py_lib/deepspeed_py_io_handle.cpp, deepspeed_aio_thread.cpp)."""
-    return (settings.intra_op_parallelism + 1) * settings.queue_depth
-
-
-def read_aio_budget() -> tuple[int, int] | None:
-    """(fs.aio-nr, fs.aio-max-nr): events in use on this host (every process) and the limit."""
-    try:
-        with (
-            open("/proc/sys/fs/aio-nr", encoding="ascii") as used,
-            open("/proc/sys/fs/aio-max-nr", encoding="ascii") as limit,
-        ):
-            return int(used.read()), int(limit.read())
-    except (OSError, ValueError):
-        return None  # not Linux procfs: nothing to check against
-
-
-def aio_budget_shortfall(new_handles: int, settings: AioSettings) -> str | None:
-    """Why io_setup() would fail for ``new_handles`` more handles, or None when they fit.
-
-    DeepSpeed's op ignores io_queue_init()'s EAGAIN and later hits a C assert (SIGABRT, every state
-    of the process lost), so the kernel's host-wide budget must be asked first.
-    """
-    budget = read_aio_budget()
-    if budget is None or new_handles <= 0:
-        return None
-    used, limit = budget
-    needed = new_handles * aio_events_per_handle(settings)
-    if used + needed <= limit:
-        return None
-    return (
-        f"the kernel's aio budget is exhausted: {new_handles} aio handle(s) need {needed} events "
-        f"((aio.intra_op_parallelism {settings.intra_op_parallelism} + 1) x aio.queue_depth "
-        f"{settings.queue_depth} each), but fs.aio-nr is {used} of fs.aio-max-nr {limit} "
-        "(DeepSpeed's op would abort the process)"
-    )
-
-
-def idle_handle_count(settings: AioSettings) -> int:
-    """Handles a new backend can reuse: idle ones, and those paired with idle staging slots."""
-    key = _handle_key(settings)
-    with _IDLE_LOCK:
-        idle = len(_IDLE_HANDLES.get(key, ()))
-    return idle + staging_pool().idle_slots(lambda k: isinstance(k, tuple) and k[:2] == ("aio", key))
-
-
-def _take_handle(settings: AioSettings):
-    key = _handle_key(settings)
-    with _IDLE_LOCK:
-        idle = _IDLE_HANDLES.get(key)
-        if idle:
-            return idle.pop()
-    op = load_aio_op()
-    shortfall = aio_budget_shortfall(1, settings)
-    if shortfall:  # refuse in Python: past the limit DeepSpeed's op aborts the process
-        raise BackendUnavailableError(f"aio backend: {shortfall}; {AIO_MAX_NR_HINT}")
-    return op.aio_handle(*key)
-
-
-def _give_back_handle(settings: AioSettings, handle) -> None:
-    with _IDLE_LOCK:
-        idle = _IDLE_HANDLES.setdefault(_handle_key(settings), [])
-        if len(idle) < _MAX_IDLE_PER_KIND:
-            idle.append(handle)
 
 
 @functools.lru_cache(maxsize=1)
@@ -240,24 +82,20 @@ class _Slot:
         self.drain()
         if self.locked_by_handle:
             self.handle.free_cpu_locked_tensor(self.buffer)
-        _give_back_handle(self.settings, self.handle)
+        aio_handles.give_back_handle(self.settings, self.handle)
 
     def wait(self, path: str) -> None:
-        from ..engine import aio_wait  # never handle.wait(): DeepSpeed <0.18.4 deadlocks (engine.py)
-
         self.pending = False
-        done = aio_wait(self.handle)
+        done = aio_binding.aio_wait(self.handle)  # never handle.wait(): DeepSpeed <0.18.4 deadlocks
         if done != 1:
             raise TierIOError(f"async I/O on {path} completed {done} of 1 requests", path)
 
     def drain(self) -> None:
         """After an error: let an in-flight request finish before its buffer or fd go away."""
-        from ..engine import aio_wait
-
         if self.pending:
             self.pending = False
             with contextlib.suppress(Exception):
-                aio_wait(self.handle)
+                aio_binding.aio_wait(self.handle)
 
 
 class AioBackend(StorageBackend):
@@ -308,17 +146,17 @@ class AioBackend(StorageBackend):
     # -- staging slots: checked out of the process-wide pool for one file's write or read ----------
     @contextlib.contextmanager
     def _checked_out_slots(self) -> Iterator[list[_Slot]]:
-        key = ("aio", _handle_key(self.settings), self.chunk_bytes)
+        key = ("aio", aio_handles.handle_key(self.settings), self.chunk_bytes)
         with staging_pool().checkout(self, key, self.slot_count, self.chunk_bytes, self._new_slot) as slots:
             self._staging_bytes = sum(slot.buffer.numel() for slot in slots)
             yield slots
 
     def _new_slot(self) -> _Slot:
         """A handle and a buffer it can DMA from without a bounce copy (kept together in the pool)."""
-        shortfall = memlock_shortfall(self.slot_count * self.chunk_bytes)
+        shortfall = aio_handles.memlock_shortfall(self.slot_count * self.chunk_bytes)
         if shortfall:  # refuse in Python: past the limit DeepSpeed's allocator aborts the process
-            raise BackendUnavailableError(f"aio backend: {shortfall}; {MEMLOCK_HINT}")
-        handle = _take_handle(self.settings)
+            raise BackendUnavailableError(f"aio backend: {shortfall}; {aio_handles.MEMLOCK_HINT}")
+        handle = aio_handles.take_handle(self.settings)
         if torch.cuda.is_available():
             # torch's pinned allocator (cudaHostAlloc), not PinnedHostMemory: O_DIRECT from
             # registered huge-page memory ran ~35 % slower here (docs/performance.md).
@@ -350,8 +188,6 @@ class AioBackend(StorageBackend):
     def _write_chunks(
         self, slots: list[_Slot], name: str, src: torch.Tensor
     ) -> tuple[str, int, list[int] | None]:
-        from ..engine import aio_async_pwrite  # the op's binding differs by DeepSpeed version
-
         chunk = self._chunk_for(src.numel())
         file = self.file_name(name)
         path = self.directory.file_path(file)
@@ -382,7 +218,7 @@ class AioBackend(StorageBackend):
                 samples += self._sample_pages(buf, a, padded)
                 if i == 0:
                     reservation.result()
-                if aio_async_pwrite(slot.handle, buf[:padded], fd, op_path, a) != 0:
+                if aio_binding.aio_async_pwrite(slot.handle, buf[:padded], fd, op_path, a) != 0:
                     raise TierIOError(f"async write to {path} was refused", path)
                 slot.pending = True
             for slot in slots:
@@ -448,8 +284,6 @@ class AioBackend(StorageBackend):
             self._read_chunks(slots, record, dst)
 
     def _read_chunks(self, slots: list[_Slot], record: TensorRecord, dst: torch.Tensor) -> None:
-        from ..engine import aio_async_pread  # settled per request, as aio_async_pwrite
-
         if record.chunk_bytes > self.chunk_bytes:
             # Written with a larger budget: read with the chunking it was checksummed with.
             raise TierIOError(
@@ -471,7 +305,9 @@ class AioBackend(StorageBackend):
                 # The op has no fd overload for reads: it opens op_path, which resolves through
                 # our directory's fd, to the regular file just opened with O_NOFOLLOW above.
                 if (
-                    aio_async_pread(slot.handle, slot.buffer[: round_up(b - a, self.alignment)], op_path, a)
+                    aio_binding.aio_async_pread(
+                        slot.handle, slot.buffer[: round_up(b - a, self.alignment)], op_path, a
+                    )
                     != 0
                 ):
                     raise TierIOError(f"async read of {path} was refused", path)

@@ -163,8 +163,6 @@ class StorageBackend(abc.ABC):
             self._queued.clear()
         self.directory.remove()
 
-    close = release
-
     # -- hooks for subclasses --------------------------------------------------------------------
     @abc.abstractmethod
     def _write_bytes(self, name: str, src: torch.Tensor) -> tuple[str, int, list[int] | None]:

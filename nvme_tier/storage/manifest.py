@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import json
 import logging
 import os
 import re
@@ -19,12 +18,12 @@ import socket
 import stat
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
 import psutil
 
 from ..errors import ConfigError, IntegrityError, TierIOError
+from .safe_files import atomic_write_json, file_kind, open_flags, read_json
 
 log = logging.getLogger("nvme_tier")
 
@@ -32,7 +31,6 @@ FORMAT = "nvme_tier/1"
 OWNER_FILE = "owner.json"
 MANIFEST_FILE = "manifest.json"
 WRITER_PREFIX = "ntier-"
-_MAX_METADATA_BYTES = 1 << 20  # owner.json / manifest.json are a few KiB; anything larger is planted
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
@@ -63,7 +61,7 @@ class OwnerInfo:
             writer_id=f"{WRITER_PREFIX}{socket.gethostname()}-{pid}-{token}-r{rank}",
             host=socket.gethostname(),
             pid=pid,
-            pid_start=_process_start(pid) or 0.0,
+            pid_start=process_start(pid) or 0.0,
             rank=rank,
             created=time.time(),
             label=label,
@@ -88,7 +86,7 @@ class OwnerInfo:
         """True unless we can prove the owner process is gone (other hosts count as alive)."""
         if self.host != socket.gethostname():
             return True
-        start = _process_start(self.pid)
+        start = process_start(self.pid)
         if start is None:
             return False
         return start == _UNKNOWN or abs(start - self.pid_start) < 1.0
@@ -97,7 +95,7 @@ class OwnerInfo:
 _UNKNOWN = -1.0
 
 
-def _process_start(pid: int) -> float | None:
+def process_start(pid: int) -> float | None:
     """Start time of a running process; None if provably gone (or a zombie); _UNKNOWN if hidden."""
     try:
         proc = psutil.Process(pid)
@@ -108,17 +106,6 @@ def _process_start(pid: int) -> float | None:
         return None
     except (psutil.AccessDenied, ValueError, TypeError, OverflowError):
         return _UNKNOWN  # cannot tell: count it as alive, never delete its files
-
-
-_WRITER_NAME = re.compile(r"^ntier-(?P<host>.+)-(?P<pid>[0-9]+)-[0-9a-f]{10}-r[0-9]+$")
-
-
-def _dead_by_name(name: str) -> bool:
-    """For a writer killed before its owner.json existed: its name says host and pid."""
-    m = _WRITER_NAME.match(name)
-    if m is None or m["host"] != socket.gethostname():
-        return False
-    return _process_start(int(m["pid"])) is None
 
 
 @dataclass(frozen=True)
@@ -156,14 +143,6 @@ class TensorRecord:
             extra=dict(data.get("extra") or {}),
             fingerprint=str(data["fingerprint"]) if data.get("fingerprint") is not None else None,
         )
-
-
-def _open_flags(write: bool, direct: bool) -> int:
-    flags = os.O_CLOEXEC | os.O_NOFOLLOW
-    flags |= (os.O_WRONLY | os.O_CREAT | os.O_TRUNC) if write else os.O_RDONLY
-    if direct:
-        flags |= os.O_DIRECT
-    return flags
 
 
 class WriterDirectory:
@@ -208,7 +187,7 @@ class WriterDirectory:
                 os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
                 dir_fd=self._root_fd,
             )
-            _lock(self._dir_fd)
+            try_flock(self._dir_fd)
             st = os.fstat(self._dir_fd)
             self._identity = (st.st_dev, st.st_ino)
             os.fchmod(self._dir_fd, 0o700)
@@ -241,7 +220,7 @@ class WriterDirectory:
             or st.st_uid != os.geteuid()
         ):
             raise TierIOError(
-                f"writer directory {self.path} was replaced (now a {_kind(st.st_mode)} owned by uid "
+                f"writer directory {self.path} was replaced (now a {file_kind(st.st_mode)} owned by uid "
                 f"{st.st_uid}); refusing to write or read there",
                 self.path,
                 errno.EPERM,
@@ -263,7 +242,7 @@ class WriterDirectory:
         self.check_identity()
         held = self._dir_fd is not None  # else (never created here) by its full path
         try:
-            return os.open(filename if held else path, _open_flags(write, direct), 0o600, dir_fd=self._dir_fd)
+            return os.open(filename if held else path, open_flags(write, direct), 0o600, dir_fd=self._dir_fd)
         except OSError as exc:
             if exc.errno == errno.ELOOP:
                 raise TierIOError(f"refusing to follow a symlink: {path}", path, exc.errno) from None
@@ -374,151 +353,7 @@ def ensure_root(root: str) -> None:
         raise ConfigError(f"offload_states.path {root!r} is not writable")
 
 
-def atomic_write_json(path: str, data: dict, *, dir_fd: int | None = None) -> None:
-    """tmp + fsync + rename + fsync(dir): readers see the old file or the new one, never half.
-
-    With ``dir_fd`` the file is the basename of ``path`` inside that directory fd (never a path
-    resolved again). Any failure (an OSError as TierIOError naming ``path``, or unserialisable
-    data) leaves the old file untouched and no ``.tmp`` behind.
-    """
-    name = os.path.basename(path) if dir_fd is not None else path
-    tmp = f"{name}.tmp"
-    try:
-        fd = os.open(tmp, _open_flags(write=True, direct=False), 0o600, dir_fd=dir_fd)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8", closefd=False) as fh:
-                json.dump(data, fh, indent=1, sort_keys=True)
-                fh.flush()
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp, dir_fd=dir_fd)
-        if isinstance(exc, OSError) and not isinstance(exc, TierIOError):
-            raise TierIOError(f"cannot write {path}: {exc.strerror or exc}", path, exc.errno) from None
-        raise
-    try:  # make the rename durable
-        dfd = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY) if dir_fd is None else dir_fd
-        try:
-            os.fsync(dfd)
-        finally:
-            if dfd != dir_fd:
-                os.close(dfd)
-    except OSError as exc:
-        if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):  # some filesystems cannot fsync a dir
-            raise TierIOError(
-                f"cannot sync the directory of {path}: {exc.strerror}", path, exc.errno
-            ) from None
-
-
-def read_json(path: str, *, dir_fd: int | None = None) -> dict:
-    """Parse a small regular JSON file; anything else (a FIFO, a directory, a huge or sparse file
-    planted in its place) is refused without blocking or reading it, with an error naming ``path``.
-
-    With ``dir_fd`` the file is the basename of ``path`` inside that directory fd.
-    """
-    name = os.path.basename(path) if dir_fd is not None else path
-    try:
-        # O_NONBLOCK: opening a FIFO must not wait for a writer that never comes.
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dir_fd)
-    except FileNotFoundError:
-        raise IntegrityError(f"missing file: {path}", path, errno.ENOENT) from None
-    except OSError as exc:
-        raise TierIOError(f"cannot open {path}: {exc.strerror}", path, exc.errno) from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise IntegrityError(f"{path} is a {_kind(st.st_mode)}, not a regular file", path)
-        if st.st_size > _MAX_METADATA_BYTES:
-            raise IntegrityError(
-                f"{path} is {st.st_size} bytes, larger than any metadata file ({_MAX_METADATA_BYTES})", path
-            )
-        raw = os.read(fd, _MAX_METADATA_BYTES + 1)
-    except OSError as exc:
-        if isinstance(exc, TierIOError):
-            raise
-        raise TierIOError(f"cannot read {path}: {exc.strerror}", path, exc.errno) from None
-    finally:
-        os.close(fd)
-    try:
-        data = json.loads(raw.decode("utf-8"))
-    except ValueError as exc:
-        raise IntegrityError(f"{path}: not valid JSON ({exc})", path) from None
-    if not isinstance(data, dict):
-        raise IntegrityError(f"{path}: not a JSON object", path)
-    return data
-
-
-def _kind(mode: int) -> str:
-    for test, name in ((stat.S_ISDIR, "directory"), (stat.S_ISLNK, "symlink"), (stat.S_ISFIFO, "FIFO"),
-                       (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
-                       (stat.S_ISBLK, "block device"), (stat.S_ISREG, "regular file")):  # fmt: skip
-        if test(mode):
-            return name
-    return "special file"
-
-
-@dataclass(frozen=True)
-class WriterInfo:
-    """What ``status``/``clean`` see of a writer directory on disk."""
-
-    path: str
-    owner: OwnerInfo | None
-    live: bool
-    bytes: int
-    age_s: float
-    committed: bool
-
-
-def scan_writers(root: str) -> Iterator[WriterInfo]:
-    """Writer directories of this user under ``root`` (others' are not ours to judge or delete).
-
-    A directory counts as stale only when (1) no process holds its flock (a live writer holds it
-    for as long as its directory exists, whatever PID namespace it runs in) and (2) its owner
-    process is provably gone: from a valid owner.json, or from its name when owner.json was never
-    written (killed right after mkdir, before the lock). Anything unreadable or ambiguous is live.
-    """
-    for info, _lock_fd, _root_fd in _scan(root):
-        yield info
-
-
-def _scan(root: str) -> Iterator[tuple[WriterInfo, int, int]]:
-    """(info, fd holding the directory's flock when taken (else -1), root fd) per writer directory.
-
-    Each fd stays open, and the lock held, until the consumer asks for the next one.
-    """
-    try:
-        root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except (FileNotFoundError, NotADirectoryError):
-        return
-    try:
-        names = sorted(n for n in os.listdir(root_fd) if n.startswith(WRITER_PREFIX))
-        for name in names:
-            try:
-                fd = os.open(
-                    name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=root_fd
-                )
-            except OSError:  # not a directory, a symlink, or gone
-                continue
-            try:
-                st = os.fstat(fd)
-                if st.st_uid != os.geteuid():
-                    continue
-                unlocked = _lock(fd)  # False: a live writer holds it
-                yield (
-                    _writer_info(os.path.join(root, name), fd, st, unlocked),
-                    fd if unlocked else -1,
-                    root_fd,
-                )
-            finally:
-                os.close(fd)
-    finally:
-        os.close(root_fd)
-
-
-def _lock(fd: int) -> bool:
+def try_flock(fd: int) -> bool:
     """Take the directory's exclusive flock without waiting: False only when another process
     holds it. Where flock is unsupported (some network filesystems) there is no lock to ask: True,
     and liveness rests on the owner's pid as before."""
@@ -529,58 +364,3 @@ def _lock(fd: int) -> bool:
     except OSError as exc:
         log.debug("nvme_tier: no flock on this filesystem (%s); liveness by pid only", exc.strerror)
     return True
-
-
-def _writer_info(path: str, fd: int, st: os.stat_result, unlocked: bool) -> WriterInfo:
-    name = os.path.basename(path)
-    owner: OwnerInfo | None = None
-    has_owner_file = True
-    try:
-        owner = OwnerInfo.from_json(read_json(os.path.join(path, OWNER_FILE), dir_fd=fd))
-    except IntegrityError as exc:
-        has_owner_file = exc.errno != errno.ENOENT
-    except (TierIOError, TypeError, ValueError):
-        pass
-    if owner is not None and owner.writer_id != name:
-        owner = None  # an owner.json copied from elsewhere proves nothing about this directory
-    size = 0
-    for dirpath, _dirs, files in os.walk(path):
-        for f in files:
-            with contextlib.suppress(OSError):
-                size += os.lstat(os.path.join(dirpath, f)).st_size
-    created = owner.created if owner else st.st_mtime
-    dead = (
-        owner is not None
-        and not owner.is_alive()
-        or owner is None
-        and not has_owner_file
-        and _dead_by_name(name)
-    )
-    try:
-        committed = stat.S_ISREG(os.stat(MANIFEST_FILE, dir_fd=fd, follow_symlinks=False).st_mode)
-    except OSError:
-        committed = False
-    return WriterInfo(
-        path=path,
-        owner=owner,
-        live=not (unlocked and dead),
-        bytes=size,
-        age_s=max(0.0, time.time() - created),
-        committed=committed,
-    )
-
-
-def clean_writers(root: str, include_live: bool = False, dry_run: bool = False) -> list[WriterInfo]:
-    """Remove stale writer directories (owner process gone); live ones only when asked.
-
-    A stale directory is deleted while its flock is held, so no writer can take it meanwhile.
-    ``dry_run`` selects exactly what would be removed, without removing it.
-    """
-    removed = []
-    for info, _lock_fd, root_fd in _scan(root):
-        if info.live and not include_live:
-            continue
-        if not dry_run:
-            shutil.rmtree(os.path.basename(info.path), dir_fd=root_fd, ignore_errors=True)
-        removed.append(info)
-    return removed

@@ -10,6 +10,7 @@ what a config needs. Only DeepSpeed's op builders (the public API ``ds_report`` 
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import os
@@ -18,6 +19,8 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
+
+from ..errors import BackendUnavailableError
 
 log = logging.getLogger("nvme_tier")
 
@@ -135,7 +138,7 @@ def quiet_comm_op_build() -> Iterator[None]:
 
 
 # DeepSpeed (0.19+) logs this from inside the first aio write, through its own logger, which names
-# the nearest Python frame: nvme_tier's engine.aio_async_pwrite. Its marker makes it once per process.
+# the nearest Python frame: nvme_tier's aio_binding.aio_async_pwrite. Its marker makes it once per process.
 _DS_WRITE_WARNING_MARKER = "_deepspeed_nvme_write_warning_emitted"
 
 
@@ -156,6 +159,13 @@ def own_write_endurance_warning() -> None:
     )
 
 
+def set_deepspeed_log_level(level: int) -> None:
+    """DeepSpeed's own logger (it logs every engine's full config at INFO)."""
+    from deepspeed.utils import logger
+
+    logger.setLevel(level)
+
+
 # -- which ops a config needs ----------------------------------------------------------------------
 @dataclass(frozen=True)
 class NeededOp:
@@ -170,9 +180,9 @@ def ops_for_config(ds_config: dict | None, aio_usable: bool) -> list[NeededOp]:
     """
     from deepspeed.accelerator import get_accelerator
 
-    from .config import CONFIG_KEY, OffloadStatesConfig
-    from .policy import decide
-    from .types import StateKind
+    from ..config import CONFIG_KEY, OffloadStatesConfig
+    from ..policy import decide
+    from ..types import StateKind
 
     demo = {"optimizer": {"type": "Adam"}, CONFIG_KEY: {"path": "/demo/picks/a/temporary/dir"}}
     cfg = ds_config if ds_config is not None else demo
@@ -240,3 +250,42 @@ def build_missing(ds_config: dict | None, aio_usable: bool) -> list[OpBuild]:
         if builder is not None and op_state(builder) == NOT_BUILT:
             missing.append(build_op(op.name))
     return missing
+
+
+# -- the async_io op -------------------------------------------------------------------------------
+INSTALL_HINT = (
+    "the 'aio' backend needs libaio and DeepSpeed's async_io op: run `apt-get install -y libaio-dev` "
+    "(or `yum install libaio-devel`), then `ds_report` should show async_io [OKAY]; or use backend 'zarr'"
+)
+
+
+@functools.lru_cache(maxsize=1)
+def aio_compatible() -> tuple[bool, str]:
+    """(usable, reason) without building anything."""
+    try:
+        from deepspeed.ops.op_builder import AsyncIOBuilder
+    except Exception as exc:  # pragma: no cover - deepspeed is a hard dependency
+        return False, f"cannot import DeepSpeed's AsyncIOBuilder ({exc})"
+    try:
+        ok = AsyncIOBuilder().is_compatible(verbose=False)
+    except Exception as exc:
+        return False, f"async_io compatibility check failed ({exc})"
+    return (True, "async_io op is compatible") if ok else (False, "libaio is not installed")
+
+
+@functools.lru_cache(maxsize=1)
+def load_aio_op():
+    """Build (first time: minutes, then cached in ~/.cache/torch_extensions) and load async_io."""
+    ok, why = aio_compatible()
+    if not ok:
+        raise BackendUnavailableError(f"{why}; {INSTALL_HINT}")
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+
+    try:
+        op = load_op(AsyncIOBuilder())  # a line before a JIT build: it takes minutes, silently
+    except Exception as exc:
+        raise BackendUnavailableError(
+            f"building DeepSpeed's async_io op failed ({exc}); {INSTALL_HINT}"
+        ) from exc
+    own_write_endurance_warning()
+    return op

@@ -1,0 +1,151 @@
+"""What the aio backend takes from the host, asked before DeepSpeed's op would abort the process.
+
+Page-locked memory (``ulimit -l``, for the staging slots), kernel aio events (``fs.aio-max-nr``,
+for each handle's contexts) and the process's idle handles, reused across backends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import threading
+
+import torch
+
+from ..config import AioSettings
+from ..deepspeed.ops import load_aio_op
+from ..errors import BackendUnavailableError
+from .staging import staging_pool
+
+MEMLOCK_HINT = (
+    "raise the limit (`ulimit -l unlimited`, `memlock unlimited` in /etc/security/limits.conf, "
+    "`docker run --ulimit memlock=-1`) or lower offload_states.staging_budget_mb"
+)
+CAP_IPC_LOCK = 14  # capability bit that lifts RLIMIT_MEMLOCK (root in most containers)
+
+
+def has_cap_ipc_lock() -> bool:
+    """Whether this process may lock memory past RLIMIT_MEMLOCK."""
+    with contextlib.suppress(OSError, ValueError), open("/proc/self/status", encoding="ascii") as fh:
+        for line in fh:
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> CAP_IPC_LOCK & 1)
+    return os.geteuid() == 0
+
+
+def memlock_limit(cuda: bool | None = None) -> tuple[int, str | None]:
+    """The soft ``ulimit -l`` and what lifts it for page-locked staging here, or None when it binds.
+
+    Without CUDA the staging slots come from DeepSpeed's mlock allocator, which aborts the whole
+    process (a C assert, no Python exception) past ``ulimit -l``: this must be asked first.
+    CUDA pinned memory (cudaHostAlloc) and processes holding CAP_IPC_LOCK are not bound by it.
+    What lifts it: ``"unlimited"``, ``"CAP_IPC_LOCK"`` or ``"CUDA"``.
+    """
+    soft, _hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    if soft == resource.RLIM_INFINITY:
+        return soft, "unlimited"
+    if has_cap_ipc_lock():
+        return soft, "CAP_IPC_LOCK"
+    if cuda is None:
+        cuda = torch.cuda.is_available()
+    return soft, "CUDA" if cuda else None
+
+
+def memlock_shortfall(locked_bytes: int, cuda: bool | None = None) -> str | None:
+    """Why page-locking ``locked_bytes`` of staging would fail here, or None when it will not."""
+    soft, lifted_by = memlock_limit(cuda)
+    if lifted_by is not None or soft >= locked_bytes:
+        return None
+    return (
+        f"ulimit -l is {soft} B, below the {locked_bytes} B of page-locked staging the aio backend "
+        "needs (DeepSpeed's mlock allocator would abort the process)"
+    )
+
+
+# Idle aio handles, reused across backends. Creating a handle starts intra_op_parallelism threads
+# and io_setup()s as many kernel aio contexts; destroying one io_destroy()s them, which waits for an
+# RCU grace period each (~0.3 s per handle here). A backend takes its handles on first I/O and gives
+# them back (idle, nothing in flight, buffers freed) on release().
+_IDLE_HANDLES: dict[tuple, list] = {}
+_IDLE_LOCK = threading.Lock()
+_MAX_IDLE_PER_KIND = 8
+
+
+def handle_key(settings: AioSettings) -> tuple:
+    s = settings
+    return (s.block_size, s.queue_depth, s.single_submit, s.overlap_events, s.intra_op_parallelism)
+
+
+AIO_MAX_NR_HINT = (
+    "raise the host's limit (`sysctl -w fs.aio-max-nr=1048576`; in a container, on the host), "
+    "lower offload_states.aio.queue_depth or aio.intra_op_parallelism, or use backend 'zarr'"
+)
+
+
+def aio_events_per_handle(settings: AioSettings) -> int:
+    """Kernel aio events one handle io_setup()s: DeepSpeed's op gives its own synchronous context
+    and each of its ``intra_op_parallelism`` threads an ``aio_context`` of ``queue_depth`` events
+    (csrc/aio/py_lib/deepspeed_py_io_handle.cpp, deepspeed_aio_thread.cpp)."""
+    return (settings.intra_op_parallelism + 1) * settings.queue_depth
+
+
+def read_aio_budget() -> tuple[int, int] | None:
+    """(fs.aio-nr, fs.aio-max-nr): events in use on this host (every process) and the limit."""
+    try:
+        with (
+            open("/proc/sys/fs/aio-nr", encoding="ascii") as used,
+            open("/proc/sys/fs/aio-max-nr", encoding="ascii") as limit,
+        ):
+            return int(used.read()), int(limit.read())
+    except (OSError, ValueError):
+        return None  # not Linux procfs: nothing to check against
+
+
+def aio_budget_shortfall(new_handles: int, settings: AioSettings) -> str | None:
+    """Why io_setup() would fail for ``new_handles`` more handles, or None when they fit.
+
+    DeepSpeed's op ignores io_queue_init()'s EAGAIN and later hits a C assert (SIGABRT, every state
+    of the process lost), so the kernel's host-wide budget must be asked first.
+    """
+    budget = read_aio_budget()
+    if budget is None or new_handles <= 0:
+        return None
+    used, limit = budget
+    needed = new_handles * aio_events_per_handle(settings)
+    if used + needed <= limit:
+        return None
+    return (
+        f"the kernel's aio budget is exhausted: {new_handles} aio handle(s) need {needed} events "
+        f"((aio.intra_op_parallelism {settings.intra_op_parallelism} + 1) x aio.queue_depth "
+        f"{settings.queue_depth} each), but fs.aio-nr is {used} of fs.aio-max-nr {limit} "
+        "(DeepSpeed's op would abort the process)"
+    )
+
+
+def idle_handle_count(settings: AioSettings) -> int:
+    """Handles a new backend can reuse: idle ones, and those paired with idle staging slots."""
+    key = handle_key(settings)
+    with _IDLE_LOCK:
+        idle = len(_IDLE_HANDLES.get(key, ()))
+    return idle + staging_pool().idle_slots(lambda k: isinstance(k, tuple) and k[:2] == ("aio", key))
+
+
+def take_handle(settings: AioSettings):
+    key = handle_key(settings)
+    with _IDLE_LOCK:
+        idle = _IDLE_HANDLES.get(key)
+        if idle:
+            return idle.pop()
+    op = load_aio_op()
+    shortfall = aio_budget_shortfall(1, settings)
+    if shortfall:  # refuse in Python: past the limit DeepSpeed's op aborts the process
+        raise BackendUnavailableError(f"aio backend: {shortfall}; {AIO_MAX_NR_HINT}")
+    return op.aio_handle(*key)
+
+
+def give_back_handle(settings: AioSettings, handle) -> None:
+    with _IDLE_LOCK:
+        idle = _IDLE_HANDLES.setdefault(handle_key(settings), [])
+        if len(idle) < _MAX_IDLE_PER_KIND:
+            idle.append(handle)
