@@ -28,7 +28,16 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 if ROOT not in sys.path:  # a script in benchmarks/ imports the nvme_tier of this checkout
     sys.path.insert(0, ROOT)
 
-from nvme_tier.bench.common import cpu_model, fs_type  # noqa: E402  (after the path is set)
+# One copy of these, in the package (nvme-tier bench uses them too); re-exported for the scripts.
+from nvme_tier.bench.common import (  # noqa: E402, F401  (after the path is set; re-exports)
+    _reset_hwm,
+    _vm_hwm,
+    cpu_model,
+    drop_page_cache,
+    fs_type,
+    sync_device,
+    timed,
+)
 
 GB = 1e9
 MiB = 1 << 20
@@ -50,31 +59,6 @@ def median(xs: Sequence[float]) -> float | None:
 
 
 # -- clocks and caches -----------------------------------------------------------------------------
-def sync_device() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def timed(fn: Callable[[], object]) -> float:
-    """Seconds ``fn`` takes, device work included (synchronized before and after)."""
-    sync_device()
-    t0 = time.perf_counter()
-    fn()
-    sync_device()
-    return time.perf_counter() - t0
-
-
-def drop_page_cache() -> bool:
-    """sync, then drop clean page cache; needs root (CAP_SYS_ADMIN). True when it worked."""
-    os.sync()
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as fh:
-            fh.write("1")
-        return True
-    except OSError:
-        return False
-
-
 def fsync_tree(path: str) -> None:
     """fsync every file under ``path`` (what a page-cache writer owes before its data is on disk)."""
     for dirpath, _dirs, files in os.walk(path):
@@ -154,24 +138,6 @@ class RssSampler:
     def delta(self) -> int:
         """``added``, never below 0."""
         return max(0, self.added)
-
-
-def _vm_hwm() -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def _reset_hwm() -> bool:
-    """Reset the peak-RSS counter (write 5 to clear_refs)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
 
 
 # -- the machine -----------------------------------------------------------------------------------
