@@ -1,12 +1,15 @@
 """World size 2 on gloo: per-rank writer directories, bit-exact reload, identical to a twin.
 
 The never-offloaded twin runs in processes of its own: on DeepSpeed 0.16.9 a second ZeRO-3 engine
-built in the same processes does not train bit-identically to the first even without offloading.
+built in the same processes does not train bit-identically to the first even without offloading,
+and a lone never-offloaded 0.16.9 ZeRO-3 run on gloo now and then trains to NaN (then the twin is
+run again: the reference must be a valid run).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import sys
@@ -71,7 +74,8 @@ def test_two_ranks_gloo(stage, tmp_path):
     path, out = tmp_path / "nvme", tmp_path / "out"
     path.mkdir()
     out.mkdir()
-    for offload in (True, False):
+
+    def run(offload: bool) -> None:
         mp.start_processes(
             _worker,
             args=(2, _free_port(), stage, str(path), str(out), offload),
@@ -79,6 +83,16 @@ def test_two_ranks_gloo(stage, tmp_path):
             join=True,
             start_method="spawn",
         )
+
+    run(offload=True)
+    for _ in range(3):  # DeepSpeed 0.16.9's ZeRO-3 on gloo sometimes trains to NaN on its own
+        run(offload=False)
+        if all(
+            math.isfinite(x)
+            for r in range(2)
+            for x in json.loads((out / f"twin{r}.json").read_text())["losses"]
+        ):
+            break
     for rank in range(2):
         result = json.loads((out / f"offloaded{rank}.json").read_text())
         twin = json.loads((out / f"twin{rank}.json").read_text())
