@@ -254,12 +254,11 @@ class OffloadController:
                 self._failure,
             )
             with DeferredInterrupt():
-                for placed in self._placed.values():
-                    for p in placed:
-                        p.buffer.restore()
-                        p.buffer.view.zero_()
-                        if p.tier is Tier.cpu:
-                            p.host = None
+                placed = [p for ps in self._placed.values() for p in ps]
+                for p in placed:
+                    p.buffer.restore()
+                    p.buffer.view.zero_()
+                self._mover.drop_host_copies(placed)  # their reservations go back to the budget
                 self._placed.clear()
                 self._failure = None
                 self.phase = OffloadPhase.resident

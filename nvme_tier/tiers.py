@@ -503,16 +503,7 @@ class TierMover:
             with DeferredInterrupt():
                 restored()
                 handed_over = True
-                for p in placed:
-                    if p.tier is Tier.cpu:
-                        p.host = None
-                        self._budget.release(p.buffer.nbytes)
-                    elif p.tier is Tier.pinned_cpu:
-                        p.host = None
-                        with self._cache_lock:
-                            kept = self._pinned_cache.get(p.buffer.name)
-                        if kept is not None:  # kept for the next offload, unless the budget needs it first
-                            self._budget.park(kept)
+                self.drop_host_copies(placed)
         except BaseException:
             if handed_over:  # a Ctrl-C held through the hand-over: every state is back and recorded
                 raise
@@ -530,6 +521,20 @@ class TierMover:
             self._undo_writes([p.buffer.name for p in placed if p.tier is Tier.nvme])
         stats.seconds = time.perf_counter() - start
         return stats
+
+    def drop_host_copies(self, placed: list[Placed]) -> None:
+        """The states are on the device again: cpu copies go back to the budget, pinned ones are
+        parked (kept for the next offload, unless the budget needs them first)."""
+        for p in placed:
+            if p.tier is Tier.cpu:
+                p.host = None
+                self._budget.release(p.buffer.nbytes)
+            elif p.tier is Tier.pinned_cpu:
+                p.host = None
+                with self._cache_lock:
+                    kept = self._pinned_cache.get(p.buffer.name)
+                if kept is not None:
+                    self._budget.park(kept)
 
     def verify_on_disk(self) -> None:
         if self._backend is not None and self._backend.names():
