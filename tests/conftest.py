@@ -115,6 +115,22 @@ def snapshot(engine) -> dict:
     return out
 
 
+SCRATCH = "contiguous_grad_buffer"
+
+
+def assert_same_states(before: dict, after: dict) -> None:
+    """Every state buffer but the scratch one (rebuilt each step) byte for byte as before."""
+    for name, data in before.items():
+        if name.startswith(SCRATCH):
+            continue
+        assert name in after, name
+        assert torch.equal(data, after[name]), f"{name} changed across offload/reload"
+
+
+def files_under(path) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+
 def optimizer_states_freed(engine) -> bool:
     """Whether every optimizer-state tensor of the inner optimizer holds no storage (really offloaded)."""
     return all(

@@ -11,30 +11,25 @@ import os
 
 import pytest
 import torch
-from conftest import make_engine, params_of, requires_aio, requires_fp16, snapshot, train
+from conftest import (
+    assert_same_states,
+    files_under,
+    make_engine,
+    params_of,
+    requires_aio,
+    requires_fp16,
+    snapshot,
+    train,
+)
 from deepspeed.runtime.zero.offload_config import OffloadDeviceEnum, OffloadStateTypeEnum
 
 import nvme_tier
 from nvme_tier.types import StateKind
 
-SCRATCH = "contiguous_grad_buffer"
-
 
 def optimizer_state_tensors(engine) -> list[torch.Tensor]:
     inner = engine.optimizer.optimizer
     return [t for s in inner.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0]
-
-
-def assert_same_states(before: dict, after: dict) -> None:
-    for name, data in before.items():
-        if name.startswith(SCRATCH):
-            continue
-        assert name in after, name
-        assert torch.equal(data, after[name]), f"{name} changed across offload/reload"
-
-
-def files_under(path) -> int:
-    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
 
 
 def run_cycle_and_twin(engine_kwargs: dict, offload_kwargs: dict, expect: dict[str, str], path) -> None:

@@ -10,12 +10,18 @@ come back bit-exact and train on exactly like a never-offloaded twin (run afterw
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import make_engine, optimizer_states_freed, params_of, snapshot, train
+from conftest import (
+    assert_same_states,
+    files_under,
+    make_engine,
+    optimizer_states_freed,
+    params_of,
+    snapshot,
+    train,
+)
 from deepspeed.accelerator import get_accelerator
 from deepspeed.runtime.zero.offload_config import OffloadDeviceEnum, OffloadStateTypeEnum
 
@@ -24,7 +30,6 @@ from nvme_tier.config import OffloadStatesConfig
 from nvme_tier.policy import decide
 from nvme_tier.types import StateKind, Tier
 
-SCRATCH = "contiguous_grad_buffer"
 OPENRLHF_INCLUDE = [
     OffloadStateTypeEnum.optim_states,
     OffloadStateTypeEnum.contiguous_grad_buffer,
@@ -59,18 +64,6 @@ def engine_offload(engine) -> None:
 
 def optimizer_reload(engine) -> None:
     engine.optimizer.reload_states(non_blocking=True)
-
-
-def assert_same_states(before: dict, after: dict) -> None:
-    for name, data in before.items():
-        if name.startswith(SCRATCH):
-            continue
-        assert name in after, name
-        assert torch.equal(data, after[name]), f"{name} changed across offload/reload"
-
-
-def files_under(path) -> int:
-    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
 
 
 def cycle_and_twin(engine_kwargs: dict, offload, reload, expect: dict[str, str], path) -> None:
