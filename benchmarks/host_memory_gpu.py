@@ -110,7 +110,7 @@ def fingerprint(engine) -> dict[str, list[int]]:
 
 def page_lock_rate(nbytes: int) -> dict:
     """Bytes per second PinnedHostMemory page-locks on this machine (populate + cudaHostRegister)."""
-    from nvme_tier.storage.staging import PinnedHostMemory
+    from nvme_tier.pinned_memory import PinnedHostMemory
 
     gc.collect()
     t = time.perf_counter()

@@ -182,7 +182,7 @@ class OffloadController:
         except Exception as exc:  # the first offload reports any problem with the plan
             log.debug("nvme_tier: no pinned pre-allocation: %s", exc)
             return
-        self._mover.preallocate(
+        self._mover.host.preallocate(
             [b for kind, tier in placement.tiers.items() if tier is Tier.pinned_cpu for b in buffers[kind]]
         )
 
@@ -258,7 +258,7 @@ class OffloadController:
                 for p in placed:
                     p.buffer.restore()
                     p.buffer.view.zero_()
-                self._mover.drop_host_copies(placed)  # their reservations go back to the budget
+                self._mover.host.hand_back(placed)  # their reservations go back to the budget
                 self._placed.clear()
                 self._failure = None
                 self.phase = OffloadPhase.resident
@@ -331,7 +331,7 @@ class OffloadController:
             self._finish_pending()
             if self.phase is OffloadPhase.failed:
                 raise StatesOffloadedError(self._after_failure("offload_states()"))
-            self._mover.settle_preallocation()
+            self._mover.host.settle_preallocation()
             with self._budget.lock:  # no other engine reserves between these facts and this claim
                 placement, buffers = self.plan(include, device, pin_memory, budgeted=True)
                 items = [
@@ -340,7 +340,7 @@ class OffloadController:
                 if not items:
                     log.info("nvme_tier: nothing to offload")
                     return
-                host_copies = self._mover.claim_host(items)
+                host_copies = self._mover.host.claim(items)
             blocking = not (self.config.non_blocking if non_blocking is None else non_blocking)
             try:
                 # A file of the same size is rewritten in place (or skipped): only new files need space.
@@ -354,7 +354,7 @@ class OffloadController:
                 if self.config.skip_unchanged:
                     self._take_fingerprints([b for b, t in items if t is Tier.nvme])
             except BaseException:
-                self._mover.unclaim_host(host_copies)
+                self._mover.host.unclaim(host_copies)
                 self.phase = OffloadPhase.resident if not self._placed else OffloadPhase.offloaded
                 raise
             try:
