@@ -156,15 +156,18 @@ def phase_first_offload(args, out: dict) -> None:
             made = list(ctl._mover.host._pinned.values())
             calls[-1]["stage_s"] = {k: rnd(sum(m.seconds[k] for m in made)) for k in ("populate", "register")}
     res["calls"] = calls
-    ideal = total / (lock["GBps"] * GB) if lock["GBps"] else None
+    res["exact"] = fingerprint(engine) == before
+    nvme_tier.detach(engine)
+    # The same bytes again, now that the process has had them: on a fresh VM the first lock is
+    # slowed by the hypervisor backing new pages. The goal is judged against the faster rate.
+    res["page_lock_after"] = after = page_lock_rate(total)
+    rate = max(lock["GBps"], after["GBps"])
+    ideal = total / (rate * GB) if rate else None
     res["bytes_over_page_lock_rate_s"] = rnd(ideal)
     res["first_over_page_lock"] = rnd(calls[0]["offload_s"] / ideal, 3) if ideal else None
     res["goal_first_within_1.2x_page_lock"] = (
         bool(ideal and calls[0]["offload_s"] <= 1.2 * ideal) if CUDA else None
     )
-    res["exact"] = fingerprint(engine) == before
-    nvme_tier.detach(engine)
-    res["page_lock_after"] = page_lock_rate(total)  # the same bytes again, now that the process has had them
     rows = []
     if args.no_upstream:
         out["first_offload"] = res

@@ -172,7 +172,9 @@ class HostCopies:
             return placed
         for copy in fresh:  # reserved virtual memory only: nothing is touched yet
             copy.memory = PinnedHostMemory(copy.buffer.nbytes, piece_bytes=self.lock_piece_bytes)
+        threads = max(c.memory.threads for c in fresh)
         with (
+            ThreadPoolExecutor(max_workers=threads, thread_name_prefix="nvme_tier-pin") as faulters,
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="nvme_tier-fault") as faulting,
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="nvme_tier-lock") as registering,
         ):
@@ -184,7 +186,7 @@ class HostCopies:
                     if ready:
                         jobs.append((copy, i, []))
                         continue
-                    faulted = faulting.submit(memory.populate_piece, i)
+                    faulted = faulting.submit(memory.populate_piece, i, faulters)
                     locked = registering.submit(_after, faulted, memory.register_piece, i)
                     jobs.append((copy, i, [faulted, locked]))
             try:

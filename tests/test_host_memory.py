@@ -162,9 +162,9 @@ def test_first_pinned_offload_makes_pieces_while_copying(fresh_budget, monkeypat
     for stage in ("populate_piece", "register_piece"):
         real = getattr(pinned_memory.PinnedHostMemory, stage)
 
-        def spy(self, index, real=real, stage=stage):
+        def spy(self, index, *pool, real=real, stage=stage):
             stages.append((stage, index, threading.current_thread().name))
-            return real(self, index)
+            return real(self, index, *pool)
 
         monkeypatch.setattr(pinned_memory.PinnedHostMemory, stage, spy)
     job = mover.start_offload(items, lambda b: False, copies)
