@@ -44,6 +44,19 @@ class TransferStats:
     bytes_from_host: int = 0
     seconds: float = 0.0
 
+    def offload_line(self, moved: int, backend: str | None) -> str:
+        return (
+            f"offloaded {moved / 1e9:.3f} GB ({self.bytes_written / 1e9:.3f} GB to {backend or '-'}, "
+            f"{self.bytes_skipped / 1e9:.3f} GB unchanged on disk, {self.bytes_to_host / 1e9:.3f} GB to host) "
+            f"in {self.seconds:.2f} s"
+        )
+
+    def reload_line(self) -> str:
+        return (
+            f"reloaded {self.bytes_read / 1e9:.3f} GB from nvme and {self.bytes_from_host / 1e9:.3f} GB "
+            f"from host in {self.seconds:.2f} s"
+        )
+
 
 @dataclass(eq=False)
 class OffloadJob:

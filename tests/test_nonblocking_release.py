@@ -26,7 +26,7 @@ from nvme_tier.types import StateKind
 def hold_worker(controller) -> threading.Event:
     """Occupy the controller's worker thread, so anything handed to it visibly has not run yet."""
     release = threading.Event()
-    controller._pool().submit(release.wait, 60)
+    controller._background._worker().submit(release.wait, 60)
     return release
 
 
