@@ -6,10 +6,12 @@ tiers.py do); it sequences them and owns the state machine the guards consult.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
 import weakref
+from collections.abc import Iterator
 from typing import Any
 
 from .background import BackgroundOperation
@@ -26,7 +28,7 @@ from .progress import Progress
 from .status import build_status
 from .storage.site import StorageSite
 from .stored_files import StoredFiles
-from .tiers import OffloadJob, TierMover, TransferStats
+from .tiers import OffloadJob, ReloadJob, TierMover, TransferStats
 from .types import OffloadPhase, StateKind, StateStatus, Tier
 
 log = logging.getLogger("nvme_tier")
@@ -305,21 +307,25 @@ class OffloadController:
                 return
             blocking = not (self.config.non_blocking if non_blocking is None else non_blocking)
             self.phase = OffloadPhase.reloading
+            with self._reload_failures():
+                job = self._mover.start_reload([p for ps in self._placed.values() for p in ps])
             if blocking:
-                self._run_reload()
+                self._finish_reload(job)
             else:
-                self._background.start(self._run_reload)
+                self._background.start(lambda: self._finish_reload(job))
 
-    def _run_reload(self) -> None:
-        placed = [p for ps in self._placed.values() for p in ps]
+    def _finish_reload(self, job: ReloadJob) -> None:
+        total = sum(p.buffer.nbytes for p in job.placed if p.tier is Tier.nvme)
+        with self._reload_failures(), self._progress.task("reload", total):
+            stats = self._mover.finish_reload(job, self.config.skip_unchanged, self._record_reloaded)
+        self.last_stats["reload"] = stats
+        log.info("nvme_tier: rank %d %s", self.rank, stats.reload_line())
+
+    @contextlib.contextmanager
+    def _reload_failures(self) -> Iterator[None]:
+        """The phase after a reload that raised: offloaded when interrupted, failed when broken."""
         try:
-            if any(p.tier is Tier.nvme for p in placed):
-                self._mover.verify_on_disk()
-            total = sum(p.buffer.nbytes for p in placed if p.tier is not Tier.discard)
-            with self._progress.task("reload", total):
-                stats = self._mover.reload(
-                    placed, keep_files=self.config.skip_unchanged, restored=self._record_reloaded
-                )
+            yield
         except KeyboardInterrupt:
             # Interrupted, not broken: the copies are intact and every state was freed again (or,
             # when the interrupt was held through the hand-over, is back and recorded resident).
@@ -331,8 +337,6 @@ class OffloadController:
                 self.phase = OffloadPhase.failed
                 self._failure = exc
             raise
-        self.last_stats["reload"] = stats
-        log.info("nvme_tier: rank %d %s", self.rank, stats.reload_line())
 
     def _record_reloaded(self) -> None:
         """Every state is back; called by the mover (Ctrl-C held) before it drops host copies."""

@@ -82,6 +82,16 @@ class OffloadJob:
         return out
 
 
+@dataclass(eq=False)
+class ReloadJob:
+    """One reload from its start (every buffer restored, every move back queued) to its hand-over."""
+
+    placed: list[Placed]
+    reads: list[tuple[Placed, Future]] = field(default_factory=list)  # NVMe reads, in order
+    stats: TransferStats = field(default_factory=TransferStats)
+    started: float = field(default_factory=time.perf_counter)
+
+
 class TierMover:
     """Executes placements: NVMe writes and reads through the backend, host copies through ``host``."""
 
@@ -302,24 +312,23 @@ class TierMover:
             except Exception as exc:  # keep the original error (if any); report the leftover
                 log.warning("nvme_tier: could not remove the file of %s: %s", name, exc)
 
-    def reload(self, placed: list[Placed], keep_files: bool, restored: Callable[[], None]) -> TransferStats:
-        """Restore every buffer, then call ``restored``; on any failure free them again and raise.
+    def start_reload(self, placed: list[Placed]) -> ReloadJob:
+        """Restore every buffer and queue every move back, on the caller's thread.
 
-        ``restored`` (the caller's "resident" bookkeeping) runs under a held Ctrl-C once every byte
-        has arrived: an interrupt lands either before it (all freed again, still offloaded) or
-        after it (all back, recorded as such), never between.
+        NVMe reads go to the backend's thread; host copies are queued back to back on the copy
+        stream (each device allocation overlaps the copy queued before it), and the caller's
+        stream is made to wait for them: whatever the caller runs next on the device sees the
+        host-tier states, as after upstream's stream-ordered reload, even before ``finish_reload``
+        (a ZeRO-1/2 weight read no guard sees). On failure, everything is freed again and raised.
         """
-        stats = TransferStats()
-        start = time.perf_counter()
-        futures: list[tuple[Placed, Future]] = []
-        handed_over = False
+        job = ReloadJob(placed)
         try:
+            if any(p.tier is Tier.nvme for p in placed) and self.backend.names():
+                self.backend.verify_manifest()
             for p in placed:
                 if p.tier is Tier.nvme:
                     p.buffer.restore()
-                    futures.append((p, self.backend.read_into(p.buffer.name, p.buffer.view)))
-            # Host copies back to back on the side stream; each device allocation (restore) overlaps
-            # the copy queued before it.
+                    job.reads.append((p, self.backend.read_into(p.buffer.name, p.buffer.view)))
             for p in placed:
                 if p.tier is not Tier.nvme:
                     p.buffer.restore()
@@ -328,11 +337,27 @@ class TierMover:
                         self.host.copy_pinned(p.buffer.view, p.host)
                     else:
                         self._copier.copy_async(p.buffer.view, p.host)
-                    stats.bytes_from_host += p.buffer.nbytes
+                    job.stats.bytes_from_host += p.buffer.nbytes
                 elif p.tier is Tier.discard:
                     p.buffer.view.zero_()
+            self._copier.order_before_callers()
+        except BaseException:
+            self._free_again(job)
+            raise
+        return job
+
+    def finish_reload(self, job: ReloadJob, keep_files: bool, restored: Callable[[], None]) -> TransferStats:
+        """Wait for every byte, then call ``restored``; on any failure free them again and raise.
+
+        ``restored`` (the caller's "resident" bookkeeping) runs under a held Ctrl-C once every byte
+        has arrived: an interrupt lands either before it (all freed again, still offloaded) or
+        after it (all back, recorded as such), never between.
+        """
+        stats = job.stats
+        handed_over = False
+        try:
             self._copier.synchronize()
-            for p, fut in futures:
+            for p, fut in job.reads:
                 fut.result()
                 stats.bytes_read += p.buffer.nbytes
                 if self._progress:
@@ -340,28 +365,28 @@ class TierMover:
             with DeferredInterrupt():
                 restored()
                 handed_over = True
-                self.host.hand_back(placed)
+                self.host.hand_back(job.placed)
         except BaseException:
             if handed_over:  # a Ctrl-C held through the hand-over: every state is back and recorded
                 raise
-            with DeferredInterrupt():  # a second Ctrl-C must not cut the clean-up short
-                with contextlib.suppress(Exception):
-                    self._copier.synchronize()
-                for _, fut in futures:  # let every read finish before its memory is freed again
-                    with contextlib.suppress(Exception):
-                        fut.result()
-                for p in placed:
-                    p.buffer.free()
+            self._free_again(job)
             raise
         if not keep_files:
             # Every state is back: a file that cannot be removed is a leftover, not a failed reload.
-            self._undo_writes([p.buffer.name for p in placed if p.tier is Tier.nvme])
-        stats.seconds = time.perf_counter() - start
+            self._undo_writes([p.buffer.name for p in job.placed if p.tier is Tier.nvme])
+        stats.seconds = time.perf_counter() - job.started
         return stats
 
-    def verify_on_disk(self) -> None:
-        if self._backend is not None and self._backend.names():
-            self._backend.verify_manifest()
+    def _free_again(self, job: ReloadJob) -> None:
+        """A failed reload: wait for every queued copy and read, then free every buffer again."""
+        with DeferredInterrupt():  # a second Ctrl-C must not cut the clean-up short
+            with contextlib.suppress(Exception):
+                self._copier.synchronize()
+            for _, fut in job.reads:  # let every read finish before its memory is freed again
+                with contextlib.suppress(Exception):
+                    fut.result()
+            for p in job.placed:
+                p.buffer.free()
 
     def release(self) -> None:
         """Free kept pinned host copies; give staging back; delete this writer's files (states resident)."""
@@ -371,4 +396,4 @@ class TierMover:
             self._backend = None
 
 
-__all__ = ["OffloadJob", "TierMover", "TransferStats"]
+__all__ = ["OffloadJob", "ReloadJob", "TierMover", "TransferStats"]

@@ -221,6 +221,11 @@ class DeviceCopier:
         if self._stream is not None:
             self._stream.synchronize()
 
+    def order_before_callers(self) -> None:
+        """Make the caller's current stream wait for every copy queued so far (no host wait)."""
+        if self._stream is not None:
+            torch.cuda.current_stream(self._stream.device).wait_stream(self._stream)
+
     def mark(self) -> torch.cuda.Event | None:
         """An event after every copy queued so far (None: nothing is asynchronous, all are done)."""
         if self._stream is None:
