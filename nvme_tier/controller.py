@@ -64,7 +64,7 @@ class OffloadController:
         )
         self._mover = TierMover(self.site.open, progress=self._progress.advance, budget=self._budget)
         self._files = StoredFiles(self._mover)
-        self._undo_hooks = install_hooks(
+        self._undo_hooks, self._weights_guarded = install_hooks(
             engine, self.guard, self.mark_dirty, self.offload_states, self.reload_states, self.guard_weights
         )
         self._finalizer = weakref.finalize(engine, _release_in_owner, self._mover, os.getpid())
@@ -308,7 +308,8 @@ class OffloadController:
             blocking = not (self.config.non_blocking if non_blocking is None else non_blocking)
             self.phase = OffloadPhase.reloading
             with self._reload_failures():
-                job = self._mover.start_reload([p for ps in self._placed.values() for p in ps])
+                placed = [p for ps in self._placed.values() for p in ps]
+                job = self._mover.start_reload(placed, order_callers=not self._weights_guarded)
             if blocking:
                 self._finish_reload(job)
             else:

@@ -312,15 +312,13 @@ class TierMover:
             except Exception as exc:  # keep the original error (if any); report the leftover
                 log.warning("nvme_tier: could not remove the file of %s: %s", name, exc)
 
-    def start_reload(self, placed: list[Placed]) -> ReloadJob:
-        """Restore every buffer and queue every move back, on the caller's thread.
-
-        NVMe reads go to the backend's thread; host copies are queued back to back on the copy
-        stream (each device allocation overlaps the copy queued before it), and the caller's
-        stream is made to wait for them: whatever the caller runs next on the device sees the
-        host-tier states, as after upstream's stream-ordered reload, even before ``finish_reload``
-        (a ZeRO-1/2 weight read no guard sees). On failure, everything is freed again and raised.
-        """
+    def start_reload(self, placed: list[Placed], order_callers: bool) -> ReloadJob:
+        """Restore every buffer and queue every move back, on the caller's thread: NVMe reads on
+        the backend's thread, host copies back to back on the copy stream (each allocation overlaps
+        the copy before it). ``order_callers``: the caller's stream waits for them, so what it runs
+        next sees the host-tier states even before ``finish_reload``, as after upstream's reload (a
+        ZeRO-1/2 weight read no guard sees); without it (weight reads guarded: ZeRO-3) the caller's
+        compute overlaps the copies. On failure, everything is freed again and raised."""
         job = ReloadJob(placed)
         try:
             if any(p.tier is Tier.nvme for p in placed) and self.backend.names():
@@ -340,7 +338,8 @@ class TierMover:
                     job.stats.bytes_from_host += p.buffer.nbytes
                 elif p.tier is Tier.discard:
                     p.buffer.view.zero_()
-            self._copier.order_before_callers()
+            if order_callers:
+                self._copier.order_before_callers()
         except BaseException:
             self._free_again(job)
             raise

@@ -177,7 +177,9 @@ def test_first_pinned_offload_makes_pieces_while_copying(fresh_budget, monkeypat
     assert all(order.index(("populate_piece", i)) < order.index(("register_piece", i)) for i in range(3))
     assert buf.is_freed and stats.bytes_to_host == buf.nbytes
     assert torch.equal(placed[0].host, expected)
-    mover.finish_reload(mover.start_reload(placed), keep_files=False, restored=lambda: None)
+    mover.finish_reload(
+        mover.start_reload(placed, order_callers=True), keep_files=False, restored=lambda: None
+    )
     assert torch.equal(buf.view, expected)
     assert budget.parked == buf.nbytes  # kept for reuse, evictable
     again = mover.host.claim(items)

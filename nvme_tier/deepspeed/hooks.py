@@ -23,8 +23,12 @@ def install_hooks(
     offload: Callable[..., None],
     reload: Callable[..., None],
     guard_weights: Callable[[str], None],
-) -> Callable[[], None]:
-    """Route offload_states/reload_states to nvme_tier and guard compute; returns an undo.
+) -> tuple[Callable[[], None], bool]:
+    """Route offload_states/reload_states to nvme_tier and guard compute.
+
+    Returns the undo, and whether every read of the weights outside forward is guarded (ZeRO-3's
+    gathers). Where it is not (ZeRO-0/1/2: parameters are plain views into flat buffers), a
+    non-blocking reload must order its host copies before the caller's later work.
 
     ZeRO-3 parameters' own ``all_gather`` (what ``GatheredParameters`` and user code call, outside
     forward) and ``save_16bit_model`` go through ``guard_weights`` first: right after a non-blocking reload the partitions
@@ -97,7 +101,7 @@ def install_hooks(
         for param, gather in gathers:
             param.all_gather = gather
 
-    return undo
+    return undo, bool(gathers)
 
 
 def _guarded_gather(gather: Callable[..., Any], guard_weights: Callable[[str], None]) -> Callable[..., Any]:
