@@ -18,6 +18,7 @@ import stat
 from collections.abc import Iterator
 from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
+from typing import Self
 
 import google_crc32c
 import torch
@@ -142,13 +143,8 @@ class AioBackend(StorageBackend):
         self._rewrite: set[str] = set()  # files kept for an in-place rewrite by the next write
 
     @classmethod
-    def from_config(cls, config: OffloadStatesConfig, directory: WriterDirectory) -> AioBackend:
-        return cls(
-            directory,
-            checksum=config.checksum,
-            settings=config.aio,
-            staging_budget_bytes=config.staging_budget_bytes,
-        )
+    def from_config(cls, config: OffloadStatesConfig, directory: WriterDirectory) -> Self:
+        return super().from_config(config, directory, settings=config.aio)
 
     @classmethod
     def staging_slots(cls, config: OffloadStatesConfig) -> tuple[int, int]:

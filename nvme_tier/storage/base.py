@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar, Self
 
 import google_crc32c
 import numpy as np
@@ -74,8 +74,9 @@ def chunk_ranges(nbytes: int, chunk: int) -> list[tuple[int, int]]:
 class StorageBackend(abc.ABC):
     """Base of every backend. Constructors do no I/O; the directory is created on first write.
 
-    A backend declares its ``capabilities``, builds itself from the config (``from_config``: how the
-    registry opens it), names the file of each tensor (``file_name``) and implements three I/O hooks.
+    A backend declares its ``capabilities``, names the file of each tensor (``file_name``) and
+    implements three I/O hooks. Its constructor takes ``(directory, *, checksum, staging_budget_bytes)``
+    (and keywords of its own): ``from_config``, how the registry opens it, passes those.
     """
 
     capabilities: ClassVar[Capabilities]
@@ -177,9 +178,12 @@ class StorageBackend(abc.ABC):
 
     # -- what every backend declares -------------------------------------------------------------
     @classmethod
-    @abc.abstractmethod
-    def from_config(cls, config: OffloadStatesConfig, directory: WriterDirectory) -> StorageBackend:
-        """A backend writing into ``directory`` with the config's knobs, doing no I/O."""
+    def from_config(cls, config: OffloadStatesConfig, directory: WriterDirectory, **knobs: Any) -> Self:
+        """A backend writing into ``directory`` with the config's knobs, doing no I/O: how the
+        registry opens it. A backend with a block of its own in the config passes it in ``knobs``."""
+        return cls(
+            directory, checksum=config.checksum, staging_budget_bytes=config.staging_budget_bytes, **knobs
+        )
 
     @abc.abstractmethod
     def file_name(self, name: str) -> str:

@@ -9,6 +9,7 @@ why and how to get the preferred one. Naming a backend turns its first unmet nee
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..config import OffloadStatesConfig
@@ -111,14 +112,12 @@ def first_unmet(cls: type[StorageBackend], path: str, config: OffloadStatesConfi
         others = backends_without(lambda c: c.page_locked_staging)
         error = BackendUnavailableError(f"{what}: {shortfall}; {MEMLOCK_HINT}, or use backend {others}")
         return Unmet(shortfall, MEMLOCK_HINT, error)
-    # Handles idle in this process are reused (shared by its engines); only new ones need events.
-    no_events = (
-        aio_budget_shortfall(slots - idle_handle_count(config.aio), config.aio) if caps.needs_libaio else None
-    )
-    if no_events:
-        return Unmet(
-            no_events, AIO_MAX_NR_HINT, BackendUnavailableError(f"{what}: {no_events}; {AIO_MAX_NR_HINT}")
-        )
+    if caps.needs_libaio:
+        # Handles idle in this process are reused (shared by its engines); only new ones need events.
+        no_events = aio_budget_shortfall(slots - idle_handle_count(config.aio), config.aio)
+        if no_events:
+            error = BackendUnavailableError(f"{what}: {no_events}; {AIO_MAX_NR_HINT}")
+            return Unmet(no_events, AIO_MAX_NR_HINT, error)
     if caps.o_direct and not supports_o_direct(path):
         error = ConfigError(
             f"{what}: {path!r} does not support O_DIRECT (tmpfs?); put path on a real disk, or use "
@@ -139,7 +138,7 @@ def met_needs(caps: Capabilities) -> str:
     return " and ".join(met) or "it needs nothing of this host"
 
 
-def backends_without(need) -> str:
+def backends_without(need: Callable[[Capabilities], bool]) -> str:
     """The registered backends that lack ``need`` (a predicate on capabilities): 'zarr'/..."""
     return "/".join(repr(name) for name, cls in BACKENDS.items() if not need(cls.capabilities))
 

@@ -19,7 +19,7 @@ import errno
 import os
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, Self
 
 import torch
 
@@ -72,13 +72,8 @@ class ZarrBackend(StorageBackend):
         self._direct: bool | None = None  # O_DIRECT accepted by the directory's filesystem
 
     @classmethod
-    def from_config(cls, config: OffloadStatesConfig, directory: WriterDirectory) -> ZarrBackend:
-        return cls(
-            directory,
-            checksum=config.checksum,
-            settings=config.zarr,
-            staging_budget_bytes=config.staging_budget_bytes,
-        )
+    def from_config(cls, config: OffloadStatesConfig, directory: WriterDirectory) -> Self:
+        return super().from_config(config, directory, settings=config.zarr)
 
     def file_name(self, name: str) -> str:
         return f"{name}.zarr"
