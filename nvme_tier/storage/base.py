@@ -2,7 +2,8 @@
 
 Every backend moves raw bytes (so bf16/fp16/bool are lossless), returns futures (I/O runs on the
 backend's own worker thread), checksums each chunk with crc32c and commits a manifest last.
-Subclasses implement three small hooks; nvme_tier.testing.conformance is the suite every backend passes.
+Subclasses declare their capabilities and file names and implement three small hooks;
+nvme_tier.testing.conformance is the suite every backend passes.
 """
 
 from __future__ import annotations
