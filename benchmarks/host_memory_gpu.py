@@ -110,7 +110,7 @@ def fingerprint(engine) -> dict[str, list[int]]:
 
 def page_lock_rate(nbytes: int) -> dict:
     """Bytes per second PinnedHostMemory page-locks on this machine (populate + cudaHostRegister)."""
-    from nvme_tier.storage.staging import PinnedHostMemory
+    from nvme_tier.pinned_memory import PinnedHostMemory
 
     gc.collect()
     t = time.perf_counter()
@@ -125,13 +125,21 @@ def phase_first_offload(args, out: dict) -> None:
     from deepspeed.runtime.zero.offload_config import OffloadDeviceEnum
 
     import nvme_tier
+    from nvme_tier.host_copies import HostCopies
 
+    if args.lock_piece_mb:
+        HostCopies.lock_piece_bytes = args.lock_piece_mb * MiB
     engine = build(args.first_params_b, args.hidden, adam=True, seed=0)
     step(engine, args.hidden, adam=True)
     block = {"device": "cpu", "progress": False, "path": os.path.join(args.path, "first")}
     ctl = nvme_tier.attach(engine, block)
     total = sum(b.nbytes for k, b in _host_items(engine))
-    res: dict[str, Any] = {"bytes": total, "preallocate": False}
+    res: dict[str, Any] = {
+        "bytes": total,
+        "preallocate": False,
+        "lock_piece_bytes": HostCopies.lock_piece_bytes,
+        "transparent_hugepage": _thp(),
+    }
     res["attach_reserved_bytes"] = ctl._budget.reserved
     res["page_lock"] = lock = page_lock_rate(total)
     before = fingerprint(engine)
@@ -144,16 +152,26 @@ def phase_first_offload(args, out: dict) -> None:
             {"call": label, "offload_s": rnd(o), "reload_s": rnd(r), "rss_added_GB": rnd(smp.added / GB, 3)}
         )
         print("nvme_tier", calls[-1], flush=True)
+        if label == "first":  # each stage's total over the pieces (they overlap: the slowest one bounds)
+            made = list(ctl._mover.host._pinned.values())
+            calls[-1]["stage_s"] = {k: rnd(sum(m.seconds[k] for m in made)) for k in ("populate", "register")}
     res["calls"] = calls
-    ideal = total / (lock["GBps"] * GB) if lock["GBps"] else None
+    res["exact"] = fingerprint(engine) == before
+    nvme_tier.detach(engine)
+    # The same bytes again, now that the process has had them: on a fresh VM the first lock is
+    # slowed by the hypervisor backing new pages. The goal is judged against the faster rate.
+    res["page_lock_after"] = after = page_lock_rate(total)
+    rate = max(lock["GBps"], after["GBps"])
+    ideal = total / (rate * GB) if rate else None
     res["bytes_over_page_lock_rate_s"] = rnd(ideal)
     res["first_over_page_lock"] = rnd(calls[0]["offload_s"] / ideal, 3) if ideal else None
     res["goal_first_within_1.2x_page_lock"] = (
         bool(ideal and calls[0]["offload_s"] <= 1.2 * ideal) if CUDA else None
     )
-    res["exact"] = fingerprint(engine) == before
-    nvme_tier.detach(engine)
     rows = []
+    if args.no_upstream:
+        out["first_offload"] = res
+        return
     try:  # DeepSpeed's own offload_states, first call and steady
         for label in ("first", "steady0"):
             gc.collect()
@@ -173,6 +191,18 @@ def phase_first_offload(args, out: dict) -> None:
     except Exception as exc:  # the CPU accelerator refuses it
         res["upstream"] = {"rows": rows, "error": f"{type(exc).__name__}: {exc}"}
     out["first_offload"] = res
+
+
+def _thp() -> dict[str, str]:
+    """The kernel's transparent huge page settings: huge pages make faulting in and pinning cheaper."""
+    out = {}
+    for name in ("enabled", "defrag"):
+        try:
+            with open(f"/sys/kernel/mm/transparent_hugepage/{name}") as fh:
+                out[name] = fh.read().strip()
+        except OSError:
+            out[name] = "unknown"
+    return out
 
 
 def _host_items(engine):
@@ -287,6 +317,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--host-budget-mb", type=int, default=16384)
     p.add_argument("--staging-mb", type=int, default=512)
     p.add_argument("--backend", default="auto", choices=["auto", "aio", "zarr"])
+    p.add_argument(
+        "--lock-piece-mb", type=int, default=None, help="first_offload: HostCopies.lock_piece_bytes"
+    )
+    p.add_argument("--no-upstream", action="store_true", help="first_offload: skip DeepSpeed's own calls")
     args = p.parse_args(argv)
     launch_env()
     os.makedirs(args.path, exist_ok=True)

@@ -182,7 +182,7 @@ def phase_probe(run: OffloadRun) -> dict[str, Any]:
     """Exploration: how fast page-locked host memory can be had on this machine, and its DMA speed."""
     if not CUDA:
         return {}
-    from nvme_tier.storage import staging
+    from nvme_tier import pinned_memory
 
     args = run.args
     n = int(args.probe_gb * GB) // MiB * MiB
@@ -228,7 +228,7 @@ def phase_probe(run: OffloadRun) -> dict[str, Any]:
         for threads in (1, 8, 16):
             one(
                 f"register_threads{threads}#{rep}",
-                lambda threads=threads: staging.PinnedHostMemory(n, threads=threads),
+                lambda threads=threads: pinned_memory.PinnedHostMemory(n, threads=threads),
                 lambda o: o.tensor,
             )
     return {"probe_pinned_alloc": {"bytes": n, "rows": rows}}

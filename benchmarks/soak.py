@@ -81,7 +81,7 @@ def sample(controller, path: str) -> dict[str, float]:
         "pool_threads": pool,
         "other_threads": threads - pool,
         "rss_mb": rss() / 2**20,
-        "pinned_bytes": controller._mover.pinned_bytes,
+        "pinned_bytes": controller._mover.host.pinned_bytes,
         "disk_files": files,
         "disk_bytes": size,
     }

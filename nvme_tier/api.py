@@ -7,11 +7,15 @@ from typing import Any
 
 from .config import CONFIG_KEY, OffloadStatesConfig
 from .controller import OffloadController
+from .deepspeed.accelerator import rank_of
 from .deepspeed.config_block import engine_config_block
+from .deepspeed.locators import discover_buffers, engine_facts
 from .deepspeed.version import check_deepspeed_version
 from .errors import NvmeTierError
+from .policy import decide
 from .status import format_table
-from .types import StateStatus
+from .storage.site import StorageSite
+from .types import StateKind, StateStatus
 
 _controllers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -32,13 +36,32 @@ def attach(engine: Any, config: OffloadStatesConfig | dict | None = None) -> Off
     existing = _controllers.get(engine)
     if existing is not None and existing.config == cfg:
         return existing
-    OffloadController.check_path(engine, cfg)  # a bad new config keeps the old attachment
+    refuse_early(engine, cfg)  # a bad new config keeps the old attachment
     if existing is not None:
         existing.detach()
         del _controllers[engine]
     controller = OffloadController(engine, cfg)
     _controllers[engine] = controller
     return controller
+
+
+def refuse_early(engine: Any, config: OffloadStatesConfig) -> None:
+    """Refuse at attach what the first offload would refuse an hour into a run.
+
+    The path is checked when the policy puts something on nvme for this engine (an engine with
+    master weights has an optimizer, whose states appear at its first step). A host budget this
+    engine's own host copies exceed needs a path to spill to.
+    """
+    buffers = discover_buffers(engine)
+    present = [k for k, bufs in buffers.items() if bufs]
+    planned = list(present)
+    if buffers.get(StateKind.hp_params) and StateKind.optim_states not in present:
+        planned.append(StateKind.optim_states)
+    if decide(config, planned).uses_nvme:  # ConfigError when nvme is used without a path
+        StorageSite(config, rank_of(engine), lambda: type(engine.module).__name__).check_path()
+    if config.host_budget_bytes is not None and not config.path:
+        # ConfigError naming host_budget_mb and path when the host copies would spill
+        decide(config, present, facts=engine_facts(buffers, present, config.host_budget_bytes))
 
 
 def initialize(*args: Any, **kwargs: Any):

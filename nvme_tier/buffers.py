@@ -1,4 +1,5 @@
-"""``StateBuffer``: one storage of an engine state, as the DeepSpeed glue finds it and the tiers move it.
+"""``StateBuffer``: one storage of an engine state, as the DeepSpeed glue finds it and the tiers move it;
+``Placed``: where one of them went.
 
 It stands below both: ``deepspeed/locators.py`` makes them from an engine's tensors, ``tiers.py``
 frees, copies and restores them.
@@ -10,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .types import StateKind
+from .types import StateKind, Tier
 
 
 @dataclass(eq=False)
@@ -49,3 +50,13 @@ class StateBuffer:
     def restore(self) -> None:
         """Re-grow the same storage (contents undefined until filled): every view is valid again."""
         self.view.untyped_storage().resize_(self.nbytes)
+
+
+@dataclass(eq=False)
+class Placed:
+    """Where one buffer went: a host copy, a stored record, or nowhere (discarded)."""
+
+    buffer: StateBuffer
+    tier: Tier
+    host: torch.Tensor | None = None
+    spilled: bool = False  # on nvme only because its host copy did not fit the host budget

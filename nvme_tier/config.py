@@ -168,6 +168,12 @@ class OffloadStatesConfig(_Strict):
     def host_budget_bytes(self) -> int | None:
         return None if self.host_budget_mb is None else self.host_budget_mb * MiB
 
+    def required_path(self, needed_by: str) -> str:
+        """``path``, or the one "path is required" error, saying what needs it."""
+        if not self.path:
+            raise ConfigError(f"offload_states.path is required: {needed_by}")
+        return self.path
+
     @classmethod
     def from_file(cls, config_path: str) -> OffloadStatesConfig:
         """The validated offload_states block of a DeepSpeed JSON config file (defaults when absent)."""

@@ -6,38 +6,32 @@ tiers.py do); it sequences them and owns the state machine the guards consult.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-import shutil
 import threading
 import weakref
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterator
 from typing import Any
 
-import torch
-
-from .buffers import StateBuffer
+from .background import BackgroundOperation
+from .buffers import Placed, StateBuffer
 from .config import OffloadStatesConfig
 from .deepspeed.accelerator import accelerator_device, empty_cache, rank_of
 from .deepspeed.hooks import install_hooks
-from .deepspeed.locators import discover_buffers, quiesce
-from .errors import ConfigError, StatesOffloadedError, TierIOError
-from .fingerprint import fingerprints
+from .deepspeed.locators import discover_buffers, engine_facts, quiesce
+from .errors import StatesOffloadedError
 from .host_budget import process_budget
 from .interrupts import DeferredInterrupt
-from .mounts import log_storage_once
-from .policy import EngineFacts, Placement, decide, require_bool
+from .policy import Placement, decide, require_bool
 from .progress import Progress
-from .status import build_status, human_bytes
-from .storage import open_backend, select_backend
-from .storage.base import on_callers_device
-from .storage.manifest import OwnerInfo, TensorRecord, WriterDirectory, ensure_root
-from .storage.stale_writers import clean_writers
-from .tiers import OffloadJob, Placed, TierMover, TransferStats
+from .status import build_status
+from .storage.site import StorageSite
+from .stored_files import StoredFiles
+from .tiers import OffloadJob, ReloadJob, TierMover, TransferStats
 from .types import OffloadPhase, StateKind, StateStatus, Tier
 
 log = logging.getLogger("nvme_tier")
-_FREE_SPACE_MARGIN = 64 << 20
 
 
 def _release_in_owner(mover: TierMover, owner_pid: int) -> None:
@@ -55,23 +49,21 @@ class OffloadController:
         self.config = config
         self.rank = rank_of(engine)
         self.phase = OffloadPhase.resident
-        self._rewrite_all = False  # set by mark_dirty: the next offload skips nothing
         self._placed: dict[StateKind, list[Placed]] = {}
-        self._pending: Future | None = None
         self._in_flight: OffloadJob | None = None  # an offload started and not yet finished
         self._failure: BaseException | None = None  # why the last reload failed (phase failed)
-        self._executor: ThreadPoolExecutor | None = None
+        self._background = BackgroundOperation()
         self._lock = threading.RLock()
         self._status_lock = threading.Lock()  # what status() reads, changed by the worker thread
-        self.backend_name: str | None = None
+        self.site = StorageSite(config, self.rank, lambda: type(self.engine.module).__name__)
         self.last_stats: dict[str, TransferStats] = {}
         self._progress = Progress(enabled=config.progress)
         self._budget = process_budget()
-        self._check_budget()
         self._budget.register(
             self, config.host_budget_bytes, config.staging_budget_bytes if config.path else 0
         )
-        self._mover = TierMover(self._open_backend, progress=self._progress.advance, budget=self._budget)
+        self._mover = TierMover(self.site.open, progress=self._progress.advance, budget=self._budget)
+        self._files = StoredFiles(self._mover)
         self._undo_hooks = install_hooks(
             engine, self.guard, self.mark_dirty, self.offload_states, self.reload_states, self.guard_weights
         )
@@ -87,94 +79,6 @@ class OffloadController:
             raise RuntimeError("the engine this nvme_tier controller was attached to is gone")
         return eng
 
-    # -- backend ---------------------------------------------------------------------------------
-    def _resolve_backend(self) -> str:
-        if self.backend_name is None:
-            path = self._require_path()
-            ensure_root(path)  # the O_DIRECT probe needs the directory; bad paths fail typed here
-            self.backend_name, why = select_backend(self.config.backend, path, self.config)
-            log.info("nvme_tier: rank %d uses backend %s (%s)", self.rank, self.backend_name, why)
-        return self.backend_name
-
-    def _open_backend(self):
-        path = self._require_path()
-        name = self._resolve_backend()
-        clean_writers(path)  # stale leftovers of killed processes (never a live writer's files)
-        label = f"{type(self.engine.module).__name__}"
-        directory = WriterDirectory(path, OwnerInfo.current(rank=self.rank, label=label))
-        return open_backend(self.config, directory, name)
-
-    def _require_path(self) -> str:
-        path = self.config.path
-        if not path:
-            raise ConfigError("offload_states.path is required for the 'nvme' tier")
-        if os.path.exists(path) and not os.path.isdir(path):
-            raise ConfigError(f"offload_states.path {path!r} is not a directory")
-        return path
-
-    @staticmethod
-    def check_path(engine: Any, config: OffloadStatesConfig) -> None:
-        """Refuse at attach what the first NVMe offload would refuse an hour into a run.
-
-        Only when the policy puts something on nvme for this engine: an engine with master
-        weights (hp_params) has an optimizer, whose states appear at its first step. A missing
-        last level is created (0700); a missing parent is refused (a typo, not a new directory).
-        """
-        buffers = discover_buffers(engine)
-        present = [k for k, bufs in buffers.items() if bufs]
-        if buffers.get(StateKind.hp_params) and StateKind.optim_states not in present:
-            present.append(StateKind.optim_states)
-        if not decide(config, present).uses_nvme:  # ConfigError when nvme is used without a path
-            return
-        path = config.path
-        nearest, missing = path, []
-        while not os.path.exists(nearest):  # False also below a file (ENOTDIR)
-            missing.append(nearest)
-            nearest = os.path.dirname(nearest)
-        if not os.path.isdir(nearest):
-            where = "is a file" if nearest == path else f"lies under a file: {nearest!r} is a file"
-            raise ConfigError(f"offload_states.path {path!r} {where}, not a directory")
-        if len(missing) > 1:
-            raise ConfigError(
-                f"offload_states.path {path!r}: its parent {os.path.dirname(path)!r} does not exist "
-                f"(nearest existing directory: {nearest!r}); nvme_tier creates only the last level"
-            )
-        ensure_root(path)  # creates the last level (0700); refuses a read-only or unwritable directory
-        log_storage_once(path, log)
-
-    def _check_free_space(self, needed: int, names: list[str]) -> None:
-        """Refuse before anything moves when ``needed`` bytes cannot fit. The files this writer
-        already holds for ``names`` are rewritten in place or deleted first: their space counts."""
-        path = self._require_path()
-        ensure_root(path)  # ConfigError for a file, a file as parent, a read-only or unwritable dir
-        usage = shutil.disk_usage(path)
-        if usage.total == 0:  # ramfs and some FUSE mounts report no capacity: nothing to check
-            return
-        reclaimed = 0
-        if self._mover.has_backend:
-            backend = self._mover.backend
-            stored = set(backend.names())
-            reclaimed = sum(backend.record(name).nbytes for name in names if name in stored)
-        free = usage.free + reclaimed
-        if free < needed + _FREE_SPACE_MARGIN:
-            raise TierIOError(
-                f"not enough free space on {path!r}: the offload needs {human_bytes(needed)} "
-                f"(+{human_bytes(_FREE_SPACE_MARGIN)} margin), {human_bytes(free)} free "
-                f"(counting {human_bytes(reclaimed)} of this writer's own files it replaces)",
-                path,
-                28,  # ENOSPC
-            )
-
-    def _check_budget(self) -> None:
-        """At attach: a host budget this engine's own host copies exceed needs a path to spill to."""
-        limit = self.config.host_budget_bytes
-        if limit is None or self.config.path:
-            return
-        buffers = discover_buffers(self.engine)
-        present = [k for k, bufs in buffers.items() if bufs]
-        facts = EngineFacts(self._host_bytes(buffers, present), limit)
-        decide(self.config, present, facts=facts)  # raises ConfigError naming host_budget_mb and path
-
     def _preallocate(self) -> None:
         """Start page-locking the host copies this config's policy will need (``preallocate``)."""
         try:
@@ -182,7 +86,7 @@ class OffloadController:
         except Exception as exc:  # the first offload reports any problem with the plan
             log.debug("nvme_tier: no pinned pre-allocation: %s", exc)
             return
-        self._mover.preallocate(
+        self._mover.host.preallocate(
             [b for kind, tier in placement.tiers.items() if tier is Tier.pinned_cpu for b in buffers[kind]]
         )
 
@@ -258,7 +162,7 @@ class OffloadController:
                 for p in placed:
                     p.buffer.restore()
                     p.buffer.view.zero_()
-                self._mover.drop_host_copies(placed)  # their reservations go back to the budget
+                self._mover.host.hand_back(placed)  # their reservations go back to the budget
                 self._placed.clear()
                 self._failure = None
                 self.phase = OffloadPhase.resident
@@ -268,51 +172,23 @@ class OffloadController:
         """Make the next offload rewrite every state, whatever the fingerprints say.
 
         A hint, never what keeps skipping correct: that is the fingerprint of the live bytes
-        (``_unchanged``). backward/step/load_checkpoint call it too; their states changed anyway.
+        (``StoredFiles.unchanged``). backward/step/load_checkpoint call it too; their states
+        changed anyway.
         """
-        self._rewrite_all = True
+        self._files.rewrite_all = True
 
     # -- offload ---------------------------------------------------------------------------------
-    @staticmethod
-    def _host_bytes(
-        buffers: dict[StateKind, list[StateBuffer]], present: list[StateKind]
-    ) -> dict[StateKind, int]:
-        """Host bytes each state's host copy would take (0 for states already in host RAM)."""
-        host_is_device = accelerator_device().type == "cpu"
-        return {
-            kind: 0
-            if not host_is_device and all(b.device.type == "cpu" for b in buffers[kind])
-            else sum(b.nbytes for b in buffers[kind])
-            for kind in present
-        }
-
     def plan(
         self, include=None, device=None, pin_memory=None, budgeted: bool = False
     ) -> tuple[Placement, dict[StateKind, list[StateBuffer]]]:
         """Decide each state's tier; ``budgeted`` spills against the host budget (hold its lock)."""
         buffers = discover_buffers(self.engine)
         present = [k for k, bufs in buffers.items() if bufs and k not in self._placed]
-        facts = (
-            EngineFacts(self._host_bytes(buffers, present), self._budget.available()) if budgeted else None
-        )
+        facts = engine_facts(buffers, present, self._budget.available() if budgeted else None)
         placement = decide(
             self.config, present, include=include, device=device, pin_memory=pin_memory, facts=facts
         )
-        host_is_device = accelerator_device().type == "cpu"
-        tiers = dict(placement.tiers)
-        for kind in present:
-            # States that already live in host RAM (ZeRO-Offload) gain nothing from a host tier.
-            already_on_host = all(b.device.type == "cpu" for b in buffers[kind])
-            if tiers[kind] in (Tier.cpu, Tier.pinned_cpu) and not host_is_device and already_on_host:
-                tiers[kind] = Tier.device
-        for kind, tier in tiers.items():
-            stuck = [b for b in buffers[kind] if tier.frees_device and not b.resizable]
-            if stuck:
-                raise ConfigError(
-                    f"policy.{kind.value}: {stuck[0].name} lives in page-locked host memory, which cannot be "
-                    f'freed in place; keep it where it is with policy {{"{kind.value}": "device"}}'
-                )
-        return Placement(tiers, placement.spilled), buffers
+        return placement, buffers
 
     def offload_states(self, include=None, device=None, pin_memory=None, non_blocking=None) -> None:
         """Drop-in for ``engine.offload_states``; ``None`` arguments come from the config.
@@ -328,10 +204,10 @@ class OffloadController:
         if non_blocking is not None:
             require_bool("non_blocking", non_blocking)
         with self._lock:
-            self._finish_pending()
+            self._background.finish()
             if self.phase is OffloadPhase.failed:
                 raise StatesOffloadedError(self._after_failure("offload_states()"))
-            self._mover.settle_preallocation()
+            self._mover.host.settle_preallocation()
             with self._budget.lock:  # no other engine reserves between these facts and this claim
                 placement, buffers = self.plan(include, device, pin_memory, budgeted=True)
                 items = [
@@ -340,25 +216,25 @@ class OffloadController:
                 if not items:
                     log.info("nvme_tier: nothing to offload")
                     return
-                host_copies = self._mover.claim_host(items)
+                host_copies = self._mover.host.claim(items)
             blocking = not (self.config.non_blocking if non_blocking is None else non_blocking)
             try:
                 # A file of the same size is rewritten in place (or skipped): only new files need space.
-                nvme = [b for b, t in items if t is Tier.nvme and self._stored(b) is None]
+                nvme = [b for b, t in items if t is Tier.nvme and self._files.record_of(b) is None]
                 nvme_bytes = sum(b.nbytes for b in nvme)
                 if nvme_bytes:
-                    self._resolve_backend()
-                    self._check_free_space(nvme_bytes, [b.name for b in nvme])
+                    self.site.choose_backend()
+                    self.site.check_free_space(nvme_bytes, self._files.bytes_of([b.name for b in nvme]))
                 quiesce(self.engine)
                 self.phase = OffloadPhase.offloading
                 if self.config.skip_unchanged:
-                    self._take_fingerprints([b for b, t in items if t is Tier.nvme])
+                    self._files.take_fingerprints([b for b, t in items if t is Tier.nvme])
             except BaseException:
-                self._mover.unclaim_host(host_copies)
+                self._mover.host.unclaim(host_copies)
                 self.phase = OffloadPhase.resident if not self._placed else OffloadPhase.offloaded
                 raise
             try:
-                job = self._mover.start_offload(items, self._unchanged, host_copies)
+                job = self._mover.start_offload(items, self._files.unchanged, host_copies)
             except BaseException:
                 self.phase = OffloadPhase.resident if not self._placed else OffloadPhase.offloaded
                 raise
@@ -374,9 +250,7 @@ class OffloadController:
             if blocking:
                 self._run_offload(job, free_as_written=False)
             else:
-                self._pending = self._pool().submit(
-                    on_callers_device(lambda: self._run_offload(job, free_as_written=True))
-                )
+                self._background.start(lambda: self._run_offload(job, free_as_written=True))
 
     def _run_offload(self, job: OffloadJob, free_as_written: bool) -> None:
         total = sum(p.buffer.nbytes for p, _ in job.writes)
@@ -394,7 +268,7 @@ class OffloadController:
                 self.phase = OffloadPhase.offloaded if self._placed else OffloadPhase.resident
             raise
         with self._status_lock:
-            self._rewrite_all = False
+            self._files.rewrite_all = False
             self._in_flight = None
             self.phase = OffloadPhase.offloaded
         if not free_as_written:
@@ -403,16 +277,8 @@ class OffloadController:
             # the compute running meanwhile (another model's generation) re-allocate its blocks.
             empty_cache()
         self.last_stats["offload"] = stats
-        log.info(
-            "nvme_tier: rank %d offloaded %.3f GB (%.3f GB to %s, %.3f GB unchanged on disk, %.3f GB to host) in %.2f s",
-            self.rank,
-            sum(p.buffer.nbytes for p in placed) / 1e9,
-            stats.bytes_written / 1e9,
-            self.backend_name or "-",
-            stats.bytes_skipped / 1e9,
-            stats.bytes_to_host / 1e9,
-            stats.seconds,
-        )
+        moved = sum(p.buffer.nbytes for p in placed)
+        log.info("nvme_tier: rank %d %s", self.rank, stats.offload_line(moved, self.site.backend_name))
 
     def _record_offloaded(self, placed: list[Placed]) -> None:
         """Where each buffer goes; recorded before the mover frees any of them."""
@@ -429,71 +295,37 @@ class OffloadController:
             else:
                 del self._placed[kind]
 
-    def _take_fingerprints(self, buffers: list[StateBuffer]) -> None:
-        """Fingerprint the bytes about to be written, on their device, before any write is queued.
-
-        The engine is quiesced and its compute refused until the offload ends, so each record gets
-        the fingerprint of exactly the bytes its file holds. Without one (no device memory for
-        the fingerprint's temporaries) a state is written, never skipped.
-        """
-        try:
-            prints = fingerprints([b.view for b in buffers])
-        except torch.cuda.OutOfMemoryError as exc:
-            log.warning("nvme_tier: no memory to fingerprint the states, rewriting them all: %s", exc)
-            return
-        for buf, print_ in zip(buffers, prints, strict=True):
-            buf.fingerprint = print_
-
-    def _stored(self, buf: StateBuffer) -> TensorRecord | None:
-        """The record of ``buf``'s file from an earlier offload, if a file of its size is on disk."""
-        if not self._mover.has_backend:
-            return None
-        backend = self._mover.backend
-        try:
-            record = backend.record(buf.name)
-        except KeyError:
-            return None
-        on_disk = bool(record.file) and os.path.exists(backend.directory.file_path(record.file))
-        return record if on_disk and record.nbytes == buf.nbytes else None
-
-    def _unchanged(self, buf: StateBuffer) -> bool:
-        """Whether ``buf``'s file holds exactly its live bytes: their fingerprints are equal.
-
-        Nothing else counts (no version counter): any write path (``GatheredParameters``, EMA,
-        ``copy_``, ``load_state_dict``...) changes the fingerprint of what it wrote.
-        """
-        if buf.fingerprint is None or self._rewrite_all:
-            return False
-        record = self._stored(buf)
-        return record is not None and record.fingerprint == buf.fingerprint
-
     # -- reload ----------------------------------------------------------------------------------
     def reload_states(self, non_blocking=None) -> None:
         """Drop-in for ``engine.reload_states``; non-blocking reloads are awaited before compute."""
         if non_blocking is not None:
             require_bool("non_blocking", non_blocking)
         with self._lock:
-            self._finish_pending()
+            self._background.finish()
             if self.phase is OffloadPhase.resident or not self._placed:
                 self.phase = OffloadPhase.resident
                 return
             blocking = not (self.config.non_blocking if non_blocking is None else non_blocking)
             self.phase = OffloadPhase.reloading
+            with self._reload_failures():
+                job = self._mover.start_reload([p for ps in self._placed.values() for p in ps])
             if blocking:
-                self._run_reload()
+                self._finish_reload(job)
             else:
-                self._pending = self._pool().submit(on_callers_device(self._run_reload))
+                self._background.start(lambda: self._finish_reload(job))
 
-    def _run_reload(self) -> None:
-        placed = [p for ps in self._placed.values() for p in ps]
+    def _finish_reload(self, job: ReloadJob) -> None:
+        total = sum(p.buffer.nbytes for p in job.placed if p.tier is Tier.nvme)
+        with self._reload_failures(), self._progress.task("reload", total):
+            stats = self._mover.finish_reload(job, self.config.skip_unchanged, self._record_reloaded)
+        self.last_stats["reload"] = stats
+        log.info("nvme_tier: rank %d %s", self.rank, stats.reload_line())
+
+    @contextlib.contextmanager
+    def _reload_failures(self) -> Iterator[None]:
+        """The phase after a reload that raised: offloaded when interrupted, failed when broken."""
         try:
-            if any(p.tier is Tier.nvme for p in placed):
-                self._mover.verify_on_disk()
-            total = sum(p.buffer.nbytes for p in placed if p.tier is not Tier.discard)
-            with self._progress.task("reload", total):
-                stats = self._mover.reload(
-                    placed, keep_files=self.config.skip_unchanged, restored=self._record_reloaded
-                )
+            yield
         except KeyboardInterrupt:
             # Interrupted, not broken: the copies are intact and every state was freed again (or,
             # when the interrupt was held through the hand-over, is back and recorded resident).
@@ -505,14 +337,6 @@ class OffloadController:
                 self.phase = OffloadPhase.failed
                 self._failure = exc
             raise
-        self.last_stats["reload"] = stats
-        log.info(
-            "nvme_tier: rank %d reloaded %.3f GB from nvme and %.3f GB from host in %.2f s",
-            self.rank,
-            stats.bytes_read / 1e9,
-            stats.bytes_from_host / 1e9,
-            stats.seconds,
-        )
 
     def _record_reloaded(self) -> None:
         """Every state is back; called by the mover (Ctrl-C held) before it drops host copies."""
@@ -521,31 +345,11 @@ class OffloadController:
             self._failure = None
             self.phase = OffloadPhase.resident
 
-    # -- async plumbing --------------------------------------------------------------------------
-    def _pool(self) -> ThreadPoolExecutor:
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nvme_tier")
-        return self._executor
-
-    def _finish_pending(self) -> None:
-        """Wait for the background operation; forget it only once it has ended.
-
-        A Ctrl-C while waiting leaves it pending (it runs on), so the next call waits again
-        instead of starting an operation beside it.
-        """
-        fut = self._pending
-        if fut is None:
-            return
-        try:
-            fut.result()
-        finally:
-            if fut.done():
-                self._pending = None
-
+    # -- background operation -------------------------------------------------------------------
     def wait(self) -> None:
         """Block until a non-blocking offload or reload has finished (re-raising its error)."""
         with self._lock:
-            self._finish_pending()
+            self._background.finish()
 
     # -- reporting and teardown ------------------------------------------------------------------
     def status(self) -> dict[str, StateStatus]:
@@ -561,7 +365,7 @@ class OffloadController:
     def release(self) -> None:
         """Delete this engine's files and free pinned host memory (states must be resident)."""
         with self._lock:
-            self._finish_pending()
+            self._background.finish()
             self._refuse_while_offloaded("release()", "nvme_tier.release(engine)")
             self._mover.release()
 
@@ -579,11 +383,10 @@ class OffloadController:
     def detach(self) -> None:
         """Undo attach; refused, with nothing changed, while states are offloaded."""
         with self._lock:
-            self._finish_pending()
+            self._background.finish()
             self._refuse_while_offloaded("detach()", "nvme_tier.detach(engine)")
             self.release()
             self._budget.unregister(self)
             self._undo_hooks()
             self._finalizer.detach()
-            if self._executor is not None:
-                self._executor.shutdown(wait=True)
+            self._background.shutdown()

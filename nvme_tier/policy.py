@@ -6,7 +6,7 @@ No torch, no I/O: the whole decision is unit-testable with plain values.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
 from .config import OffloadStatesConfig
@@ -49,12 +49,17 @@ HOST_TIERS = (Tier.cpu, Tier.pinned_cpu)
 class EngineFacts:
     """What the controller knows about the engine and the process when it decides.
 
-    ``state_bytes``: host bytes each state's host copy would take (0 for a state already in host
-    RAM). ``host_available``: bytes the process's host budget can still give (None: unlimited).
+    ``state_bytes``: host bytes each state's host copy would take. ``host_available``: bytes the
+    process's host budget can still give (None: unlimited). ``on_host``: states that already live
+    in host RAM (ZeRO-Offload) on an engine whose device is not the host: a host tier gains them
+    nothing, they stay. ``fixed``: per state, a buffer that cannot be freed in place (page-locked
+    host storage), which no tier that frees device memory can take.
     """
 
-    state_bytes: Mapping[StateKind, int]
+    state_bytes: Mapping[StateKind, int] = field(default_factory=dict)
     host_available: int | None = None
+    on_host: frozenset[StateKind] = frozenset()
+    fixed: Mapping[StateKind, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -132,8 +137,10 @@ def decide(
     config's placement decides whatever device the call names, because every existing caller
     passes upstream's default ``device=cpu``; only ``device=none`` (move nothing) still counts,
     and pinning needs both sides to allow it (``pin_memory=True`` is upstream's default too).
-    With ``facts``, host-tier states whose copies do not fit ``facts.host_available`` (kept in
-    ``HOST_PRIORITY`` order) spill to nvme.
+    With ``facts``, states already in host RAM stay where they are instead of taking a host tier,
+    host-tier states whose copies do not fit ``facts.host_available`` (kept in ``HOST_PRIORITY``
+    order) spill to nvme, and a state with a buffer that cannot be freed is refused any tier that
+    frees device memory.
     """
     if pin_memory is not None:
         require_bool("pin_memory", pin_memory)
@@ -163,6 +170,13 @@ def decide(
             tier = Tier.cpu
         if tier is Tier.discard and state.holds_data:
             raise ConfigError(f"policy.{state.value}: 'discard' would lose data")
+        if facts is not None and state in facts.on_host and tier in HOST_TIERS:
+            tier = Tier.device
+        if facts is not None and state in facts.fixed and tier.frees_device:
+            raise ConfigError(
+                f"policy.{state.value}: {facts.fixed[state]} lives in page-locked host memory, which cannot "
+                f'be freed in place; keep it where it is with policy {{"{state.value}": "device"}}'
+            )
         tiers[state] = tier
     spilled = _spill(tiers, facts) if facts is not None else frozenset()
     if spilled and not config.path:
@@ -174,9 +188,10 @@ def decide(
             "offload_states.path is not set; set path or raise host_budget_mb"
         )
     placement = Placement(tiers, spilled)
-    if placement.uses_nvme and not config.path:
-        users = ", ".join(s.value for s in placement.states_on(Tier.nvme))
-        raise ConfigError(f"offload_states.path is required: {users} placed on the 'nvme' tier")
+    if placement.uses_nvme:
+        config.required_path(
+            ", ".join(s.value for s in placement.states_on(Tier.nvme)) + " placed on the 'nvme' tier"
+        )
     return placement
 
 

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from .buffers import StateBuffer
-from .tiers import Placed
+from .buffers import Placed, StateBuffer
 from .types import OffloadPhase, StateKind, StateStatus, Tier
 
 

@@ -16,48 +16,23 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-import psutil
 import torch
 
-from .buffers import StateBuffer
+from .buffers import Placed, StateBuffer
 from .errors import TierIOError
 from .host_budget import HostMemoryBudget, process_budget
+from .host_copies import HostCopies, HostCopy
 from .interrupts import DeferredInterrupt
 from .storage.base import StorageBackend
-from .storage.staging import HUGE_PAGE, DeviceCopier, PinnedHostMemory, round_up, staging_pool
+from .storage.staging import DeviceCopier
 from .types import StateKind, Tier
 
 log = logging.getLogger("nvme_tier")
-
-
-@dataclass(eq=False)
-class Placed:
-    """Where one buffer went: a host copy, a stored record, or nowhere (discarded)."""
-
-    buffer: StateBuffer
-    tier: Tier
-    host: torch.Tensor | None = None
-    spilled: bool = False  # on nvme only because its host copy did not fit the host budget
-
-
-@dataclass(eq=False)
-class HostCopy:
-    """One buffer's host copy, reserved against the process's host budget before anything moves.
-
-    ``memory`` is the pinned copy kept from an earlier cycle (reused, already page-locked), or
-    None until the offload makes it.
-    """
-
-    buffer: StateBuffer
-    tier: Tier
-    memory: PinnedHostMemory | None = None
 
 
 @dataclass
@@ -68,6 +43,19 @@ class TransferStats:
     bytes_read: int = 0
     bytes_from_host: int = 0
     seconds: float = 0.0
+
+    def offload_line(self, moved: int, backend: str | None) -> str:
+        return (
+            f"offloaded {moved / 1e9:.3f} GB ({self.bytes_written / 1e9:.3f} GB to {backend or '-'}, "
+            f"{self.bytes_skipped / 1e9:.3f} GB unchanged on disk, {self.bytes_to_host / 1e9:.3f} GB to host) "
+            f"in {self.seconds:.2f} s"
+        )
+
+    def reload_line(self) -> str:
+        return (
+            f"reloaded {self.bytes_read / 1e9:.3f} GB from nvme and {self.bytes_from_host / 1e9:.3f} GB "
+            f"from host in {self.seconds:.2f} s"
+        )
 
 
 @dataclass(eq=False)
@@ -80,7 +68,7 @@ class OffloadJob:
     stats: TransferStats = field(default_factory=TransferStats)
     started: float = field(default_factory=time.perf_counter)
     stranded: list[Placed] = field(default_factory=list)  # freed, and restoring them failed
-    host_copies: list[HostCopy] = field(default_factory=list)  # reserved by claim_host
+    host_copies: list[HostCopy] = field(default_factory=list)  # reserved by HostCopies.claim
     safe: bool = False  # every byte is elsewhere (manifest committed): only the frees are left
 
     def bytes_in_flight(self) -> dict[StateKind, int]:
@@ -94,12 +82,18 @@ class OffloadJob:
         return out
 
 
-class TierMover:
-    """Executes placements. Keeps page-locked host copies for reuse, within the host budget."""
+@dataclass(eq=False)
+class ReloadJob:
+    """One reload from its start (every buffer restored, every move back queued) to its hand-over."""
 
-    # Pieces the first pinned_cpu offload page-locks on a helper thread while the previous piece's
-    # copy runs (a piece's cudaHostRegister is ~1 % of its populate time at this size).
-    lock_piece_bytes = 512 << 20
+    placed: list[Placed]
+    reads: list[tuple[Placed, Future]] = field(default_factory=list)  # NVMe reads, in order
+    stats: TransferStats = field(default_factory=TransferStats)
+    started: float = field(default_factory=time.perf_counter)
+
+
+class TierMover:
+    """Executes placements: NVMe writes and reads through the backend, host copies through ``host``."""
 
     def __init__(
         self,
@@ -109,14 +103,8 @@ class TierMover:
     ):
         self._backend_factory = backend
         self._backend: StorageBackend | None = None
-        self._budget = budget or process_budget()
-        # Pinned copies by buffer name: in use while their state is offloaded, parked (evictable by
-        # the budget) while it is resident.
-        self._pinned_cache: dict[str, PinnedHostMemory] = {}
-        self._cache_lock = threading.Lock()
-        self._prealloc: threading.Thread | None = None
-        self._prealloc_stop = threading.Event()
         self._copier = DeviceCopier()
+        self.host = HostCopies(self._copier, budget or process_budget())
         self._progress = progress
 
     @property
@@ -148,140 +136,6 @@ class TierMover:
 
         return undo
 
-    @property
-    def pinned_bytes(self) -> int:
-        """This engine's pinned copies (kept or in use) plus the process's staging pool."""
-        with self._cache_lock:
-            cache = sum(m.nbytes for m in self._pinned_cache.values() if m.tensor is not None)
-        return cache + staging_pool().allocated_bytes
-
-    def preallocate(self, buffers: list[StateBuffer]) -> None:
-        """Allocate the page-locked host copies of ``buffers`` on a background thread (``preallocate``).
-
-        Page-locking tens of GB takes seconds; done at attach it overlaps with training, at the
-        price of holding that RAM from attach on (without CUDA: plain memory, faulted in). Only
-        within the host budget, and only when RAM is plentiful.
-        """
-        if self._prealloc is not None:
-            return
-        with self._cache_lock:
-            wanted = [(b.name, b.nbytes) for b in buffers if b.name not in self._pinned_cache and b.nbytes]
-        total = sum(n for _, n in wanted)
-        if not total or total > psutil.virtual_memory().available // 2:
-            return
-
-        def run() -> None:
-            for name, nbytes in wanted:
-                if self._prealloc_stop.is_set() or not self._budget.reserve(nbytes):
-                    return
-                try:  # half the cores: leave the others to the training that runs meanwhile
-                    mem = PinnedHostMemory(nbytes, threads=max(1, (os.cpu_count() or 2) // 2))
-                except Exception as exc:  # the first offload allocates (and reports) instead
-                    self._budget.release(nbytes)
-                    log.info("nvme_tier: background pinned allocation stopped: %s", exc)
-                    return
-                with self._cache_lock:
-                    self._pinned_cache[name] = mem
-                self._budget.park(mem)
-
-        self._prealloc = threading.Thread(target=run, name="nvme_tier-prealloc", daemon=True)
-        self._prealloc.start()
-
-    def settle_preallocation(self) -> None:
-        """Wait for the background pre-allocation (call before planning under the budget's lock)."""
-        if self._prealloc is not None:
-            self._prealloc.join()
-
-    def claim_host(self, items: list[tuple[StateBuffer, Tier]]) -> list[HostCopy]:
-        """Reserve the host copies of the cpu/pinned_cpu ``items``; reuses kept pinned copies.
-
-        Called under the budget's lock right after the placement was decided against
-        ``budget.available()``, so every reservation fits.
-        """
-        copies: list[HostCopy] = []
-        try:
-            for buf, tier in items:
-                if tier not in (Tier.cpu, Tier.pinned_cpu):
-                    continue
-                copy = HostCopy(buf, tier)
-                if tier is Tier.pinned_cpu:
-                    with self._cache_lock:
-                        kept = self._pinned_cache.pop(buf.name, None)
-                    if kept is not None and kept.nbytes == buf.nbytes and self._budget.unpark(kept):
-                        copy.memory = kept
-                    elif kept is not None:
-                        self._budget.discard(kept)
-                if copy.memory is None and not self._budget.reserve(buf.nbytes):
-                    raise TierIOError(
-                        f"the host budget cannot hold {buf.name} ({buf.nbytes} B) it had room for a moment ago"
-                    )
-                copies.append(copy)
-        except BaseException:
-            self.unclaim_host(copies)
-            raise
-        return copies
-
-    def unclaim_host(self, copies: list[HostCopy]) -> None:
-        """Undo ``claim_host`` (nothing was copied): kept copies park again, reservations return."""
-        for copy in copies:
-            if copy.memory is not None and copy.memory.tensor is not None and copy.memory.fully_locked:
-                with self._cache_lock:
-                    self._pinned_cache[copy.buffer.name] = copy.memory
-                self._budget.park(copy.memory)
-            else:
-                if copy.memory is not None:
-                    copy.memory.free()
-                self._budget.release(copy.buffer.nbytes)
-
-    def _copy_pinned(self, dst: torch.Tensor, src: torch.Tensor) -> None:
-        """Queue a copy to/from a pinned copy piece by piece: no single DMA spans two registrations."""
-        step = round_up(self.lock_piece_bytes, HUGE_PAGE)  # the boundaries PinnedHostMemory pieces use
-        for a in range(0, dst.numel(), step):
-            self._copier.copy_async(dst[a : a + step], src[a : a + step])
-
-    def _copy_to_host(self, copies: list[HostCopy]) -> list[Placed]:
-        """Queue every host copy; page-lock new pinned copies piece by piece, ahead of their DMA.
-
-        A helper thread faults in (and registers) piece i+1 while piece i is copied, so the first
-        offload costs about the page-locking alone instead of page-locking plus copying. Kept copies
-        go first: their DMA runs while the first new piece is being locked.
-        """
-        placed: list[Placed] = []
-        fresh: list[HostCopy] = []
-        for copy in copies:
-            if copy.tier is Tier.cpu:
-                host = torch.empty(copy.buffer.nbytes, dtype=torch.uint8)
-                self._copier.copy_async(host, copy.buffer.view)
-                placed.append(Placed(copy.buffer, copy.tier, host))
-            elif copy.memory is not None:
-                self._copy_pinned(copy.memory.tensor, copy.buffer.view)
-                placed.append(Placed(copy.buffer, copy.tier, copy.memory.tensor))
-            else:
-                fresh.append(copy)
-        if not fresh:
-            return placed
-        for copy in fresh:  # reserved virtual memory only: nothing is touched yet
-            copy.memory = PinnedHostMemory(copy.buffer.nbytes, piece_bytes=self.lock_piece_bytes)
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="nvme_tier-lock") as helper:
-            jobs: list[tuple[HostCopy, int, Future | None]] = []
-            for copy in fresh:
-                ready = copy.memory.fully_locked  # small buffers with CUDA: torch's pinned allocator
-                for i in range(len(copy.memory.pieces)):
-                    jobs.append((copy, i, None if ready else helper.submit(copy.memory.lock_piece, i)))
-            try:
-                for copy, i, fut in jobs:
-                    if fut is not None:
-                        fut.result()
-                    a, b = copy.memory.pieces[i]
-                    self._copier.copy_async(copy.memory.tensor[a:b], copy.buffer.view[a:b])
-            except BaseException:
-                for _, _, fut in jobs:
-                    if fut is not None:
-                        fut.cancel()
-                raise
-        placed.extend(Placed(copy.buffer, copy.tier, copy.memory.tensor) for copy in fresh)
-        return placed
-
     def start_offload(
         self,
         items: list[tuple[StateBuffer, Tier]],
@@ -290,7 +144,7 @@ class TierMover:
     ) -> OffloadJob:
         """Queue every move: NVMe writes on the backend's thread, host copies on the copy stream.
 
-        ``host_copies`` (from ``claim_host``) are the cpu/pinned_cpu items' host copies. Nothing is
+        ``host_copies`` (from ``HostCopies.claim``) are the cpu/pinned_cpu items' host copies. Nothing is
         freed here. If queuing anything fails, what was queued is waited for and undone and the
         error raised: the states stay where they were.
         """
@@ -307,14 +161,14 @@ class TierMover:
                     job.placed.append(placed)
             # Back to back on the copy stream; into pageable memory ('cpu') CUDA returns only
             # once the copy is done, as upstream's pin_memory=False path does.
-            to_host = self._copy_to_host(host_copies)
+            to_host = self.host.copy_to_host(host_copies)
             job.stats.bytes_to_host += sum(p.buffer.nbytes for p in to_host)
             job.placed.extend(to_host)
             job.placed.extend(Placed(buf, tier) for buf, tier in items if tier is Tier.discard)
             job.copies = self._copier.mark()
         except BaseException as exc:
             self._abandon(job)
-            self.unclaim_host(host_copies)
+            self.host.unclaim(host_copies)
             typed = self._typed(exc)
             if typed is exc:
                 raise
@@ -364,7 +218,7 @@ class TierMover:
             except BaseException as restore_exc:
                 raise self._strand(job, freed, exc) from restore_exc
             self._abandon(job)
-            self.unclaim_host(job.host_copies)
+            self.host.unclaim(job.host_copies)
             typed = self._typed(exc)
             if restored and isinstance(typed, TierIOError):
                 typed = TierIOError(
@@ -379,7 +233,7 @@ class TierMover:
         # Everything is safely elsewhere: now (and only now) release the rest of device memory,
         # Ctrl-C held so the controller's record (made before any free) stays the truth.
         job.safe = True
-        self._keep_host_copies(job)
+        self.host.keep(job.host_copies)
         with DeferredInterrupt():
             for p in job.placed:
                 if not p.buffer.is_freed:
@@ -419,7 +273,7 @@ class TierMover:
             if not p.buffer.is_freed:
                 p.buffer.free()
         job.stranded = freed
-        self._keep_host_copies(job)
+        self.host.keep(job.host_copies)
         path = self._backend.directory.path if self._backend else "host memory"
         with contextlib.suppress(Exception):
             if self._backend is not None:
@@ -430,13 +284,6 @@ class TierMover:
             path,
             getattr(cause, "errno", None),
         )
-
-    def _keep_host_copies(self, job: OffloadJob) -> None:
-        """Pinned copies now hold states: ours (in use) until their reload parks them."""
-        with self._cache_lock:
-            self._pinned_cache.update(
-                (c.buffer.name, c.memory) for c in job.host_copies if c.memory is not None
-            )
 
     def _abandon(self, job: OffloadJob) -> None:
         """Undo a job whose buffers are all resident: wait for its I/O, remove its files."""
@@ -465,37 +312,52 @@ class TierMover:
             except Exception as exc:  # keep the original error (if any); report the leftover
                 log.warning("nvme_tier: could not remove the file of %s: %s", name, exc)
 
-    def reload(self, placed: list[Placed], keep_files: bool, restored: Callable[[], None]) -> TransferStats:
-        """Restore every buffer, then call ``restored``; on any failure free them again and raise.
+    def start_reload(self, placed: list[Placed]) -> ReloadJob:
+        """Restore every buffer and queue every move back, on the caller's thread.
 
-        ``restored`` (the caller's "resident" bookkeeping) runs under a held Ctrl-C once every byte
-        has arrived: an interrupt lands either before it (all freed again, still offloaded) or
-        after it (all back, recorded as such), never between.
+        NVMe reads go to the backend's thread; host copies are queued back to back on the copy
+        stream (each device allocation overlaps the copy queued before it), and the caller's
+        stream is made to wait for them: whatever the caller runs next on the device sees the
+        host-tier states, as after upstream's stream-ordered reload, even before ``finish_reload``
+        (a ZeRO-1/2 weight read no guard sees). On failure, everything is freed again and raised.
         """
-        stats = TransferStats()
-        start = time.perf_counter()
-        futures: list[tuple[Placed, Future]] = []
-        handed_over = False
+        job = ReloadJob(placed)
         try:
+            if any(p.tier is Tier.nvme for p in placed) and self.backend.names():
+                self.backend.verify_manifest()
             for p in placed:
                 if p.tier is Tier.nvme:
                     p.buffer.restore()
-                    futures.append((p, self.backend.read_into(p.buffer.name, p.buffer.view)))
-            # Host copies back to back on the side stream; each device allocation (restore) overlaps
-            # the copy queued before it.
+                    job.reads.append((p, self.backend.read_into(p.buffer.name, p.buffer.view)))
             for p in placed:
                 if p.tier is not Tier.nvme:
                     p.buffer.restore()
                 if p.host is not None:
                     if p.tier is Tier.pinned_cpu:
-                        self._copy_pinned(p.buffer.view, p.host)
+                        self.host.copy_pinned(p.buffer.view, p.host)
                     else:
                         self._copier.copy_async(p.buffer.view, p.host)
-                    stats.bytes_from_host += p.buffer.nbytes
+                    job.stats.bytes_from_host += p.buffer.nbytes
                 elif p.tier is Tier.discard:
                     p.buffer.view.zero_()
+            self._copier.order_before_callers()
+        except BaseException:
+            self._free_again(job)
+            raise
+        return job
+
+    def finish_reload(self, job: ReloadJob, keep_files: bool, restored: Callable[[], None]) -> TransferStats:
+        """Wait for every byte, then call ``restored``; on any failure free them again and raise.
+
+        ``restored`` (the caller's "resident" bookkeeping) runs under a held Ctrl-C once every byte
+        has arrived: an interrupt lands either before it (all freed again, still offloaded) or
+        after it (all back, recorded as such), never between.
+        """
+        stats = job.stats
+        handed_over = False
+        try:
             self._copier.synchronize()
-            for p, fut in futures:
+            for p, fut in job.reads:
                 fut.result()
                 stats.bytes_read += p.buffer.nbytes
                 if self._progress:
@@ -503,58 +365,35 @@ class TierMover:
             with DeferredInterrupt():
                 restored()
                 handed_over = True
-                self.drop_host_copies(placed)
+                self.host.hand_back(job.placed)
         except BaseException:
             if handed_over:  # a Ctrl-C held through the hand-over: every state is back and recorded
                 raise
-            with DeferredInterrupt():  # a second Ctrl-C must not cut the clean-up short
-                with contextlib.suppress(Exception):
-                    self._copier.synchronize()
-                for _, fut in futures:  # let every read finish before its memory is freed again
-                    with contextlib.suppress(Exception):
-                        fut.result()
-                for p in placed:
-                    p.buffer.free()
+            self._free_again(job)
             raise
         if not keep_files:
             # Every state is back: a file that cannot be removed is a leftover, not a failed reload.
-            self._undo_writes([p.buffer.name for p in placed if p.tier is Tier.nvme])
-        stats.seconds = time.perf_counter() - start
+            self._undo_writes([p.buffer.name for p in job.placed if p.tier is Tier.nvme])
+        stats.seconds = time.perf_counter() - job.started
         return stats
 
-    def drop_host_copies(self, placed: list[Placed]) -> None:
-        """The states are on the device again: cpu copies go back to the budget, pinned ones are
-        parked (kept for the next offload, unless the budget needs them first)."""
-        for p in placed:
-            if p.tier is Tier.cpu:
-                p.host = None
-                self._budget.release(p.buffer.nbytes)
-            elif p.tier is Tier.pinned_cpu:
-                p.host = None
-                with self._cache_lock:
-                    kept = self._pinned_cache.get(p.buffer.name)
-                if kept is not None:
-                    self._budget.park(kept)
-
-    def verify_on_disk(self) -> None:
-        if self._backend is not None and self._backend.names():
-            self._backend.verify_manifest()
+    def _free_again(self, job: ReloadJob) -> None:
+        """A failed reload: wait for every queued copy and read, then free every buffer again."""
+        with DeferredInterrupt():  # a second Ctrl-C must not cut the clean-up short
+            with contextlib.suppress(Exception):
+                self._copier.synchronize()
+            for _, fut in job.reads:  # let every read finish before its memory is freed again
+                with contextlib.suppress(Exception):
+                    fut.result()
+            for p in job.placed:
+                p.buffer.free()
 
     def release(self) -> None:
         """Free kept pinned host copies; give staging back; delete this writer's files (states resident)."""
-        self._prealloc_stop.set()
-        self.settle_preallocation()
-        self._prealloc = None
-        self._prealloc_stop.clear()
-        with self._cache_lock:
-            cache, self._pinned_cache = self._pinned_cache, {}
-        for mem in cache.values():
-            if self._budget.unpark(mem) or mem.tensor is not None:  # parked, or in use (engine gone)
-                mem.free()
-                self._budget.release(mem.nbytes)
+        self.host.release()
         if self._backend is not None:
             self._backend.release()
             self._backend = None
 
 
-__all__ = ["HostCopy", "OffloadJob", "Placed", "TierMover", "TransferStats"]
+__all__ = ["OffloadJob", "ReloadJob", "TierMover", "TransferStats"]

@@ -145,7 +145,7 @@ def test_aio_without_o_direct_is_refused_auto_falls_back(engine, before, tmp_pat
             with caplog.at_level(logging.WARNING, logger="nvme_tier"):
                 controller = attached(engine, path=target, backend="auto")
                 engine.offload_states()
-            assert controller.backend_name == "zarr"
+            assert controller.site.backend_name == "zarr"
             assert any(
                 "falls back to zarr" in r.getMessage() and "O_DIRECT" in r.getMessage()
                 for r in caplog.records

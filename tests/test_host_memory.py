@@ -16,11 +16,12 @@ import torch
 from conftest import make_engine, params_of, requires_aio, snapshot, train
 
 import nvme_tier
-from nvme_tier import host_budget
+from nvme_tier import host_budget, pinned_memory
 from nvme_tier.buffers import StateBuffer
 from nvme_tier.config import OffloadStatesConfig
 from nvme_tier.errors import ConfigError
 from nvme_tier.host_budget import HostMemoryBudget
+from nvme_tier.host_copies import HostCopies
 from nvme_tier.policy import EngineFacts, decide
 from nvme_tier.storage import staging
 from nvme_tier.storage.staging import SharedStagingPool
@@ -142,38 +143,46 @@ def test_staging_pool_is_shared_fair_and_cannot_deadlock():
     assert pool.allocated_bytes == 0 and budget.reserved == 0
 
 
-def test_first_pinned_offload_locks_pieces_while_copying(fresh_budget, monkeypatch):
-    """The chunked path: new host copies are faulted in piece by piece on a helper thread."""
+def test_first_pinned_offload_makes_pieces_while_copying(fresh_budget, monkeypatch):
+    """The chunked path: new host copies are faulted in and registered piece by piece, in order,
+    each stage on its own helper thread, while earlier pieces are copied."""
     budget, _pool, _ = fresh_budget
-    monkeypatch.setattr(TierMover, "lock_piece_bytes", 2 * MiB)
-    monkeypatch.setattr(staging, "REGISTER_MIN_BYTES", 0)  # CUDA: register this small copy piecewise too
+    monkeypatch.setattr(HostCopies, "lock_piece_bytes", 2 * MiB)
+    monkeypatch.setattr(
+        pinned_memory, "REGISTER_MIN_BYTES", 0
+    )  # CUDA: register this small copy piecewise too
     src = torch.arange(5 * MiB + 123, dtype=torch.int64).to(torch.uint8)
     buf = StateBuffer.of(StateKind.hp_params, "hp_params.0", src)
     expected = src.clone()
     mover = TierMover(lambda: None, budget=budget)
     items = [(buf, Tier.pinned_cpu)]
-    copies = mover.claim_host(items)
+    copies = mover.host.claim(items)
     assert budget.reserved == buf.nbytes and copies[0].memory is None
-    lockers: set[str] = set()
-    real = staging.PinnedHostMemory.lock_piece
+    stages: list[tuple[str, int, str]] = []
+    for stage in ("populate_piece", "register_piece"):
+        real = getattr(pinned_memory.PinnedHostMemory, stage)
 
-    def spy(self, index):
-        lockers.add(threading.current_thread().name)
-        return real(self, index)
+        def spy(self, index, *pool, real=real, stage=stage):
+            stages.append((stage, index, threading.current_thread().name))
+            return real(self, index, *pool)
 
-    monkeypatch.setattr(staging.PinnedHostMemory, "lock_piece", spy)
+        monkeypatch.setattr(pinned_memory.PinnedHostMemory, stage, spy)
     job = mover.start_offload(items, lambda b: False, copies)
     placed, stats = mover.finish_offload(job, free_as_written=False)
     assert len(copies[0].memory.pieces) == 3 and copies[0].memory.fully_locked
-    assert lockers and all(name.startswith("nvme_tier-lock") for name in lockers)
+    for stage, thread in (("populate_piece", "nvme_tier-fault"), ("register_piece", "nvme_tier-lock")):
+        assert [i for s, i, _ in stages if s == stage] == [0, 1, 2]
+        assert all(name.startswith(thread) for s, _, name in stages if s == stage)
+    order = [(stage, i) for stage, i, _ in stages]
+    assert all(order.index(("populate_piece", i)) < order.index(("register_piece", i)) for i in range(3))
     assert buf.is_freed and stats.bytes_to_host == buf.nbytes
     assert torch.equal(placed[0].host, expected)
     mover.reload(placed, keep_files=False, restored=lambda: None)
     assert torch.equal(buf.view, expected)
     assert budget.parked == buf.nbytes  # kept for reuse, evictable
-    again = mover.claim_host(items)
+    again = mover.host.claim(items)
     assert again[0].memory is not None and budget.parked == 0  # the kept copy is reused
-    mover.unclaim_host(again)
+    mover.host.unclaim(again)
     mover.release()
     assert budget.reserved == 0
 

@@ -14,6 +14,7 @@ import threading
 import time
 
 import pytest
+import torch
 from conftest import make_engine, params_of, requires_aio, snapshot, train
 from faults import TWIN_PLAN, assert_resident, assert_twin, data_entries
 
@@ -26,7 +27,7 @@ from nvme_tier.types import StateKind
 def hold_worker(controller) -> threading.Event:
     """Occupy the controller's worker thread, so anything handed to it visibly has not run yet."""
     release = threading.Event()
-    controller._pool().submit(release.wait, 60)
+    controller._background._worker().submit(release.wait, 60)
     return release
 
 
@@ -198,3 +199,26 @@ def test_status_shows_phase_and_bytes_in_flight(offload_dir):
     assert {e.phase for e in status.values()} == {"resident"}
     assert nvme_tier.format_status(engine).splitlines()[0].startswith("phase: resident")
     nvme_tier.detach(engine)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_host_tier_weights_readable_when_nonblocking_reload_returns(stage, offload_dir):
+    """ZeRO-1/2 parameters are views into flat buffers no guard sees: a weight sync reading p.data
+    right after reload_states(non_blocking=True) must find the weights, as after upstream's
+    stream-ordered reload. The host-tier copies are queued in the call (ordered before the caller's
+    later work); only the NVMe reads (optimizer states here) finish in the background."""
+    engine = make_engine(stage, offload_dir, backend="zarr")  # default policy: lp_params pinned_cpu
+    controller = nvme_tier.attach(engine)
+    train(engine, 2)
+    weights = [p.detach().clone() for p in engine.module.parameters()]
+    before = snapshot(engine)
+    engine.offload_states()
+    release = hold_worker(controller)
+    try:
+        engine.reload_states(non_blocking=True)
+        seen = [p.detach().clone() for p in engine.module.parameters()]  # the worker has not run yet
+    finally:
+        release.set()
+    nvme_tier.wait(engine)
+    assert all(torch.equal(a, b) for a, b in zip(weights, seen, strict=True))
+    assert_resident(engine, before, scratch=False)

@@ -373,14 +373,14 @@ def test_engines_beyond_the_aio_budget_fall_back_or_refuse(tmp_path, monkeypatch
     for engine in (first, second):
         engine.offload_states()
         engine.reload_states()
-    assert [nvme_tier.controller_of(e).backend_name for e in (first, second)] == ["aio", "aio"]
+    assert [nvme_tier.controller_of(e).site.backend_name for e in (first, second)] == ["aio", "aio"]
     assert counting.made == 2  # one ring of the shared pool served both engines
 
     third = engine_on("auto", "c", queue_depth=16)
     before = snapshot(third)
     third.offload_states()
     third.reload_states()
-    assert nvme_tier.controller_of(third).backend_name == "zarr"
+    assert nvme_tier.controller_of(third).site.backend_name == "zarr"
     assert_resident(third, before, scratch=False)
 
     strict = engine_on("aio", "d", queue_depth=16)

@@ -16,8 +16,9 @@ import torch
 
 from ..buffers import StateBuffer
 from ..errors import UnsupportedEngineError
+from ..policy import EngineFacts
 from ..types import StateKind
-from .accelerator import synchronize
+from .accelerator import accelerator_device, synchronize
 
 Located = dict[StateKind, list[torch.Tensor]]
 
@@ -189,3 +190,22 @@ def quiesce(engine: Any) -> None:
     if callable(empty):
         empty()
     synchronize()
+
+
+def engine_facts(
+    buffers: dict[StateKind, list[StateBuffer]], present: Iterable[StateKind], host_available: int | None
+) -> EngineFacts:
+    """What ``policy.decide`` needs to know of these states: their sizes, which already live in host
+    RAM (ZeRO-Offload) on an accelerator engine, which hold a storage that cannot be freed in place."""
+    host_is_device = accelerator_device().type == "cpu"
+    present = list(present)
+    on_host = frozenset(
+        k for k in present if not host_is_device and all(b.device.type == "cpu" for b in buffers[k])
+    )
+    fixed = {}
+    for kind in present:
+        stuck = next((b for b in buffers[kind] if not b.resizable), None)
+        if stuck is not None:
+            fixed[kind] = stuck.name
+    sizes = {k: sum(b.nbytes for b in buffers[k]) for k in present}
+    return EngineFacts(sizes, host_available, on_host, fixed)

@@ -1,4 +1,4 @@
-"""Host memory for moving bytes: the process-wide staging pool, page-locked host copies, device copies.
+"""Host memory for moving bytes: the process-wide staging pool and device copies.
 
 Staging buffers are one pool per process, shared by every engine's backend and charged to the
 process's host budget (host_budget.py): a backend checks slots out for one file's write or read
@@ -8,15 +8,12 @@ and returns them, so N engines hold at most one staging budget, not N.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
-import os
 import threading
 import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Hashable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 import torch
@@ -27,12 +24,6 @@ from ..host_budget import HostMemoryBudget, process_budget
 log = logging.getLogger("nvme_tier")
 
 PAGE = 4096
-HUGE_PAGE = 2 << 20
-# Below this, torch's pinned allocator is used as is (its power-of-two rounding costs little there).
-REGISTER_MIN_BYTES = 64 << 20
-_MADV_HUGEPAGE = 14
-_MADV_POPULATE_WRITE = 23  # Linux 5.14+: fault a range in without writing it
-_POPULATE_PIECE = 8 << 20
 # How long a backend waits for staging slots another engine holds (one file's write or read each).
 STAGING_WAIT_SECONDS = 600.0
 
@@ -230,6 +221,11 @@ class DeviceCopier:
         if self._stream is not None:
             self._stream.synchronize()
 
+    def order_before_callers(self) -> None:
+        """Make the caller's current stream wait for every copy queued so far (no host wait)."""
+        if self._stream is not None:
+            torch.cuda.current_stream(self._stream.device).wait_stream(self._stream)
+
     def mark(self) -> torch.cuda.Event | None:
         """An event after every copy queued so far (None: nothing is asynchronous, all are done)."""
         if self._stream is None:
@@ -248,134 +244,3 @@ class DeviceCopier:
         """
         if self._stream is not None and tensor.is_cuda:
             tensor.record_stream(self._stream)
-
-
-def default_threads() -> int:
-    return max(1, min(16, os.cpu_count() or 1))
-
-
-@contextlib.contextmanager
-def _thread_pool(threads: int):
-    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="nvme_tier-pin") as pool:
-        yield pool
-
-
-def populate(ptr: int, nbytes: int, threads: int) -> None:
-    """Fault ``[ptr, ptr + nbytes)`` in from several threads at once.
-
-    Page faults (the kernel zeroing each page, and in a VM the hypervisor backing it on first
-    touch) are what makes allocating page-locked memory slow: one thread manages a few GB/s.
-    ``ptr`` is 2 MiB aligned; transparent huge pages are asked for (fewer faults, fewer pages to
-    pin), then each thread populates its share with MADV_POPULATE_WRITE, or memset where the
-    kernel lacks it. ctypes releases the GIL for both calls.
-    """
-    libc = ctypes.CDLL(None, use_errno=True)
-    madvise = libc.madvise
-    madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    madvise(ptr, nbytes, _MADV_HUGEPAGE)  # best effort: THP may be off
-
-    def one(a: int, b: int) -> None:
-        # Small pieces: each call holds the mm's lock, and a long hold stalls every mmap/munmap of
-        # the process (thread stacks, large mallocs) for as long (seen: 270 ms stalls with 400 MB).
-        for x in range(a, b, _POPULATE_PIECE):
-            y = min(x + _POPULATE_PIECE, b)
-            if madvise(ptr + x, y - x, _MADV_POPULATE_WRITE) != 0:
-                ctypes.memset(ptr + x, 0, y - x)
-
-    step = max(HUGE_PAGE, round_up(-(-nbytes // (threads * 4)), HUGE_PAGE))
-    ranges = [(a, min(a + step, nbytes)) for a in range(0, nbytes, step)]
-    if threads <= 1 or len(ranges) == 1:
-        for a, b in ranges:
-            one(a, b)
-        return
-    with _thread_pool(min(threads, len(ranges))) as pool:
-        for fut in [pool.submit(one, a, b) for a, b in ranges]:
-            fut.result()
-
-
-class PinnedHostMemory:
-    """A host buffer of exactly ``nbytes``, page-locked when CUDA is present; ``.tensor`` is it.
-
-    torch's pinned allocator rounds every request up to a power of two (a 6.4 GB state takes
-    8.6 GB of page-locked RAM) and faults the pages in on one thread. Here the pages of a plain
-    allocation are faulted in by ``threads`` threads and the exact range is then registered with
-    ``cudaHostRegister`` (on a helper thread, so a failure cannot leave a stale CUDA error on the
-    caller's thread). ``free()`` (or garbage collection) unregisters before the memory is returned:
-    callers must not have a copy in flight then. Small buffers with CUDA use torch's allocator;
-    without CUDA nothing is page-locked (plain memory, faulted in the same way).
-
-    With ``piece_bytes`` the buffer is only reserved (untouched virtual memory) and each piece is
-    faulted in and registered by ``lock_piece(i)``: the first offload locks piece i+1 on a helper
-    thread while piece i's copy runs, instead of paying for all of it before the first byte moves.
-    """
-
-    def __init__(self, nbytes: int, threads: int | None = None, piece_bytes: int | None = None):
-        self.nbytes = nbytes
-        self.registered = False
-        self.seconds: dict[str, float] = {"populate": 0.0, "register": 0.0}
-        self._threads = threads or default_threads()
-        self._registered: list[int] = []  # addresses of the registered ranges
-        cuda = torch.cuda.is_available()
-        self._register = cuda and nbytes >= REGISTER_MIN_BYTES
-        if cuda and not self._register:
-            self._raw = self.tensor = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-            self.pieces: list[tuple[int, int]] = [(0, nbytes)]
-            self._locked = len(self.pieces)
-            return
-        align = HUGE_PAGE if self._register else PAGE  # huge pages: fewer faults, fewer pages to pin
-        raw = torch.empty(nbytes + align + PAGE, dtype=torch.uint8)
-        offset = (-raw.data_ptr()) % align
-        self._raw, self._ptr = raw, raw.data_ptr() + offset
-        self.tensor = raw[offset : offset + nbytes]
-        step = round_up(piece_bytes or nbytes, HUGE_PAGE)
-        self.pieces = [(a, min(a + step, nbytes)) for a in range(0, nbytes, step)]
-        self._locked = 0
-        if piece_bytes is None:
-            for index in range(len(self.pieces)):
-                self.lock_piece(index)
-            if self._register and not self.registered:  # registering failed: torch's allocator instead
-                self.free()
-                self._raw = self.tensor = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-
-    def lock_piece(self, index: int) -> None:
-        """Fault piece ``index`` in (and register it with CUDA); any thread, each piece once."""
-        a, b = self.pieces[index]
-        span = min(round_up(b, PAGE), round_up(self.nbytes, PAGE)) - a
-        t0 = time.perf_counter()
-        populate(self._ptr + a, span, self._threads)
-        t1 = time.perf_counter()
-        if self._register:
-            cudart = torch.cuda.cudart()
-            with _thread_pool(1) as pool:
-                err = int(pool.submit(lambda: cudart.cudaHostRegister(self._ptr + a, span, 0)).result())
-            if err == 0:
-                self._registered.append(self._ptr + a)
-                self.registered = True
-            else:  # the piece stays pageable: copies into it are slower, not wrong
-                log.warning("nvme_tier: cudaHostRegister of %d bytes failed (cudaError %d)", span, err)
-        self.seconds["populate"] += t1 - t0
-        self.seconds["register"] += time.perf_counter() - t1
-        self._locked += 1
-
-    @property
-    def fully_locked(self) -> bool:
-        return self._locked == len(self.pieces)
-
-    def free(self) -> None:
-        """Unregister (when registered) and drop the memory."""
-        ranges, self._registered = self._registered, []
-        self.registered = False
-        for ptr in ranges:
-            err = int(torch.cuda.cudart().cudaHostUnregister(ptr))
-            if err != 0:  # never hand registered pages back to malloc: keep them for the process
-                log.warning("nvme_tier: cudaHostUnregister failed (cudaError %d); keeping the buffer", err)
-                _LEAKED.append(self._raw)
-                break
-        self.tensor = self._raw = None
-
-    def __del__(self) -> None:
-        with contextlib.suppress(Exception):
-            self.free()
-
-
-_LEAKED: list[torch.Tensor] = []
