@@ -29,17 +29,19 @@ from .manifest import MANIFEST_FILE, TensorRecord, WriterDirectory, check_name
 class Capabilities:
     """What a backend needs from the host and the path, and what it promises on disk.
 
-    Selection decides from these alone, never from a class or its name: each need declared here is
-    a check the host and path must pass before ``auto`` takes the backend (nvme_tier.storage.registry).
+    Selection decides from these alone, never from a class or its name (nvme_tier.storage.registry):
+    each need is a check the host and the path must pass before ``auto`` takes the backend.
     """
 
     name: str  # its key in the registry
     alignment: int  # on-disk lengths and offsets are multiples of this many bytes
-    needs_libaio: bool  # runs on DeepSpeed's async_io op (``offload_states.aio``): one aio handle per slot
-    o_direct: (
-        bool  # bypasses the page cache: the path must take O_DIRECT, its device's block divide alignment
-    )
-    page_locked_staging: bool  # its staging slots are page-locked (mlock'ed without CUDA): within ulimit -l
+    # Runs on DeepSpeed's async_io op (``offload_states.aio``), one aio handle per staging slot: the
+    # op must load, and the kernel's aio budget hold those handles.
+    needs_libaio: bool
+    # Bypasses the page cache: the path must take O_DIRECT, its device's logical block divide alignment.
+    o_direct: bool
+    # Its staging slots are page-locked (mlock'ed where CUDA does not pin them): they must fit ulimit -l.
+    page_locked_staging: bool
 
 
 def as_bytes(tensor: torch.Tensor) -> torch.Tensor:
