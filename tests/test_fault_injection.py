@@ -20,6 +20,8 @@ from nvme_tier.testing.samples import random_bytes
 class TestFaultWrapperWithoutFaults(BackendConformance):
     """With nothing planned, the wrapper passes every conformance case of the backend it wraps."""
 
+    backend_cls = ZarrBackend
+
     def make_backend(self, directory, **kw):
         return FaultPlan().wrap(ZarrBackend(directory, **kw))
 

@@ -175,7 +175,7 @@ def test_tensor_record_json_round_trip():
     for rec in (
         TensorRecord("a", "a.bin", 10, "bfloat16", (5,), 4096, (1, 2)),
         TensorRecord("b", "", 0, "float32", (0, 3), 0, None),
-        TensorRecord("c", "c.zarr", 8, "float64", (), 8, (7,), {"k": "v"}),
+        TensorRecord("c", "c.zarr", 8, "float64", (), 8, (7,)),
         TensorRecord("d", "d.bin", 8, "uint8", (8,), 8, (7,), fingerprint="0123456789abcdef" * 2),
     ):
         assert TensorRecord.from_json(json.loads(json.dumps(rec.to_json()))) == rec
@@ -186,6 +186,22 @@ def test_tensor_record_without_fingerprint_key_reads_as_none():
     data = TensorRecord("a", "a.bin", 10, "uint8", (10,), 4096, (1,), fingerprint="ab").to_json()
     del data["fingerprint"]
     assert TensorRecord.from_json(data).fingerprint is None
+
+
+def test_manifest_with_an_extra_key_per_record_still_loads(tmp_path):
+    """Manifests of nvme_tier 0.1.0 hold an (always empty) "extra" object per record: ignored on load."""
+    directory = WriterDirectory(str(tmp_path / "root"), OwnerInfo.current())
+    directory.create()
+    record = TensorRecord("a", "a.bin", 10, "uint8", (10,), 4096, (1,), fingerprint="ab")
+    directory.commit_manifest({"a": record})
+    path = directory.file_path(MANIFEST_FILE)
+    data = read_json(path)
+    assert "extra" not in data["records"]["a"]
+    data["records"]["a"]["extra"] = {"k": "v"}
+    with open(path, "w") as fh:
+        json.dump(data, fh)
+    assert directory.load_manifest() == {"a": record}
+    directory.remove()
 
 
 # -- check_name ----------------------------------------------------------------------------------

@@ -54,11 +54,11 @@ def test_logical_block_size_of_a_real_path(tmp_path):
 
 @pytest.mark.parametrize("backend", ["aio", "auto"])
 def test_block_size_checked_against_the_device(backend, tmp_path, monkeypatch):
-    import nvme_tier.storage as storage
+    from nvme_tier.storage import registry, supports_o_direct
 
-    if not storage.aio_compatible()[0] or not storage.supports_o_direct(str(tmp_path)):
+    if not aio_compatible()[0] or not supports_o_direct(str(tmp_path)):
         pytest.skip("aio not usable on this path")
-    monkeypatch.setattr(storage, "logical_block_size", lambda path: 1 << 16)  # a 64 KiB-block device
+    monkeypatch.setattr(registry, "logical_block_size", lambda path: 1 << 16)  # a 64 KiB-block device
     config = OffloadStatesConfig.parse({"path": str(tmp_path), "aio": {"block_size": 1 << 20}})
     with pytest.raises(ConfigError, match=r"aio\.block_size .*65536"):
         select_backend(backend, str(tmp_path), config)

@@ -2,7 +2,8 @@
 
 Every backend moves raw bytes (so bf16/fp16/bool are lossless), returns futures (I/O runs on the
 backend's own worker thread), checksums each chunk with crc32c and commits a manifest last.
-Subclasses implement three small hooks; nvme_tier.testing.conformance is the suite every backend passes.
+Subclasses declare their capabilities and file names and implement three small hooks;
+nvme_tier.testing.conformance is the suite every backend passes.
 """
 
 from __future__ import annotations
@@ -13,24 +14,34 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar, Self
 
 import google_crc32c
 import numpy as np
 import torch
 
+from ..config import OffloadStatesConfig
 from ..errors import IntegrityError, TierIOError
 from .manifest import MANIFEST_FILE, TensorRecord, WriterDirectory, check_name
 
 
 @dataclass(frozen=True)
 class Capabilities:
-    """What a backend needs and guarantees; callers plan around these, not around class names."""
+    """What a backend needs from the host and the path, and what it promises on disk.
 
-    name: str
-    alignment: int  # on-disk lengths and offsets are padded to this many bytes
+    Selection decides from these alone, never from a class or its name (nvme_tier.storage.registry):
+    each need is a check the host and the path must pass before ``auto`` takes the backend.
+    """
+
+    name: str  # its key in the registry
+    alignment: int  # on-disk lengths and offsets are multiples of this many bytes
+    # Runs on DeepSpeed's async_io op (``offload_states.aio``), one aio handle per staging slot: the
+    # op must load, and the kernel's aio budget hold those handles.
     needs_libaio: bool
-    o_direct: bool  # bypasses the page cache
+    # Bypasses the page cache: the path must take O_DIRECT, its device's logical block divide alignment.
+    o_direct: bool
+    # Its staging slots are page-locked (mlock'ed where CUDA does not pin them): they must fit ulimit -l.
+    page_locked_staging: bool
 
 
 def as_bytes(tensor: torch.Tensor) -> torch.Tensor:
@@ -64,7 +75,12 @@ def chunk_ranges(nbytes: int, chunk: int) -> list[tuple[int, int]]:
 
 
 class StorageBackend(abc.ABC):
-    """Base of every backend. Constructors do no I/O; the directory is created on first write."""
+    """Base of every backend. Constructors do no I/O; the directory is created on first write.
+
+    A backend declares its ``capabilities``, names the file of each tensor (``file_name``) and
+    implements three I/O hooks. Its constructor takes ``(directory, *, checksum, staging_budget_bytes)``
+    (and keywords of its own): ``from_config``, how the registry opens it, passes those.
+    """
 
     capabilities: ClassVar[Capabilities]
 
@@ -163,6 +179,26 @@ class StorageBackend(abc.ABC):
             self._queued.clear()
         self.directory.remove()
 
+    # -- what every backend declares -------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config: OffloadStatesConfig, directory: WriterDirectory, **knobs: Any) -> Self:
+        """A backend writing into ``directory`` with the config's knobs, doing no I/O: how the
+        registry opens it. A backend with a block of its own in the config passes it in ``knobs``."""
+        return cls(
+            directory, checksum=config.checksum, staging_budget_bytes=config.staging_budget_bytes, **knobs
+        )
+
+    @abc.abstractmethod
+    def file_name(self, name: str) -> str:
+        """The file (or directory) under the writer directory that holds ``name``'s bytes."""
+
+    @classmethod
+    def staging_slots(cls, config: OffloadStatesConfig) -> tuple[int, int]:
+        """(count, bytes each) of the staging slots a backend built from ``config`` holds at once;
+        selection sizes the page-locked memory and aio handles it needs from them. By default one
+        slot of the whole staging budget, the most a backend may hold."""
+        return 1, config.staging_budget_bytes
+
     # -- hooks for subclasses --------------------------------------------------------------------
     @abc.abstractmethod
     def _write_bytes(self, name: str, src: torch.Tensor) -> tuple[str, int, list[int] | None]:
@@ -221,7 +257,7 @@ class StorageBackend(abc.ABC):
             else:
                 file, chunk, crcs = self._write_bytes(name, src)
         except OSError as exc:
-            self._remove(TensorRecord(name, _default_file(self, name), 0, "", (), 0))
+            self._remove(TensorRecord(name, self.file_name(name), 0, "", (), 0))
             if isinstance(exc, TierIOError):
                 raise
             path = exc.filename or self.directory.path
@@ -264,10 +300,6 @@ def _check_size(name: str, dst: torch.Tensor, nbytes: int, dtype: str, shape: tu
             f"read_into({name!r}): destination holds {dst.numel()} bytes, the stored tensor "
             f"{nbytes} ({dtype}{list(shape)})"
         )
-
-
-def _default_file(backend: StorageBackend, name: str) -> str:
-    return getattr(backend, "file_name", lambda n: n)(name)
 
 
 def on_callers_device(fn: Callable) -> Callable:

@@ -18,7 +18,7 @@ import socket
 import stat
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import psutil
 
@@ -119,7 +119,6 @@ class TensorRecord:
     shape: tuple[int, ...]
     chunk_bytes: int
     crc32c: tuple[int, ...] | None = None
-    extra: dict = field(default_factory=dict)
     # Content fingerprint (nvme_tier.fingerprint) of exactly the bytes written, taken on the source's
     # device: skip_unchanged skips a rewrite only while the live state still has it. None: not taken.
     fingerprint: str | None = None
@@ -140,7 +139,6 @@ class TensorRecord:
             shape=tuple(int(x) for x in data["shape"]),
             chunk_bytes=int(data["chunk_bytes"]),
             crc32c=tuple(int(x) for x in data["crc32c"]) if data.get("crc32c") is not None else None,
-            extra=dict(data.get("extra") or {}),
             fingerprint=str(data["fingerprint"]) if data.get("fingerprint") is not None else None,
         )
 

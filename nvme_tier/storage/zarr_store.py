@@ -19,14 +19,15 @@ import errno
 import os
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, Self
 
 import torch
 
-from ..config import ZarrSettings
+from ..config import OffloadStatesConfig, ZarrSettings
 from ..errors import BackendUnavailableError, IntegrityError, TierIOError
 from .base import Capabilities, StorageBackend, chunk_ranges, crc32c, host_array
 from .manifest import TensorRecord, WriterDirectory
+from .probes import supports_o_direct
 from .staging import DeviceCopier, HostBuffer, round_up, staging_pool
 
 MiB = 1 << 20
@@ -44,7 +45,9 @@ def _zarr():
 class ZarrBackend(StorageBackend):
     """One zarr array per tensor under the writer directory (a zarr v3 LocalStore)."""
 
-    capabilities = Capabilities(name="zarr", alignment=1, needs_libaio=False, o_direct=False)
+    capabilities = Capabilities(
+        name="zarr", alignment=1, needs_libaio=False, o_direct=False, page_locked_staging=False
+    )
 
     def __init__(
         self,
@@ -68,8 +71,11 @@ class ZarrBackend(StorageBackend):
         self._pool: ThreadPoolExecutor | None = None  # chunk files in flight
         self._direct: bool | None = None  # O_DIRECT accepted by the directory's filesystem
 
-    @staticmethod
-    def file_name(name: str) -> str:
+    @classmethod
+    def from_config(cls, config: OffloadStatesConfig, directory: WriterDirectory) -> Self:
+        return super().from_config(config, directory, settings=config.zarr)
+
+    def file_name(self, name: str) -> str:
         return f"{name}.zarr"
 
     @property
@@ -249,8 +255,6 @@ class ZarrBackend(StorageBackend):
         if length % PAGE:
             return False
         if self._direct is None:
-            from . import supports_o_direct
-
             self._direct = supports_o_direct(root)
         return self._direct
 

@@ -7,12 +7,15 @@ own test suite, say which backend it builds, and pytest runs every case against 
 
     class TestMyBackend(BackendConformance):
         backend_cls = MyBackend          # MyBackend(directory, **kw), a StorageBackend subclass
+                                         # (capabilities, from_config, file_name, the I/O hooks)
 
         # optional: where the writer directories go (default: a fresh tmp_path/offload)
         @pytest.fixture
         def root(self, tmp_path):
             return str(tmp_path / "offload")
 
+Every case runs, the contract ones included (nvme_tier.testing.contract: the declared capabilities
+are consistent and honoured on disk, ``file_name`` and ``from_config`` do what they say).
 ``make_backend(directory, **kw)`` may be overridden instead of ``backend_cls`` (extra constructor
 arguments, a wrapper); the ``new_backend`` fixture calls it and releases every backend it made.
 The cases pass ``staging_budget_bytes`` for the memory-bounded ones. Corruption targets are found
@@ -33,22 +36,9 @@ import torch
 
 from ..errors import ConfigError, IntegrityError
 from ..fingerprint import fingerprint
-from ..storage.base import StorageBackend
 from ..storage.manifest import OwnerInfo, WriterDirectory
+from .contract import ContractCases, MiB, data_files
 from .samples import DTYPES, random_bytes, random_tensor, same_bits
-
-MiB = 1 << 20
-
-
-def data_files(backend, name: str) -> list[str]:
-    """The files holding ``name``'s bytes: the file itself, or every chunk file below it."""
-    top = backend.directory.file_path(backend.record(name).file)
-    if not os.path.isdir(top):
-        return [top]
-    found = []
-    for dirpath, _dirs, files in os.walk(os.path.join(top, "c")):
-        found += [os.path.join(dirpath, f) for f in files]
-    return sorted(found, key=lambda p: int(os.path.basename(p)))
 
 
 def flip_byte(path: str, offset: int) -> None:
@@ -66,43 +56,13 @@ def round_trip(backend, name: str, tensor: torch.Tensor) -> torch.Tensor:
     return out
 
 
-class BackendConformance:
+class BackendConformance(ContractCases):
     """The cases every backend must pass. Not collected itself (no ``Test`` prefix): subclass it.
 
     Set ``backend_cls`` (constructed as ``backend_cls(directory, **kw)``, where ``kw`` may hold
-    ``staging_budget_bytes``), or override ``make_backend`` when construction needs more.
+    ``staging_budget_bytes``), or override ``make_backend`` when construction needs more; the
+    fixtures and the cases about the declared contract come from ``ContractCases``.
     """
-
-    backend_cls: type[StorageBackend] | None = None
-
-    def make_backend(self, directory: WriterDirectory, **kw) -> StorageBackend:
-        """A new backend writing into ``directory``; ``kw`` are the case's constructor arguments."""
-        if self.backend_cls is None:
-            raise NotImplementedError(f"{type(self).__name__}: set backend_cls or override make_backend")
-        return self.backend_cls(directory, **kw)
-
-    # -- fixtures ------------------------------------------------------------------------------------
-    @pytest.fixture
-    def root(self, tmp_path):
-        return str(tmp_path / "offload")
-
-    @pytest.fixture
-    def new_backend(self, root):
-        """Factory: new_backend(root=..., **kw) -> a backend of a fresh writer; all released after."""
-        made = []
-
-        def factory(at: str | None = None, **kw):
-            backend = self.make_backend(WriterDirectory(at or root, OwnerInfo.current()), **kw)
-            made.append(backend)
-            return backend
-
-        yield factory
-        for backend in made:
-            backend.release()
-
-    @pytest.fixture
-    def backend(self, new_backend):
-        return new_backend()
 
     # -- sizes and dtypes ------------------------------------------------------------------------
     @pytest.mark.parametrize("nbytes", [1, 4095, 4096, 4097, 1_000_003])

@@ -96,7 +96,7 @@ class FaultInjectingBackend:
         self.plan.writes += 1
         if not self.plan.due(self.plan.writes, self.plan.fail_at):
             return self._track(self.inner.write(name, tensor, fingerprint=fingerprint))
-        path = self.directory.file_path(self._file_name(name))
+        path = self.directory.file_path(self.file_name(name))
         if self.plan.mode == "fill":
             self._drain()  # the writes queued before this one land before the disk is full
             self.directory.create()
@@ -135,6 +135,9 @@ class FaultInjectingBackend:
         self.inner.delete(name)
 
     # -- forwarded unchanged ---------------------------------------------------------------------
+    def file_name(self, name: str) -> str:
+        return self.inner.file_name(name)
+
     def names(self) -> list[str]:
         return self.inner.names()
 
@@ -151,10 +154,6 @@ class FaultInjectingBackend:
         self.inner.release()
 
     # -- internals -------------------------------------------------------------------------------
-    def _file_name(self, name: str) -> str:
-        file_name: Callable[[str], str] = getattr(self.inner, "file_name", lambda n: n)
-        return file_name(name)
-
     def _track(self, future: Future) -> Future:
         self._last = future
         return future
