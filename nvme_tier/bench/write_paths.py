@@ -36,6 +36,7 @@ import torch
 from nvme_tier.bench.common import drop_page_cache, machine_info
 from nvme_tier.deepspeed.ops import aio_compatible
 from nvme_tier.storage import AioBackend, OwnerInfo, WriterDirectory, supports_o_direct
+from nvme_tier.tables import format_rows
 
 MiB = 1 << 20
 CHUNK = 8 * MiB  # per write/read call of the buffered methods (the aio backend sizes its own)
@@ -199,7 +200,7 @@ def run(args: argparse.Namespace) -> dict:
             "read_s": [round(x, 4) for x in read_s],
         }
     return {
-        "machine": machine_info(args.path, aio_ok, aio_why),
+        "machine": {**machine_info(args.path), "aio_usable": aio_ok, "aio_reason": aio_why},
         "size_bytes": nbytes,
         "chunk_bytes": CHUNK,
         "repeats": args.repeats,
@@ -208,18 +209,22 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def print_table(report: dict) -> None:
-    head = f"{'method':<13}{'write GB/s':>11}{'+fsync':>8}{'read GB/s':>11}{'cold':>6}{'cache +MiB':>11}  ok"
-    print(head)
-    print("-" * len(head))
+    header = ["method", "write GB/s", "+fsync", "read GB/s", "cold", "cache +MiB", "ok"]
+    rows, skipped = [], []
     for name, m in report["methods"].items():
         if "skipped" in m:
-            print(f"{name:<13}  skipped: {m['skipped']}")
+            skipped.append(f"{name}: skipped: {m['skipped']}")
             continue
-        print(
-            f"{name:<13}{m['write_GBps']:>11.2f}{m['write_plus_fsync_GBps']:>8.2f}{m['read_GBps']:>11.2f}"
-            f"{str(m['cold_reads'])[:1]:>6}{m['page_cache_added_by_write_bytes'] / MiB:>11.0f}"
-            f"  {'yes' if m['round_trip_exact'] else 'NO'}"
+        rows.append(
+            [
+                name,
+                *(f"{m[k]:.2f}" for k in ("write_GBps", "write_plus_fsync_GBps", "read_GBps")),
+                str(m["cold_reads"])[:1],
+                f"{m['page_cache_added_by_write_bytes'] / MiB:.0f}",
+                "yes" if m["round_trip_exact"] else "NO",
+            ]
         )
+    print("\n".join([format_rows(header, rows), *skipped]))
 
 
 def main(argv: list[str] | None = None) -> dict:
