@@ -15,8 +15,8 @@ Phases (``--phases``, default both; run them in separate processes for clean RSS
 
 GB = 1e9 bytes. Tiny on CPU (proves it runs):
 
-    python benchmarks/host_memory_gpu.py --params-per-engine 0.002 --hidden 512 --host-budget-mb 24 \
-        --staging-mb 4 --path /var/tmp/hm --out benchmarks/results/host_memory_cpu.json
+    python benchmarks/host_memory_gpu.py --first-params-b 0.004 --params-per-engine 0.002 --hidden 512 \
+        --host-budget-mb 24 --staging-mb 4 --path /var/tmp/hm --out benchmarks/results/host_memory_cpu.json
 
 GPU (H100), one process per phase so each has its own RSS baseline:
 
