@@ -18,6 +18,7 @@ import psutil
 import torch
 
 from nvme_tier.deepspeed.version import installed_version
+from nvme_tier.tables import format_rows
 
 GB = 1e9
 PROC = psutil.Process()
@@ -103,9 +104,14 @@ def _vm_hwm() -> int:
 
 def _reset_hwm() -> bool:
     """Reset the peak-RSS counter (Linux >= 4.0: write 5 to clear_refs)."""
+    return _write_control("/proc/self/clear_refs", "5")
+
+
+def _write_control(path: str, value: str) -> bool:
+    """Write a kernel control file; False where the kernel or our privileges refuse it."""
     try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
+        with open(path, "w") as fh:
+            fh.write(value)
         return True
     except OSError:
         return False
@@ -115,12 +121,7 @@ def _reset_hwm() -> bool:
 def drop_page_cache() -> bool:
     """sync, then drop clean page cache; needs root (CAP_SYS_ADMIN). True when it worked."""
     os.sync()
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as fh:
-            fh.write("1")
-        return True
-    except OSError:
-        return False
+    return _write_control("/proc/sys/vm/drop_caches", "1")
 
 
 def sync_device() -> None:
@@ -134,6 +135,14 @@ def timed(fn: Callable[[], object]) -> float:
     fn()
     sync_device()
     return time.perf_counter() - t0
+
+
+def methods_table(methods: dict[str, dict], header: list[str], cells: Callable[[str, dict], list]) -> str:
+    """A benchmark's methods as a table (``cells`` makes a measured method's row), then a line for
+    each skipped one."""
+    rows = [cells(name, m) for name, m in methods.items() if "skipped" not in m]
+    skipped = [f"{name}: skipped: {m['skipped']}" for name, m in methods.items() if "skipped" in m]
+    return "\n".join([format_rows(header, rows), *skipped])
 
 
 def dir_bytes(path: str) -> int:

@@ -34,11 +34,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nvme_tier.bench.common import RssSampler, drop_page_cache, machine_info, sync_device, timed  # noqa: E402
+from nvme_tier.bench.common import (  # noqa: E402
+    RssSampler,
+    drop_page_cache,
+    machine_info,
+    methods_table,
+    sync_device,
+    timed,
+)
 from nvme_tier.bench.swap_methods import METHOD_CLASSES, Method
 from nvme_tier.deepspeed.ops import aio_compatible  # noqa: E402
 from nvme_tier.storage import supports_o_direct  # noqa: E402
-from nvme_tier.tables import format_rows
 
 METHODS = ("raw_aio", "aio_backend", "zarr_backend", "pinned_copy", "torch_save")
 MiB = 1 << 20
@@ -169,27 +175,25 @@ def ratios(methods: dict) -> dict:
     return out
 
 
+HEADER = ["method", "write GB/s", "+sync", "read GB/s", "cold", "RSS +MiB", "pinned MiB", "ok"]
+
+
+def table_row(name: str, m: dict) -> list:
+    return [
+        name,
+        *(
+            f"{x:.2f}" if isinstance(x, float) else None
+            for x in (m["write_GBps"], m["write_plus_sync_GBps"], m["read_GBps"])
+        ),
+        None if m["cold_reads"] is None else str(m["cold_reads"])[:1],
+        f"{m['host_peak_rss_delta_bytes'] / MiB:.0f}",
+        f"{m['pinned_or_staging_bytes'] / MiB:.0f}",
+        "yes" if m["round_trip_exact"] else "NO",
+    ]
+
+
 def print_table(report: dict) -> None:
-    header = ["method", "write GB/s", "+sync", "read GB/s", "cold", "RSS +MiB", "pinned MiB", "ok"]
-    rows, skipped = [], []
-    for name, m in report["methods"].items():
-        if "skipped" in m:
-            skipped.append(f"{name}: skipped: {m['skipped']}")
-            continue
-        rows.append(
-            [
-                name,
-                *(
-                    f"{x:.2f}" if isinstance(x, float) else None
-                    for x in (m["write_GBps"], m["write_plus_sync_GBps"], m["read_GBps"])
-                ),
-                None if m["cold_reads"] is None else str(m["cold_reads"])[:1],
-                f"{m['host_peak_rss_delta_bytes'] / MiB:.0f}",
-                f"{m['pinned_or_staging_bytes'] / MiB:.0f}",
-                "yes" if m["round_trip_exact"] else "NO",
-            ]
-        )
-    print("\n".join([format_rows(header, rows), *skipped]))
+    print(methods_table(report["methods"], HEADER, table_row))
     for k, v in report["ratios"].items():
         if v is not None:
             print(f"  {k}: {v}")

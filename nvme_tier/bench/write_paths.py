@@ -33,10 +33,9 @@ from collections.abc import Callable
 
 import torch
 
-from nvme_tier.bench.common import drop_page_cache, machine_info
+from nvme_tier.bench.common import drop_page_cache, machine_info, methods_table
 from nvme_tier.deepspeed.ops import aio_compatible
 from nvme_tier.storage import AioBackend, OwnerInfo, WriterDirectory, supports_o_direct
-from nvme_tier.tables import format_rows
 
 MiB = 1 << 20
 CHUNK = 8 * MiB  # per write/read call of the buffered methods (the aio backend sizes its own)
@@ -208,23 +207,21 @@ def run(args: argparse.Namespace) -> dict:
     }
 
 
+HEADER = ["method", "write GB/s", "+fsync", "read GB/s", "cold", "cache +MiB", "ok"]
+
+
+def table_row(name: str, m: dict) -> list:
+    return [
+        name,
+        *(f"{m[k]:.2f}" for k in ("write_GBps", "write_plus_fsync_GBps", "read_GBps")),
+        str(m["cold_reads"])[:1],
+        f"{m['page_cache_added_by_write_bytes'] / MiB:.0f}",
+        "yes" if m["round_trip_exact"] else "NO",
+    ]
+
+
 def print_table(report: dict) -> None:
-    header = ["method", "write GB/s", "+fsync", "read GB/s", "cold", "cache +MiB", "ok"]
-    rows, skipped = [], []
-    for name, m in report["methods"].items():
-        if "skipped" in m:
-            skipped.append(f"{name}: skipped: {m['skipped']}")
-            continue
-        rows.append(
-            [
-                name,
-                *(f"{m[k]:.2f}" for k in ("write_GBps", "write_plus_fsync_GBps", "read_GBps")),
-                str(m["cold_reads"])[:1],
-                f"{m['page_cache_added_by_write_bytes'] / MiB:.0f}",
-                "yes" if m["round_trip_exact"] else "NO",
-            ]
-        )
-    print("\n".join([format_rows(header, rows), *skipped]))
+    print(methods_table(report["methods"], HEADER, table_row))
 
 
 def main(argv: list[str] | None = None) -> dict:
