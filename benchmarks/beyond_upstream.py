@@ -16,7 +16,7 @@ import tempfile
 import time
 
 import torch
-from measure import launch_env, machine_info, write_json
+from measure import machine_info, set_launch_env, write_json
 
 
 def stack(params: float, hidden: int) -> torch.nn.Module:
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--path", default=None)
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
-    launch_env()
+    set_launch_env()
     tmp = None
     if args.path is None:
         tmp = tempfile.TemporaryDirectory(prefix="ntier-bench-", dir="/var/tmp")

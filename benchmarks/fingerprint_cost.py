@@ -22,7 +22,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -32,6 +31,7 @@ import torch
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
+from nvme_tier.bench.common import machine_info  # noqa: E402
 from nvme_tier.fingerprint import CHUNK_BYTES, fingerprint  # noqa: E402
 
 MiB = 1 << 20
@@ -101,13 +101,11 @@ def measure_aio_write_gbps(path: str, nbytes: int, repeats: int) -> float:
 
 
 def machine(device: torch.device) -> dict:
+    """The machine, the device measured on and the CPU threads torch used."""
     return {
+        **machine_info(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "cpu_count": os.cpu_count(),
         "cpu_threads_used": torch.get_num_threads(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
     }
 
 

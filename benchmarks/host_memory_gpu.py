@@ -15,8 +15,8 @@ Phases (``--phases``, default both; run them in separate processes for clean RSS
 
 GB = 1e9 bytes. Tiny on CPU (proves it runs):
 
-    python benchmarks/host_memory_gpu.py --params-per-engine 0.002 --hidden 512 --host-budget-mb 24 \
-        --staging-mb 4 --path /var/tmp/hm --out benchmarks/results/host_memory_cpu.json
+    python benchmarks/host_memory_gpu.py --first-params-b 0.004 --params-per-engine 0.002 --hidden 512 \
+        --host-budget-mb 24 --staging-mb 4 --path /var/tmp/hm --out benchmarks/results/host_memory_cpu.json
 
 GPU (H100), one process per phase so each has its own RSS baseline:
 
@@ -43,8 +43,10 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")
 # As offload_gpu.py: zarr's optional cupy import crashed on the H100 image.
 sys.modules.setdefault("cupy", None)
 
-from measure import GB, MiB, RssSampler, gbps, launch_env, machine_info, rnd, rss, sync_device, timed  # noqa: E402
+from measure import GB, MiB, RssSampler, gbps, machine_info, rnd, rss, set_launch_env, sync_device, timed  # noqa: E402
 from offload_engine import CUDA, DEV  # noqa: E402
+
+from nvme_tier.snapshot import digest_states, state_buffers  # noqa: E402
 
 
 def build(params_b: float, hidden: int, adam: bool, seed: int, block: dict | None = None) -> Any:
@@ -86,28 +88,6 @@ def step(engine, hidden: int, adam: bool) -> None:
     sync_device()
 
 
-def fingerprint(engine) -> dict[str, list[int]]:
-    """crc32c of every data-holding state buffer, through a 64 MiB host buffer (no device clones)."""
-    from nvme_tier.deepspeed import locators as ds
-    from nvme_tier.storage.base import crc32c
-    from nvme_tier.types import StateKind
-
-    ds.quiesce(engine)
-    host = torch.empty(64 * MiB, dtype=torch.uint8, pin_memory=CUDA)
-    out = {}
-    for kind, bufs in ds.discover_buffers(engine).items():
-        if kind is StateKind.contiguous_grad_buffer:
-            continue
-        for b in bufs:
-            crcs = []
-            for a in range(0, b.nbytes, host.numel()):
-                n = min(host.numel(), b.nbytes - a)
-                host[:n].copy_(b.view[a : a + n])
-                crcs.append(crc32c(host[:n]))
-            out[b.name] = crcs
-    return out
-
-
 def page_lock_rate(nbytes: int) -> dict:
     """Bytes per second PinnedHostMemory page-locks on this machine (populate + cudaHostRegister)."""
     from nvme_tier.pinned_memory import PinnedHostMemory
@@ -133,7 +113,7 @@ def phase_first_offload(args, out: dict) -> None:
     step(engine, args.hidden, adam=True)
     block = {"device": "cpu", "progress": False, "path": os.path.join(args.path, "first")}
     ctl = nvme_tier.attach(engine, block)
-    total = sum(b.nbytes for k, b in _host_items(engine))
+    total = sum(b.nbytes for b in state_buffers(engine).values())
     res: dict[str, Any] = {
         "bytes": total,
         "preallocate": False,
@@ -142,7 +122,7 @@ def phase_first_offload(args, out: dict) -> None:
     }
     res["attach_reserved_bytes"] = ctl._budget.reserved
     res["page_lock"] = lock = page_lock_rate(total)
-    before = fingerprint(engine)
+    before = digest_states(engine)
     calls = []
     for label in ("first", "steady0", "steady1"):
         with RssSampler() as smp:
@@ -156,7 +136,7 @@ def phase_first_offload(args, out: dict) -> None:
             made = list(ctl._mover.host._pinned.values())
             calls[-1]["stage_s"] = {k: rnd(sum(m.seconds[k] for m in made)) for k in ("populate", "register")}
     res["calls"] = calls
-    res["exact"] = fingerprint(engine) == before
+    res["exact"] = digest_states(engine) == before
     nvme_tier.detach(engine)
     # The same bytes again, now that the process has had them: on a fresh VM the first lock is
     # slowed by the hypervisor backing new pages. The goal is judged against the faster rate.
@@ -187,7 +167,7 @@ def phase_first_offload(args, out: dict) -> None:
                 }
             )
             print("upstream", rows[-1], flush=True)
-        res["upstream"] = {"rows": rows, "exact": fingerprint(engine) == before}
+        res["upstream"] = {"rows": rows, "exact": digest_states(engine) == before}
     except Exception as exc:  # the CPU accelerator refuses it
         res["upstream"] = {"rows": rows, "error": f"{type(exc).__name__}: {exc}"}
     out["first_offload"] = res
@@ -203,16 +183,6 @@ def _thp() -> dict[str, str]:
         except OSError:
             out[name] = "unknown"
     return out
-
-
-def _host_items(engine):
-    from nvme_tier.deepspeed import locators as ds
-    from nvme_tier.types import StateKind
-
-    for kind, bufs in ds.discover_buffers(engine).items():
-        if kind is not StateKind.contiguous_grad_buffer:
-            for b in bufs:
-                yield kind, b
 
 
 def phase_four_engines(args, out: dict) -> None:
@@ -240,9 +210,9 @@ def phase_four_engines(args, out: dict) -> None:
         "roles": [r for r, _, _ in engines],
         "host_budget_mb": args.host_budget_mb,
         "reserved_after_attach": budget.reserved,
-        "state_bytes": {r: sum(b.nbytes for _, b in _host_items(e)) for r, _, e in engines},
+        "state_bytes": {r: sum(b.nbytes for b in state_buffers(e).values()) for r, _, e in engines},
     }
-    before = {r: fingerprint(e) for r, _, e in engines}
+    before = {r: digest_states(e) for r, _, e in engines}
     baseline = rss()
     res["rss_baseline_GB"] = rnd(baseline / GB, 3)
     rows = []
@@ -273,7 +243,7 @@ def phase_four_engines(args, out: dict) -> None:
         exact = {}
         for role, _, engine in engines:
             s = timed(lambda engine=engine: engine.reload_states())
-            exact[role] = fingerprint(engine) == before[role]
+            exact[role] = digest_states(engine) == before[role]
             rows.append({"role": role, "reload_s": rnd(s), "exact": exact[role]})
             print("reload", rows[-1], flush=True)
     limit = args.host_budget_mb * MiB
@@ -322,7 +292,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     p.add_argument("--no-upstream", action="store_true", help="first_offload: skip DeepSpeed's own calls")
     args = p.parse_args(argv)
-    launch_env()
+    set_launch_env()
     os.makedirs(args.path, exist_ok=True)
     out: dict[str, Any] = {"machine": machine_info(args.path), "args": vars(args)}
     try:

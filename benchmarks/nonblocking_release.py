@@ -18,11 +18,11 @@ import argparse
 import gc
 import json
 import os
-import platform
 import tempfile
 import time
 
 import torch
+from measure import machine_info, set_launch_env
 
 from nvme_tier.types import StateKind
 
@@ -33,12 +33,6 @@ PLACEMENTS = {
     "nvme": {"policy": dict.fromkeys(DATA_STATES, "nvme")},
     "nvme_default_policy": {},
 }
-
-
-def _dist_env() -> None:
-    from nvme_tier.demo import default_launch_env
-
-    os.environ.update(default_launch_env())
 
 
 def make_engine(params: float, hidden: int):
@@ -182,18 +176,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--placements", default=",".join(PLACEMENTS), help="comma-separated subset")
     parser.add_argument("--out", default=None, help="JSON file to write (e.g. benchmarks/results/...)")
     args = parser.parse_args(argv)
-    _dist_env()
+    set_launch_env()
     tmp = None
     if args.path is None:
         tmp = tempfile.TemporaryDirectory(prefix="ntier-nbr-", dir="/var/tmp")
         args.path = tmp.name
     engine = make_engine(args.params_b * 1e9, args.hidden)
     result: dict = {
-        "machine": {
-            "host": platform.node(),
-            "cpus": os.cpu_count(),
-            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        },
+        "machine": machine_info(args.path),
         "args": vars(args),
         "params": sum(p.ds_numel for p in engine.module.parameters()),
         "nvme_tier": {},

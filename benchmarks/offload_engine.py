@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from measure import GB, MiB, RssSampler, gbps, rnd, rss, sync_device, timed
 
+from nvme_tier.snapshot import copy_states, state_buffers
+
 CUDA = torch.cuda.is_available()
 DEV = torch.device("cuda") if CUDA else torch.device("cpu")
 
@@ -68,7 +70,7 @@ def start_engine(run: OffloadRun) -> dict[str, Any]:
     train_step(run.engine, args)
     step_s = time.perf_counter() - t
     run.sizes = state_sizes(run.engine)
-    run.ref = snapshot(run.engine)
+    run.ref = copy_states(run.engine)
     params = sum(p.ds_numel for p in run.engine.module.parameters())
     return {
         "params_B": round(params / 1e9, 3),
@@ -88,27 +90,11 @@ def state_sizes(engine) -> dict[str, int]:
     return {k.value: v for k, v in ds.buffers_present(engine).items()}
 
 
-def snapshot(engine) -> dict[str, torch.Tensor]:
-    """Device clones of every data-holding state buffer (contiguous_grad_buffer is scratch)."""
-    from nvme_tier.deepspeed import locators as ds
-    from nvme_tier.types import StateKind
-
-    out = {}
-    for kind, bufs in ds.discover_buffers(engine).items():
-        if kind is StateKind.contiguous_grad_buffer:
-            continue
-        for b in bufs:
-            out[b.name] = b.view.clone()
-    sync_device()
-    return out
-
-
 def check_exact(engine, ref: dict[str, torch.Tensor]) -> dict:
     """torch.equal of every state buffer against its snapshot, plus crc32c of a sample of each."""
-    from nvme_tier.deepspeed import locators as ds
     from nvme_tier.storage.base import crc32c
 
-    now = {b.name: b for bufs in ds.discover_buffers(engine).values() for b in bufs}
+    now = state_buffers(engine)
     bad, compared, crcs = [], 0, {}
     for name, want in ref.items():
         got = now.get(name)

@@ -48,7 +48,7 @@ from typing import Any
 # H100 image that import (cupy -> ml_dtypes) segfaulted. Make it an ImportError, as without cupy.
 sys.modules.setdefault("cupy", None)
 
-from measure import GB, format_table, gbps, launch_env, machine_info, write_json  # noqa: E402
+from measure import GB, format_rows, gbps, machine_info, set_launch_env, write_json  # noqa: E402
 from offload_engine import OffloadRun, start_engine  # noqa: E402
 from offload_limits import phase_disk, phase_limits, phase_probe  # noqa: E402
 from offload_phases import (  # noqa: E402
@@ -381,7 +381,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     os.makedirs(args.path, exist_ok=True)
-    launch_env()
+    set_launch_env()
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     out: dict[str, Any] = {
         "command": "python "
@@ -416,7 +416,7 @@ def main(argv: list[str] | None = None) -> dict:
         ("OK" if g["met"] else ("--" if g["met"] is None else "NO"), name, g["value"], g["target"], g["note"])
         for name, g in out["goals"].items()
     ]
-    print(format_table(("", "goal", "value", "target", "note"), rows))
+    print(format_rows(("", "goal", "value", "target", "note"), rows))
     return out
 
 

@@ -31,9 +31,10 @@ from offload_engine import (
     offload_call,
     offload_cfg,
     reload_call,
-    snapshot,
     train_step,
 )
+
+from nvme_tier.snapshot import copy_states
 
 
 def phase_nvme(run: OffloadRun) -> dict[str, Any]:
@@ -350,7 +351,7 @@ def phase_pinned_cpu(run: OffloadRun) -> dict[str, Any]:
             while time.perf_counter() - t < args.train_seconds:
                 train_step(engine, args)
             trained = time.perf_counter() - t
-            run.ref = snapshot(engine)
+            run.ref = copy_states(engine)
         since_attach = time.perf_counter() - t0
         calls = [offload_call(engine, ctl, "first", baseline=base)]
         calls.append(reload_call(engine, ctl, "first"))

@@ -47,7 +47,6 @@ import contextlib
 import gc
 import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -61,9 +60,8 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")
 # zarr imports cupy when installed; on the H100 image that import segfaulted (see offload_gpu.py).
 sys.modules.setdefault("cupy", None)
 
-from measure import sync_device, timed  # noqa: E402  (benchmarks/ is sys.path[0] for a script)
+from measure import GB, machine_info, set_launch_env, sync_device, timed  # noqa: E402  (benchmarks/ is sys.path[0] for a script)
 
-GB = 1e9
 MODES = ("resident", "nvme", "upstream_cpu", "pinned_cpu")
 PHASES = (
     "actor_wait",
@@ -456,7 +454,7 @@ def plot(out: dict, png: str) -> None:
         )
         ax.text(left[y], y, " " + label, va="center", fontsize=8)
     ax.set_xlabel("steady iteration wall time (s), by phase")
-    dev = out["machine"]["device_name"]
+    dev = out["machine"].get("gpu", "CPU")
     ax.set_title(
         f"RLHF-like loop: actor {out['params']['actor'] / 1e9:.3g} B + critic {out['params']['critic'] / 1e9:.3g} B, {dev}",
         fontsize=10,
@@ -468,20 +466,10 @@ def plot(out: dict, png: str) -> None:
     plt.close(fig)
 
 
-def machine_info(args) -> dict:
-    import deepspeed
+def machine(path: str) -> dict:
     import transformers
 
-    cuda = torch.cuda.is_available()
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "deepspeed": deepspeed.__version__,
-        "transformers": transformers.__version__,
-        "device_name": torch.cuda.get_device_name(0) if cuda else "CPU",
-        "device_memory_bytes": torch.cuda.get_device_properties(0).total_memory if cuda else None,
-        "cpu_count": os.cpu_count(),
-    }
+    return {**machine_info(path), "transformers": transformers.__version__}
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -531,14 +519,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
-    from nvme_tier.demo import default_launch_env
-
-    os.environ.update(default_launch_env())
+    set_launch_env()
     os.makedirs(args.path, exist_ok=True)
     loop = Loop(args)
     out: dict[str, Any] = {
         "args": {k: v for k, v in vars(args).items() if k != "kv_gb_bytes"},
-        "machine": machine_info(args),
+        "machine": machine(args.path),
         "params": loop.params,
         "calibration": loop.calibrate(),
         "modes": {},

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from measure import PROC, ROOT, launch_env, machine_info, rss, write_json
+from measure import PROC, ROOT, machine_info, rss, set_launch_env, write_json
 
 sys.path.insert(0, os.path.join(ROOT, "tests"))  # conftest's engine and training helpers
 
@@ -190,7 +190,7 @@ def main() -> int:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
-    launch_env()
+    set_launch_env()
     from nvme_tier.deepspeed.ops import aio_compatible
 
     base = args.path or tempfile.mkdtemp(prefix="nvme-tier-soak-")

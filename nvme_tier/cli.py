@@ -18,6 +18,7 @@ from .config import OffloadStatesConfig, load_deepspeed_config
 from .config_reference import GENERATED_MARKER, render_config_reference
 from .errors import ConfigError, NvmeTierError
 from .status import human_bytes
+from .tables import format_rows
 
 EXIT_OK, EXIT_FAILED, EXIT_ERROR = 0, 1, 2
 
@@ -109,15 +110,6 @@ def writer_rows(path: str) -> list[dict[str, Any]]:
             }
         )
     return rows
-
-
-def format_rows(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    lines = [
-        "  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]
-    ]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 def cmd_status(args: argparse.Namespace) -> int:

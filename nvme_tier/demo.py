@@ -23,17 +23,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-DEMO_STATES_SKIPPED = ("contiguous_grad_buffer",)  # scratch: discarded and rebuilt, never compared
 
-
-def default_launch_env() -> dict[str, str]:
-    """torch.distributed rendezvous variables for a single process, as the deepspeed launcher sets them."""
+def set_launch_env() -> None:
+    """Set torch.distributed's rendezvous variables for a single process, as the deepspeed launcher
+    would; those already set (a real launch) stay."""
     env = {"MASTER_ADDR": "127.0.0.1", "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
     if "MASTER_PORT" not in os.environ:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             env["MASTER_PORT"] = str(s.getsockname()[1])
-    return {k: v for k, v in env.items() if k not in os.environ}
+    for name, value in env.items():
+        os.environ.setdefault(name, value)
 
 
 def ds_config(stage: int, block: dict) -> dict:
@@ -97,29 +97,6 @@ class Role:
     bytes_out: int = 0
     bytes_in: int = 0
     wrote: bool = False
-
-
-def take_snapshot(engine: Any) -> dict:
-    """Byte copies of every state buffer (quiesced first, exactly as offload_states does)."""
-    from .deepspeed.locators import discover_buffers, quiesce
-
-    quiesce(engine)
-    return {
-        b.name: b.view.to("cpu", copy=True)
-        for kind, bufs in discover_buffers(engine).items()
-        if kind.value not in DEMO_STATES_SKIPPED
-        for b in bufs
-    }
-
-
-def compare_snapshot(engine: Any, before: dict) -> list[str]:
-    """Names of buffers whose bytes differ from ``before`` (or appeared/vanished)."""
-    import torch
-
-    after = take_snapshot(engine)
-    bad = sorted(set(before) ^ set(after))
-    bad += [n for n in before if n in after and not torch.equal(before[n], after[n])]
-    return bad
 
 
 def train_steps(role: Role, steps: int, gen) -> float:
@@ -194,7 +171,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the demo; returns the process exit code (0: every reload bit-exact)."""
-    os.environ.update(default_launch_env())
+    set_launch_env()
     started = time.perf_counter()
     quiet_deepspeed()
     import deepspeed
@@ -205,6 +182,7 @@ def run(args: argparse.Namespace) -> int:
     from .deepspeed.accelerator import accelerator_name
     from .deepspeed.ops import build_missing, quiet_comm_op_build
     from .policy import decide
+    from .snapshot import copy_states, differing_states
     from .storage import select_backend
     from .storage.stale_writers import scan_writers
 
@@ -249,7 +227,7 @@ def run(args: argparse.Namespace) -> int:
         failures: list[str] = []
 
         def offload(role: Role, show_table: bool) -> None:
-            role.snapshot = take_snapshot(role.engine)
+            role.snapshot = copy_states(role.engine, "cpu")
             role.engine.offload_states()
             stats = nvme_tier.controller_of(role.engine).last_stats["offload"]
             moved = stats.bytes_written + stats.bytes_to_host
@@ -273,7 +251,7 @@ def run(args: argparse.Namespace) -> int:
             moved = stats.bytes_read + from_host
             role.bytes_in += moved
             role.reloads += 1
-            bad = compare_snapshot(role.engine, role.snapshot)
+            bad = differing_states(role.snapshot, copy_states(role.engine, "cpu"))
             verdict = "bit-exact" if not bad else f"MISMATCH in {', '.join(bad)}"
             print(
                 f"  reload  {role.name:6s}: {mb(stats.bytes_read)} from nvme, {mb(from_host)} from host, "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .buffers import Placed, StateBuffer
+from .tables import format_rows
 from .types import OffloadPhase, StateKind, StateStatus, Tier
 
 
@@ -64,9 +65,7 @@ def format_table(status: dict[str, StateStatus]) -> str:
     in_flight = sum(e.bytes_in_flight for e in status.values())
     if in_flight or phase == OffloadPhase.offloading.value:
         header += f", {human_bytes(in_flight)} in flight"
-    rows = [("state", "tier", "bytes", "where")]
-    for entry in status.values():
-        rows.append((entry.state, entry.tier, human_bytes(entry.bytes), entry.location))
+    rows = [(e.state, e.tier, human_bytes(e.bytes), e.location) for e in status.values()]
     freed = sum(e.device_bytes_freed for e in status.values())
     rows.append(
         (
@@ -76,10 +75,7 @@ def format_table(status: dict[str, StateStatus]) -> str:
             f"device memory freed: {human_bytes(freed)}",
         )
     )
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join([header, *lines])
+    return f"{header}\n{format_rows(('state', 'tier', 'bytes', 'where'), rows)}"
 
 
 def human_bytes(n: float) -> str:

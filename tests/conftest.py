@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from nvme_tier.deepspeed.ops import aio_compatible
-from nvme_tier.demo import default_launch_env
+from nvme_tier.demo import set_launch_env
+from nvme_tier.snapshot import copy_states
 
-os.environ.update(default_launch_env())  # single-process rendezvous, a free port
+set_launch_env()  # single-process rendezvous, a free port
 
 AIO_OK, AIO_WHY = aio_compatible()
 requires_aio = pytest.mark.skipif(
@@ -100,19 +101,8 @@ def train(engine, steps: int, seed: int = 1) -> list[float]:
 
 
 def snapshot(engine) -> dict:
-    """Byte copies of every state buffer, keyed by (state, index).
-
-    Quiesced first, as offload_states does: ZeRO-3 releases gathered params, which then hold no
-    state of their own.
-    """
-    from nvme_tier.deepspeed.locators import discover_buffers, quiesce
-
-    quiesce(engine)
-    out = {}
-    for bufs in discover_buffers(engine).values():
-        for b in bufs:
-            out[b.name] = b.view.clone()
-    return out
+    """Byte copies of every state buffer, scratch included, keyed by name (quiesced first)."""
+    return copy_states(engine, scratch=True)
 
 
 SCRATCH = "contiguous_grad_buffer"

@@ -65,7 +65,7 @@ print("ok")
 @pytest.mark.aio
 def test_aio_requests_do_not_deadlock(tmp_path):
     """Back-to-back requests on one handle: DeepSpeed <0.18.4 keeps the GIL in wait(), and without
-    engine.aio_wait's settling this loop deadlocks within a few hundred requests (0.16.9)."""
+    aio_binding.aio_wait's settling this loop deadlocks within a few hundred requests (0.16.9)."""
     import subprocess
     import sys
 

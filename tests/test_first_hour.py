@@ -142,7 +142,8 @@ print("done")
 @requires_aio
 def test_no_deepspeed_warning_is_attributed_to_nvme_tier_code(tmp_path):
     """DeepSpeed logs its TBW advice from inside the first aio write; its logger names the nearest
-    Python frame, nvme_tier's engine.aio_async_pwrite. A fresh process: the advice is once per process."""
+    Python frame, nvme_tier's aio_async_pwrite (deepspeed/aio_binding.py). A fresh process: the
+    advice is once per process."""
     script = SCRIPT_ONE_AIO_OFFLOAD.format(tests=str(Path(__file__).parent), path=str(tmp_path / "off"))
     env = dict(os.environ)
     for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):

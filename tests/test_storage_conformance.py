@@ -35,7 +35,7 @@ class TestAioBackend(BackendConformance):
 
     def test_thousands_of_requests_complete(self, new_backend):
         """DeepSpeed <0.18.4 keeps the GIL in aio_handle.wait(): a wait that is not settled
-        (engine.aio_wait) deadlocked within a few hundred requests. 2 x 1024 requests here; a hang
+        (deepspeed.aio_binding.aio_wait) deadlocked within a few hundred requests. 2 x 1024 requests here; a hang
         fails CI's time limit."""
         backend = new_backend(staging_budget_bytes=2 * 4096, settings=AioSettings(intra_op_parallelism=1))
         assert backend.chunk_bytes == 4096

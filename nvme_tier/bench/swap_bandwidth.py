@@ -34,7 +34,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nvme_tier.bench.common import MemorySampler, drop_page_cache, machine_info, sync_device, timed  # noqa: E402
+from nvme_tier.bench.common import (  # noqa: E402
+    RssSampler,
+    drop_page_cache,
+    machine_info,
+    methods_table,
+    sync_device,
+    timed,
+)
 from nvme_tier.bench.swap_methods import METHOD_CLASSES, Method
 from nvme_tier.deepspeed.ops import aio_compatible  # noqa: E402
 from nvme_tier.storage import supports_o_direct  # noqa: E402
@@ -103,7 +110,7 @@ class Bench:
                 method = METHOD_CLASSES[name](self, workdir)
                 result = results[name] = Result(page_cache=method.page_cache)
                 gc.collect()
-                with MemorySampler() as mem:
+                with RssSampler(kernel_hwm=True) as mem:
                     method.setup()
                 result.setup_rss = mem.delta
                 methods[name] = method
@@ -128,7 +135,7 @@ class Bench:
         method.prepare_write()
         os.sync()
         gc.collect()
-        with MemorySampler() as mem:
+        with RssSampler(kernel_hwm=True) as mem:
             result.write_s.append(timed(method.write))
         result.round_rss = max(result.round_rss, mem.delta)
         if method.page_cache:
@@ -143,7 +150,7 @@ class Bench:
         if method.page_cache:
             result.cold_reads = dropped if result.cold_reads is None else (result.cold_reads and dropped)
         gc.collect()
-        with MemorySampler() as mem:
+        with RssSampler(kernel_hwm=True) as mem:
             result.read_s.append(timed(method.read))
         result.round_rss = max(result.round_rss, mem.delta)
         result.exact = result.exact and method.result_ok()
@@ -168,23 +175,25 @@ def ratios(methods: dict) -> dict:
     return out
 
 
+HEADER = ["method", "write GB/s", "+sync", "read GB/s", "cold", "RSS +MiB", "pinned MiB", "ok"]
+
+
+def table_row(name: str, m: dict) -> list:
+    return [
+        name,
+        *(
+            f"{x:.2f}" if isinstance(x, float) else None
+            for x in (m["write_GBps"], m["write_plus_sync_GBps"], m["read_GBps"])
+        ),
+        None if m["cold_reads"] is None else str(m["cold_reads"])[:1],
+        f"{m['host_peak_rss_delta_bytes'] / MiB:.0f}",
+        f"{m['pinned_or_staging_bytes'] / MiB:.0f}",
+        "yes" if m["round_trip_exact"] else "NO",
+    ]
+
+
 def print_table(report: dict) -> None:
-    head = f"{'method':<14}{'write GB/s':>11}{'+sync':>8}{'read GB/s':>11}{'cold':>6}{'RSS +MiB':>10}{'pinned MiB':>12}  ok"
-    print(head)
-    print("-" * len(head))
-    for name, m in report["methods"].items():
-        if "skipped" in m:
-            print(f"{name:<14}  skipped: {m['skipped']}")
-            continue
-
-        def f(x, w, p=2):
-            return f"{x:>{w}.{p}f}" if isinstance(x, float) else f"{'-':>{w}}"
-
-        print(
-            f"{name:<14}{f(m['write_GBps'], 11)}{f(m['write_plus_sync_GBps'], 8)}{f(m['read_GBps'], 11)}"
-            f"{'-' if m['cold_reads'] is None else str(m['cold_reads'])[:1]:>6}{m['host_peak_rss_delta_bytes'] / MiB:>10.0f}"
-            f"{m['pinned_or_staging_bytes'] / MiB:>12.0f}  {'yes' if m['round_trip_exact'] else 'NO'}"
-        )
+    print(methods_table(report["methods"], HEADER, table_row))
     for k, v in report["ratios"].items():
         if v is not None:
             print(f"  {k}: {v}")
@@ -208,9 +217,9 @@ def plot(report: dict, out: str) -> None:
     ax.set_xticks(list(xs), names)
     ax.set_ylabel("GB/s (1e9 B/s)")
     m = report["machine"]
-    dev = m["cuda"] or "CPU only"
+    dev = m.get("gpu", "CPU only")
     ax.set_title(
-        f"swap bandwidth, {report['size_bytes'] / 1e9:.2f} GB, {dev}, {m['cpu_count']} cores, {m['path_filesystem']}",
+        f"swap bandwidth, {report['size_bytes'] / 1e9:.2f} GB, {dev}, {m['cpus']} cores, {m['disk']['filesystem']}",
         fontsize=10,
     )
     ax.legend()
@@ -257,6 +266,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> dict:
     if aio_ok and not supports_o_direct(args.path):
         aio_ok, aio_why = False, f"{args.path} does not support O_DIRECT"
 
+    machine = {**machine_info(args.path), "aio_usable": aio_ok, "aio_reason": aio_why}
     methods: dict[str, dict] = {}
     runnable = []
     for name in args.methods:
@@ -272,7 +282,6 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> dict:
             shutil.rmtree(args.path, ignore_errors=True)
     methods = {name: methods[name] for name in args.methods}  # keep the requested order
 
-    machine = machine_info(args.path, aio_ok, aio_why)
     machine["drop_caches_worked"] = bench.drop_ok or drop_page_cache()
     machine["device"] = str(device)
     report = {

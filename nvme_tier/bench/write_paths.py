@@ -33,7 +33,7 @@ from collections.abc import Callable
 
 import torch
 
-from nvme_tier.bench.common import drop_page_cache, machine_info
+from nvme_tier.bench.common import drop_page_cache, machine_info, methods_table
 from nvme_tier.deepspeed.ops import aio_compatible
 from nvme_tier.storage import AioBackend, OwnerInfo, WriterDirectory, supports_o_direct
 
@@ -199,7 +199,7 @@ def run(args: argparse.Namespace) -> dict:
             "read_s": [round(x, 4) for x in read_s],
         }
     return {
-        "machine": machine_info(args.path, aio_ok, aio_why),
+        "machine": {**machine_info(args.path), "aio_usable": aio_ok, "aio_reason": aio_why},
         "size_bytes": nbytes,
         "chunk_bytes": CHUNK,
         "repeats": args.repeats,
@@ -207,19 +207,21 @@ def run(args: argparse.Namespace) -> dict:
     }
 
 
+HEADER = ["method", "write GB/s", "+fsync", "read GB/s", "cold", "cache +MiB", "ok"]
+
+
+def table_row(name: str, m: dict) -> list:
+    return [
+        name,
+        *(f"{m[k]:.2f}" for k in ("write_GBps", "write_plus_fsync_GBps", "read_GBps")),
+        str(m["cold_reads"])[:1],
+        f"{m['page_cache_added_by_write_bytes'] / MiB:.0f}",
+        "yes" if m["round_trip_exact"] else "NO",
+    ]
+
+
 def print_table(report: dict) -> None:
-    head = f"{'method':<13}{'write GB/s':>11}{'+fsync':>8}{'read GB/s':>11}{'cold':>6}{'cache +MiB':>11}  ok"
-    print(head)
-    print("-" * len(head))
-    for name, m in report["methods"].items():
-        if "skipped" in m:
-            print(f"{name:<13}  skipped: {m['skipped']}")
-            continue
-        print(
-            f"{name:<13}{m['write_GBps']:>11.2f}{m['write_plus_fsync_GBps']:>8.2f}{m['read_GBps']:>11.2f}"
-            f"{str(m['cold_reads'])[:1]:>6}{m['page_cache_added_by_write_bytes'] / MiB:>11.0f}"
-            f"  {'yes' if m['round_trip_exact'] else 'NO'}"
-        )
+    print(methods_table(report["methods"], HEADER, table_row))
 
 
 def main(argv: list[str] | None = None) -> dict:
