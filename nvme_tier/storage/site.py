@@ -16,9 +16,9 @@ from ..config import OffloadStatesConfig
 from ..errors import ConfigError, TierIOError
 from ..mounts import log_storage_once
 from ..status import human_bytes
-from . import open_backend, select_backend
 from .base import StorageBackend
 from .manifest import OwnerInfo, WriterDirectory, ensure_root
+from .registry import open_backend, select_backend
 from .stale_writers import clean_writers
 
 log = logging.getLogger("nvme_tier")
