@@ -170,6 +170,44 @@ def test_disk_full_mid_offload(backend, tmp_path):
         assert err.errno == errno.ENOSPC and path in str(err)
 
 
+def test_zarr_metadata_write_failing_late_leaves_no_directory(offload_dir, monkeypatch):
+    """zarr writes an array's metadata and its root group's side by side (asyncio.gather), and a
+    failure of one does not stop the other: the array's write went on creating its directory after
+    nvme_tier had removed the failed array (an empty ``*.zarr`` folder left behind, seen under load
+    with a full disk). Here the root group's write fails at once and the array's fails later."""
+    import threading
+    import time
+
+    import zarr.storage._local as zarr_local
+
+    real_put = zarr_local._put
+    done: list[threading.Event] = []
+
+    def put(path, value, exclusive=False):
+        if path.name != "zarr.json":
+            return real_put(path, value, exclusive=exclusive)
+        if path.parent.name.endswith(".zarr"):  # an array's metadata: fails after making its directory
+            made = threading.Event()
+            done.append(made)
+            time.sleep(0.3)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            made.set()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    engine = make_engine(3, offload_dir, backend="zarr", **MULTI)
+    nvme_tier.attach(engine)
+    train(engine, 1)
+    before = snapshot(engine)
+    monkeypatch.setattr(zarr_local, "_put", put)
+    with pytest.raises(TierIOError):
+        engine.offload_states()
+    monkeypatch.undo()
+    assert done and all(d.wait(5) for d in done)
+    assert data_entries(offload_dir) == [], "a failed array's directory came back after its removal"
+    assert_resident(engine, before)
+    nvme_tier.detach(engine)
+
+
 CHILD = r"""
 import errno, json, os, resource, signal, sys
 sys.path.insert(0, sys.argv[1])

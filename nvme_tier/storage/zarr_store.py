@@ -14,6 +14,7 @@ Compressed arrays go through zarr's array API.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import os
@@ -32,6 +33,22 @@ from .staging import DeviceCopier, HostBuffer, round_up, staging_pool
 
 MiB = 1 << 20
 PAGE = 4096
+
+
+def _settle_zarr_io() -> None:
+    """Wait for zarr's I/O still running after a call of it failed: zarr runs a call's writes side
+    by side (``asyncio.gather``) and the first failure returns while the others go on; one still
+    running (an array's metadata) re-created the array's directory after its removal."""
+    try:
+        from zarr.core.sync import sync  # zarr's own event loop, where its I/O tasks run
+    except ImportError:  # a zarr without it: nothing to wait for that we can reach
+        return
+
+    async def settle() -> None:
+        running = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        await asyncio.gather(*running, return_exceptions=True)
+
+    sync(settle())
 
 
 def _zarr():
@@ -126,6 +143,7 @@ class ZarrBackend(StorageBackend):
                 config={"write_empty_chunks": True},
             )
         except OSError as exc:
+            _settle_zarr_io()
             path = exc.filename or self.directory.file_path(file)
             raise TierIOError(f"cannot create {path}: {exc.strerror}", path, exc.errno) from None
         chunk = array.chunks[0]
@@ -159,6 +177,7 @@ class ZarrBackend(StorageBackend):
             try:
                 array[a:b] = host_array(host)
             except OSError as exc:  # zarr reports no file name: name the array being written
+                _settle_zarr_io()
                 raise TierIOError(
                     f"writing {target} failed: {exc.strerror or exc}", target, exc.errno
                 ) from None
