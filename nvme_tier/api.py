@@ -7,14 +7,13 @@ from typing import Any
 
 from .config import CONFIG_KEY, OffloadStatesConfig
 from .controller import OffloadController
-from .deepspeed.accelerator import rank_of
 from .deepspeed.config_block import engine_config_block
 from .deepspeed.locators import discover_buffers, engine_facts
 from .deepspeed.version import check_deepspeed_version
 from .errors import NvmeTierError
 from .policy import decide
 from .status import format_table
-from .storage.site import StorageSite
+from .storage.site import check_path_at_attach
 from .types import StateKind, StateStatus
 
 _controllers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -58,7 +57,7 @@ def refuse_early(engine: Any, config: OffloadStatesConfig) -> None:
     if buffers.get(StateKind.hp_params) and StateKind.optim_states not in present:
         planned.append(StateKind.optim_states)
     if decide(config, planned).uses_nvme:  # ConfigError when nvme is used without a path
-        StorageSite(config, rank_of(engine), lambda: type(engine.module).__name__).check_path()
+        check_path_at_attach(config)
     if config.host_budget_bytes is not None and not config.path:
         # ConfigError naming host_budget_mb and path when the host copies would spill
         decide(config, present, facts=engine_facts(buffers, present, config.host_budget_bytes))

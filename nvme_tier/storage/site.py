@@ -2,7 +2,7 @@
 chosen and constructed, stale writers' leftovers cleaned, the free space counted.
 
 The controller asks it two things: "open the backend" (lazily, at the first NVMe write) and "is
-there room for these bytes" (before anything moves); attach asks it to check the path early.
+there room for these bytes" (before anything moves); attach checks the path early (``check_path_at_attach``).
 """
 
 from __future__ import annotations
@@ -25,6 +25,29 @@ log = logging.getLogger("nvme_tier")
 FREE_SPACE_MARGIN = 64 << 20
 
 
+def check_path_at_attach(config: OffloadStatesConfig) -> None:
+    """Refuse at attach what the first NVMe offload would refuse an hour into a run.
+
+    A missing last level is created (0700); a missing parent is refused (a typo, not a new
+    directory); a file, a read-only or someone else's directory are refused by ``ensure_root``.
+    """
+    path = config.required_path("the 'nvme' tier keeps its files there")
+    nearest, missing = path, []
+    while not os.path.exists(nearest):  # False also below a file (ENOTDIR)
+        missing.append(nearest)
+        nearest = os.path.dirname(nearest)
+    if not os.path.isdir(nearest):
+        where = "is a file" if nearest == path else f"lies under a file: {nearest!r} is a file"
+        raise ConfigError(f"offload_states.path {path!r} {where}, not a directory")
+    if len(missing) > 1:
+        raise ConfigError(
+            f"offload_states.path {path!r}: its parent {os.path.dirname(path)!r} does not exist "
+            f"(nearest existing directory: {nearest!r}); nvme_tier creates only the last level"
+        )
+    ensure_root(path)
+    log_storage_once(path, log)
+
+
 class StorageSite:
     """Where one engine's NVMe-tier files go, and with which backend."""
 
@@ -37,28 +60,6 @@ class StorageSite:
     @property
     def path(self) -> str:
         return self.config.required_path("the 'nvme' tier keeps its files there")
-
-    def check_path(self) -> None:
-        """Refuse at attach what the first NVMe offload would refuse an hour into a run.
-
-        A missing last level is created (0700); a missing parent is refused (a typo, not a new
-        directory); a file, a read-only or someone else's directory are refused by ``ensure_root``.
-        """
-        path = self.path
-        nearest, missing = path, []
-        while not os.path.exists(nearest):  # False also below a file (ENOTDIR)
-            missing.append(nearest)
-            nearest = os.path.dirname(nearest)
-        if not os.path.isdir(nearest):
-            where = "is a file" if nearest == path else f"lies under a file: {nearest!r} is a file"
-            raise ConfigError(f"offload_states.path {path!r} {where}, not a directory")
-        if len(missing) > 1:
-            raise ConfigError(
-                f"offload_states.path {path!r}: its parent {os.path.dirname(path)!r} does not exist "
-                f"(nearest existing directory: {nearest!r}); nvme_tier creates only the last level"
-            )
-        ensure_root(path)
-        log_storage_once(path, log)
 
     def choose_backend(self) -> str:
         """``auto``/``aio``/``zarr`` resolved for this path, once (the O_DIRECT probe needs the directory)."""
