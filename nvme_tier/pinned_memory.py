@@ -84,12 +84,12 @@ def populate(ptr: int, nbytes: int, threads: int, pool: ThreadPoolExecutor | Non
         for a, b in ranges:
             one(a, b)
         return
-    if pool is not None:
-        for fut in [pool.submit(one, a, b) for a, b in ranges]:
-            fut.result()
-        return
-    with _thread_pool(min(threads, len(ranges))) as own:
-        for fut in [own.submit(one, a, b) for a, b in ranges]:
+    with (
+        contextlib.nullcontext(pool)
+        if pool is not None
+        else _thread_pool(min(threads, len(ranges))) as workers
+    ):
+        for fut in [workers.submit(one, a, b) for a, b in ranges]:
             fut.result()
 
 

@@ -25,13 +25,17 @@ log = logging.getLogger("nvme_tier")
 FREE_SPACE_MARGIN = 64 << 20
 
 
+def _path_of(config: OffloadStatesConfig) -> str:
+    return config.required_path("the 'nvme' tier keeps its files there")
+
+
 def check_path_at_attach(config: OffloadStatesConfig) -> None:
     """Refuse at attach what the first NVMe offload would refuse an hour into a run.
 
     A missing last level is created (0700); a missing parent is refused (a typo, not a new
     directory); a file, a read-only or someone else's directory are refused by ``ensure_root``.
     """
-    path = config.required_path("the 'nvme' tier keeps its files there")
+    path = _path_of(config)
     nearest, missing = path, []
     while not os.path.exists(nearest):  # False also below a file (ENOTDIR)
         missing.append(nearest)
@@ -59,7 +63,7 @@ class StorageSite:
 
     @property
     def path(self) -> str:
-        return self.config.required_path("the 'nvme' tier keeps its files there")
+        return _path_of(self.config)
 
     def choose_backend(self) -> str:
         """``auto``/``aio``/``zarr`` resolved for this path, once (the O_DIRECT probe needs the directory)."""
