@@ -20,14 +20,13 @@ from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
 from typing import Self
 
-import google_crc32c
 import torch
 
 from ..config import AioSettings, OffloadStatesConfig
 from ..deepspeed import aio_binding  # the op's calls differ by DeepSpeed version; settled per request
 from ..errors import BackendUnavailableError, IntegrityError, TierIOError
 from . import aio_handles
-from .base import Capabilities, StorageBackend, chunk_ranges, crc32c
+from .base import Capabilities, StorageBackend, chunk_ranges, crc32c, crc32c_of_buffer
 from .manifest import TensorRecord, WriterDirectory
 from .staging import DeviceCopier, round_down, round_up, staging_pool
 
@@ -276,7 +275,7 @@ class AioBackend(StorageBackend):
                     raise TierIOError(
                         f"reading back {path} at offset {offset} failed: {exc.strerror}", path, exc.errno
                     ) from None
-                if got != PAGE or google_crc32c.value(page[:]) != expected:
+                if got != PAGE or crc32c_of_buffer(page) != expected:
                     raise TierIOError(
                         f"{path}: the async_io op reported the write done, but the {PAGE} B at offset "
                         f"{offset} do not hold what was written (the op drops per-request errors: a "

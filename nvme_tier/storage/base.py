@@ -16,7 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, ClassVar, Self
 
-import google_crc32c
+import crc32c as crc32c_lib
 import numpy as np
 import torch
 
@@ -66,8 +66,19 @@ def host_array(host_bytes: torch.Tensor) -> np.ndarray:
 
 
 def crc32c(host_bytes: torch.Tensor) -> int:
-    """crc32c of a CPU uint8 tensor (hardware-accelerated in google-crc32c)."""
-    return google_crc32c.value(host_array(host_bytes)) if host_bytes.numel() else 0
+    """crc32c of a CPU uint8 tensor, computed with the GIL released (see ``crc32c_of_buffer``)."""
+    return crc32c_of_buffer(host_array(host_bytes)) if host_bytes.numel() else 0
+
+
+def crc32c_of_buffer(data: Any) -> int:
+    """crc32c of any contiguous buffer (numpy array, mmap, bytes), hardware-accelerated.
+
+    Always with the GIL released: backend workers checksum 128 MiB staging chunks while the
+    caller's thread runs another model, and PyTorch takes the GIL back after every op, so a
+    checksum that kept it (google-crc32c does, for anything but ``bytes`` of >= 1 MiB) would
+    stall each of the caller's ops for the whole chunk (docs/design.md, "No GIL in the background").
+    """
+    return crc32c_lib.crc32c(data, gil_release_mode=1)
 
 
 def chunk_ranges(nbytes: int, chunk: int) -> list[tuple[int, int]]:
