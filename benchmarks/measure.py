@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
 import sys
 from collections.abc import Sequence
@@ -61,6 +62,45 @@ def fsync_tree(path: str) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+
+
+def raw_aio_bandwidth(path: str, nbytes: int, rounds: int = 2) -> dict[str, Any] | None:
+    """The disk's own speed under ``path``: DeepSpeed's aio op writing, then reading, one page-locked
+    buffer of ``nbytes`` in one request (O_DIRECT, default aio settings), best of ``rounds``.
+    None where the op does not load (no libaio)."""
+    import torch
+
+    from nvme_tier.bench.swap_methods import RawAio
+
+    nbytes = max(64 * MiB, nbytes // (64 * MiB) * (64 * MiB))  # O_DIRECT split over the op's threads
+
+    class Inputs:  # what the method takes from a runner: the same bytes out and back
+        src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8)
+        dst = src
+        staging = 0
+
+    Inputs.nbytes = nbytes
+    workdir = os.path.join(path, "raw_aio_probe")
+    os.makedirs(workdir, exist_ok=True)
+    method = RawAio(Inputs, workdir)
+    try:
+        method.setup()
+    except Exception as exc:  # no libaio / the op does not build: no disk bound, said why
+        print(f"raw aio bandwidth not measured: {exc}", flush=True)
+        return None
+    writes, reads = [], []
+    try:
+        for _ in range(rounds):
+            method.prepare_write()
+            writes.append(timed(method.write))
+            method.prepare_read()
+            reads.append(timed(method.read))
+        if not method.result_ok():
+            raise RuntimeError("the raw aio probe read back other bytes than it wrote")
+    finally:
+        method.teardown()
+        shutil.rmtree(workdir, ignore_errors=True)
+    return {"nbytes": nbytes, "write_Bps": nbytes / min(writes), "read_Bps": nbytes / min(reads)}
 
 
 # -- reporting -------------------------------------------------------------------------------------
