@@ -14,6 +14,7 @@ from faults import assert_resident, data_entries, install
 
 import nvme_tier
 from nvme_tier import host_budget
+from nvme_tier.deepspeed.locators import buffers_present
 from nvme_tier.errors import ConfigError, TierIOError
 from nvme_tier.host_budget import HostMemoryBudget
 from nvme_tier.policy import SPLIT_ALIGN
@@ -39,11 +40,6 @@ def fresh_budget(monkeypatch):
             nvme_tier.detach(engine)
 
 
-def data_bytes(engine) -> int:
-    """Bytes of the states that hold data (scratch is discarded, not kept anywhere)."""
-    return sum(e.bytes for e in nvme_tier.offload_status(engine).values() if e.state != SCRATCH)
-
-
 def by_tier(engine, tier: str) -> int:
     return sum(e.bytes_by_tier.get(tier, 0) for e in nvme_tier.offload_status(engine).values())
 
@@ -54,7 +50,7 @@ def half_budget_engine(path, backend: str, made: list, **offload):
     engine = make_engine(**kwargs)
     made.append(engine)
     losses = train(engine, 2, seed=1)
-    wanted = data_bytes(engine)
+    wanted = sum(n for kind, n in buffers_present(engine).items() if kind.value != SCRATCH)
     host_mb = STAGING_MB + wanted // 2 // MiB
     block = {"path": str(path), "backend": backend, "staging_budget_mb": STAGING_MB, "progress": False}
     controller = nvme_tier.attach(engine, {**block, "host_budget_mb": host_mb, **offload})
@@ -71,6 +67,7 @@ def test_half_budget_host_holds_the_budget_and_disk_the_rest(device, backend, of
     before = snapshot(engine)
     engine.offload_states()
     status = nvme_tier.offload_status(engine)
+    assert controller.last_stats["offload"].bytes_to_host == by_tier(engine, "pinned_cpu")
     host, disk = by_tier(engine, "pinned_cpu"), by_tier(engine, "nvme")
     states = sum(1 for e in status.values() if e.state != SCRATCH)
     if device == "nvme":  # optim_states go to disk by policy; the rest fits the host
@@ -139,12 +136,15 @@ def test_auto_budget_defaults_to_half_the_available_memory(offload_dir, fresh_bu
     assert "host budget" in table and "auto" in table and "2 local ranks" in table, table
 
 
+# NVMe writes of the half-budget engine: optim_states.0, optim_states.1, then the split lp_grads'
+# disk part (its host part is copied meanwhile, and freed at return when non-blocking).
+@pytest.mark.parametrize("fail_at", [1, 3])
 @pytest.mark.parametrize("non_blocking", [False, True])
-def test_failed_split_write_leaves_every_byte_where_it_was(non_blocking, offload_dir, fresh_budget):
+def test_failed_split_write_leaves_every_byte_where_it_was(non_blocking, fail_at, offload_dir, fresh_budget):
     _budget, made = fresh_budget
     engine, controller, kwargs, *_ = half_budget_engine(offload_dir, "zarr", made, device="auto")
     before = snapshot(engine)
-    injector = install(controller, fail_at=1)  # the first NVMe part written fails
+    injector = install(controller, fail_at=fail_at)
     with pytest.raises(TierIOError):
         engine.offload_states(non_blocking=non_blocking)
         nvme_tier.wait(engine)
@@ -161,7 +161,7 @@ def test_fault_in_a_host_part_copy_while_its_disk_part_is_written(exc, offload_d
     _budget, made = fresh_budget
     engine, controller, *_ = half_budget_engine(offload_dir, "zarr", made, device="auto")
     before = snapshot(engine)
-    injector = install(controller, copy_fail_at=1, copy_exc=exc)
+    injector = install(controller, copy_fail_at=3, copy_exc=exc)  # hp, lp, then lp_grads' host part
     with pytest.raises(exc, match="injected fault"):
         engine.offload_states()
     assert data_entries(offload_dir) == []
