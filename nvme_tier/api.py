@@ -93,7 +93,9 @@ def format_status(engine: Any) -> str:
     """``offload_status`` as a table, and what the host budget came to (``device: "auto"``: computed)."""
     controller = controller_of(engine)
     budget = process_budget()
-    limit = "" if budget.limit == controller.host_limit else f"; this process's: {human_bytes(budget.limit or 0)}"
+    limit = (
+        "" if budget.limit == controller.host_limit else f"; this process's: {human_bytes(budget.limit or 0)}"
+    )
     held = f"; held now: {human_bytes(budget.reserved)}"
     return format_table(controller.status(), f"host budget: {controller.limit_source}{limit}{held}")
 

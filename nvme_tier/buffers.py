@@ -102,7 +102,9 @@ def cut(buffers: list[StateBuffer], items: Iterable[PlanItem]) -> list[tuple[Sta
             raise ValueError(f"plan items {ranges} do not cover {whole.name} ({whole.nbytes} B) exactly once")
         shared = _SharedStorage(whole)
         for k, item in enumerate(ranges):
-            part = BufferPart(whole.kind, f"{whole.name}.part{k}", whole.view[item.start : item.stop], shared=shared)
+            part = BufferPart(
+                whole.kind, f"{whole.name}.part{k}", whole.view[item.start : item.stop], shared=shared
+            )
             shared.held.add(id(part))
             out.append((part, item.tier))
     return out

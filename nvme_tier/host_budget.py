@@ -186,7 +186,10 @@ def resolve_limit(configured: int | None, auto: bool, held: int = 0) -> tuple[in
     available, ranks = psutil.virtual_memory().available + held, local_ranks()
     limit = auto_limit(available, ranks)
     per = f" / {ranks} local ranks" if ranks > 1 else ""
-    return limit, f"{_gib(limit)} (device 'auto': {AUTO_SHARE:.0%} of {_gib(available)} available at attach{per})"
+    return (
+        limit,
+        f"{_gib(limit)} (device 'auto': {AUTO_SHARE:.0%} of {_gib(available)} available at attach{per})",
+    )
 
 
 def _gib(nbytes: int) -> str:

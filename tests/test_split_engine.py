@@ -113,7 +113,9 @@ def test_nvme_ratio_puts_that_share_of_the_state_on_disk(offload_dir, fresh_budg
     before = snapshot(engine)
     engine.offload_states()
     optim = nvme_tier.offload_status(engine)["optim_states"]
-    assert optim.bytes_by_tier["nvme"] >= optim.bytes // 2 > optim.bytes_by_tier["pinned_cpu"] - 2 * SPLIT_ALIGN
+    assert (
+        optim.bytes_by_tier["nvme"] >= optim.bytes // 2 > optim.bytes_by_tier["pinned_cpu"] - 2 * SPLIT_ALIGN
+    )
     assert not optim.spilled and optim.tier in ("nvme", "pinned_cpu")
     engine.reload_states()
     assert_same_states(before, snapshot(engine))

@@ -86,12 +86,17 @@ def test_nvme_ratio_splits_a_state_like_zero_offload_plus_plus():
     tight = decide(c, list(BUFFERS), facts=facts(8 * MiB + 3 * MiB))
     assert on(tight, HOST) == 8 * MiB + 3 * MiB and tight.spilled == {OPTIM}
     # policy names the host part's tier; pin_memory=False makes it pageable
-    pageable = decide(cfg(nvme_ratio={"optim_states": 0.5}, policy={"optim_states": "cpu"}), [OPTIM], facts=facts(None))
+    pageable = decide(
+        cfg(nvme_ratio={"optim_states": 0.5}, policy={"optim_states": "cpu"}), [OPTIM], facts=facts(None)
+    )
     assert {i.tier for i in pageable.split[OPTIM]} == {Tier.cpu, Tier.nvme}
     unpinned = decide(c, [OPTIM], pin_memory=False, facts=facts(None))
     assert {i.tier for i in unpinned.split[OPTIM]} == {Tier.cpu, Tier.nvme}
     # ratio 0 keeps it all on the host, 1 all on disk; an explicit device=cpu call never touches the disk
-    assert decide(cfg(nvme_ratio={"optim_states": 0}), [OPTIM], facts=facts(None)).tiers[OPTIM] is Tier.pinned_cpu
+    assert (
+        decide(cfg(nvme_ratio={"optim_states": 0}), [OPTIM], facts=facts(None)).tiers[OPTIM]
+        is Tier.pinned_cpu
+    )
     assert decide(cfg(nvme_ratio={"optim_states": 1}), [OPTIM], facts=facts(None)).tiers[OPTIM] is Tier.nvme
     assert not decide(c, list(BUFFERS), device="cpu", facts=facts(None)).uses_nvme
 
@@ -99,7 +104,11 @@ def test_nvme_ratio_splits_a_state_like_zero_offload_plus_plus():
 @pytest.mark.parametrize(
     "block,culprit,why",
     [
-        ({"nvme_ratio": {"optim_states": 1.5}}, "offload_states.nvme_ratio.optim_states", "less than or equal to 1"),
+        (
+            {"nvme_ratio": {"optim_states": 1.5}},
+            "offload_states.nvme_ratio.optim_states",
+            "less than or equal to 1",
+        ),
         ({"nvme_ratio": {"optim_states": -0.1}}, "offload_states.nvme_ratio.optim_states", "greater than"),
         ({"nvme_ratio": {"optim_states": "half"}}, "offload_states.nvme_ratio.optim_states", "number"),
         ({"nvme_ratio": {"moments": 0.5}}, "offload_states.nvme_ratio.moments", "optim_states"),
