@@ -120,8 +120,9 @@ class OffloadStatesConfig(_Strict):
         description=(
             "Host RAM nvme_tier may hold for the whole process (host copies of cpu/pinned_cpu states, "
             "pinned copies kept for reuse, staging), in MiB; null: unlimited. Shared by every engine "
-            "of the process (the smallest value set applies); states whose host copies do not fit "
-            "go to nvme instead (needs path)."
+            "of the process (the smallest value set applies); host copies fill it in priority order "
+            "and what does not fit goes to nvme (the state crossing it split between both; needs "
+            "path). With device 'auto', null means half the available memory at attach per local rank."
         ),
     )
     preallocate: bool = Field(

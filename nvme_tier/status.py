@@ -24,7 +24,8 @@ def build_status(
             by_tier: dict[str, int] = {}
             for p in moved:
                 by_tier[p.tier.value] = by_tier.get(p.tier.value, 0) + p.buffer.nbytes
-            tier = max(by_tier, key=lambda t: by_tier[t])  # a split state: the tier holding most of it
+            # A state split between host and disk reports nvme: its reload needs the disk.
+            tier = Tier.nvme.value if Tier.nvme.value in by_tier else next(iter(by_tier))
             nbytes = sum(by_tier.values())
             where = " + ".join(
                 _where(Tier(t), nvme_dir, device) + (f" {human_bytes(n)}" if len(by_tier) > 1 else "")

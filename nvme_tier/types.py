@@ -82,8 +82,8 @@ class StateStatus:
     phase: str = OffloadPhase.resident.value
     bytes_in_flight: int = 0  # bytes of a non-blocking offload not yet known safe elsewhere
     spilled: bool = False  # (partly) on nvme because the process's host budget could not hold its host copy
-    # bytes per tier ({"pinned_cpu": ..., "nvme": ...} for a state split between them); ``tier`` is
-    # the one holding most of them
+    # bytes per tier ({"pinned_cpu": ..., "nvme": ...} for a state split between them, whose
+    # ``tier`` is "nvme": its reload needs the disk)
     bytes_by_tier: Mapping[str, int] = field(default_factory=dict)
 
     def __getitem__(self, key: str):
