@@ -173,3 +173,17 @@ def test_parts_of_one_storage_free_it_together_and_restore_it_whole():
     assert cut([whole], (PlanItem(0, 0, 64, Tier.nvme),)) == [(whole, Tier.nvme)]
     with pytest.raises(ValueError, match="cover"):
         cut([whole], (PlanItem(0, 0, 16, Tier.pinned_cpu), PlanItem(0, 32, 64, Tier.nvme)))
+
+
+def test_check_says_what_the_auto_budget_came_to(tmp_path, capsys, monkeypatch):
+    import json
+
+    from nvme_tier import cli
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    config = tmp_path / "ds.json"
+    config.write_text(json.dumps({"offload_states": {"device": "auto", "path": str(tmp_path)}}))
+    cli.main(["check", "--json", "--config", str(config)])
+    checks = {c["name"]: c for c in json.loads(capsys.readouterr().out)}
+    detail = checks["host budget"]["detail"]
+    assert "device 'auto': 50% of" in detail and "available at attach / 4 local ranks" in detail, detail
