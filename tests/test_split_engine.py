@@ -194,3 +194,22 @@ def test_ctrl_c_while_freeing_a_split_state_loses_nothing(offload_dir, fresh_bud
     assert any(len(e.bytes_by_tier) > 1 for e in status.values()), status
     engine.reload_states()
     assert_same_states(before, snapshot(engine))
+
+
+def test_a_split_point_that_moves_rewrites_the_disk_part(offload_dir, fresh_budget):
+    """Another engine takes host room between cycles: the cut moves, the disk part is rewritten whole."""
+    budget, made = fresh_budget
+    engine, controller, *_ = half_budget_engine(offload_dir, "zarr", made, device="auto")
+    before = snapshot(engine)
+    engine.offload_states()
+    first = by_tier(engine, "nvme")
+    entries = data_entries(offload_dir)
+    engine.reload_states()
+    assert budget.reserve(3 * MiB)  # as if another engine's host copies held 3 MiB
+    engine.offload_states()
+    assert by_tier(engine, "nvme") == first + 3 * MiB
+    assert controller.last_stats["offload"].bytes_written > 0
+    engine.reload_states()
+    assert_same_states(before, snapshot(engine))
+    budget.release(3 * MiB)
+    assert len(data_entries(offload_dir)) == len(entries)  # the same files, none left over
