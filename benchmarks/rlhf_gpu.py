@@ -26,6 +26,10 @@ Modes, same loop and same fixed work:
 * upstream_cpu  DeepSpeed's own offload_states(device=cpu, pin_memory=True, non_blocking=True),
                 nvme_tier not attached
 * pinned_cpu    nvme_tier with {"device": "cpu"} (everything in page-locked host RAM)
+* auto          nvme_tier with {"device": "auto", "path": ...}: host first, NVMe for the rest
+                (budget: --host-budget-mb, else auto's default); auto_b50 / auto_b25: a host
+                budget of 50 % / 25 % of the bytes the two trained engines offload (+ staging).
+                Each iteration records disk_bytes (written, read) and each mode bytes_by_tier.
 
 Iterations vary by +-20 % between runs of one mode, so every figure is a median over the steady
 iterations (all but the first; at least 8 by default), with its spread (min, quartiles, max), and
@@ -70,6 +74,8 @@ sys.modules.setdefault("cupy", None)
 from measure import GB, machine_info, raw_aio_bandwidth, set_launch_env, sync_device, timed  # noqa: E402  (benchmarks/ is sys.path[0] for a script)
 
 MODES = ("resident", "nvme", "upstream_cpu", "pinned_cpu")
+AUTO_SHARES = {"auto": None, "auto_b50": 0.5, "auto_b25": 0.25}  # host budget: share of offloaded bytes
+ATTACHED = ("nvme", "pinned_cpu", *AUTO_SHARES)  # the modes that attach nvme_tier
 PHASES = (
     "actor_wait",
     "actor_train",
@@ -325,7 +331,7 @@ class Loop:
             timed_blocking = self.args.blocking_transfers and mode != "resident"
             blocking = mover.blocking_transfers() if timed_blocking else {}
         finally:
-            if mode in ("nvme", "pinned_cpu"):
+            if mode in ATTACHED:
                 nvme_tier.detach(actor)
                 nvme_tier.detach(critic)
         steady = iters[1:] if len(iters) > 1 else iters
@@ -341,6 +347,7 @@ class Loop:
             "steady_phases_spread_s": {p: spread([r["phases_s"][p] for r in steady]) for p in PHASES},
             "steady_disk_bytes": disk,
             "blocking_transfers": blocking,
+            "bytes_by_tier": mover.placed,
             "losses_finite": all(torch.isfinite(torch.tensor(v)).all().item() for v in self.losses.values()),
         }
 
@@ -354,10 +361,14 @@ class Transfers:
         self.mode = mode
         self.cuda = torch.cuda.is_available()
         self.done: list[Any] = []  # nvme_tier's TransferStats of the transfers finished since last asked
-        if mode in ("nvme", "pinned_cpu"):
+        self.placed: dict[str, dict] = {}
+        if mode in ATTACHED:
+            block = {"device": {"nvme": "nvme", "pinned_cpu": "cpu"}.get(mode, "auto"), "progress": False}
+            budget_mb = auto_budget_mb(mode, (actor, critic), args)
+            if budget_mb is not None:
+                block["host_budget_mb"] = budget_mb
             for name, engine in (("actor", actor), ("critic", critic)):
-                block = {"device": "nvme" if mode == "nvme" else "cpu", "progress": False}
-                if mode == "nvme":
+                if mode != "pinned_cpu":
                     block.update(path=os.path.join(args.path, name), backend=args.backend)
                 nvme_tier.attach(engine, block)
         self.engines = (actor, critic)
@@ -379,7 +390,7 @@ class Transfers:
     def wait(self, engine) -> None:
         """Until ``engine`` may compute: nvme_tier's wait; upstream's copies are on the compute
         stream, so a device sync is what the next step would wait for."""
-        if self.mode in ("nvme", "pinned_cpu"):
+        if self.mode in ATTACHED:
             import nvme_tier
 
             nvme_tier.wait(engine)
@@ -399,7 +410,7 @@ class Transfers:
         """Seconds and NVMe bytes of nvme_tier's transfers finished since the last call (in steady
         iterations: one offload and one reload of each trained engine)."""
         done, self.done = self.done, []
-        seconds = rnd(sum(s.seconds for s in done)) if self.mode in ("nvme", "pinned_cpu") else None
+        seconds = rnd(sum(s.seconds for s in done)) if self.mode in ATTACHED else None
         return {
             "transfer_s_in_loop": seconds,
             "disk_bytes": {
@@ -423,10 +434,26 @@ class Transfers:
             else:
                 nvme_tier.mark_dirty(engine)  # as after training: the states must be written
                 off = timed(lambda e=engine: e.offload_states(non_blocking=False))
+                status = nvme_tier.offload_status(engine).items()  # where each byte went, per tier
+                self.placed[name] = {state: dict(e.bytes_by_tier) for state, e in status}
                 rel = timed(lambda e=engine: e.reload_states(non_blocking=False))
             out[name] = {"offload_s": rnd(off), "reload_s": rnd(rel)}
         out["per_iteration_s"] = rnd(sum(v["offload_s"] + v["reload_s"] for v in out.values()))
         return out
+
+
+def auto_budget_mb(mode: str, engines, args) -> int | None:
+    """auto_b50/auto_b25: that share of the bytes the engines offload (their states but the scratch
+    buffer, measured resident), plus the staging the budget also covers; auto: --host-budget-mb."""
+    from nvme_tier.deepspeed.locators import buffers_present
+
+    share = AUTO_SHARES.get(mode)
+    if share is None:
+        return args.host_budget_mb if mode == "auto" else None
+    offloaded = sum(
+        n for e in engines for kind, n in buffers_present(e).items() if kind.value != "contiguous_grad_buffer"
+    )
+    return 512 + int(share * offloaded) // (1 << 20)  # 512: the default staging_budget_mb
 
 
 def reset_peak() -> None:
@@ -522,7 +549,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", help="write the JSON here (again after every mode)")
     p.add_argument("--plot", help="write a PNG of per-phase times here")
     p.add_argument("--tiny", action="store_true", help="a few-M-param Llama: checks the loop on CPU")
-    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    p.add_argument("--modes", nargs="+", choices=(*MODES, *AUTO_SHARES), default=list(MODES))
+    p.add_argument("--host-budget-mb", type=int, help="host_budget_mb of mode auto (default: auto's own)")
     p.add_argument("--backend", default="auto", choices=("auto", "aio", "zarr"))
     p.add_argument("--iters", type=int, default=9, help="iterations per mode; the first is left out")
     p.add_argument("--blocking-transfers", action="store_true", help="also time the transfers run blocking")

@@ -11,8 +11,9 @@ from .deepspeed.config_block import engine_config_block
 from .deepspeed.locators import discover_buffers, engine_facts
 from .deepspeed.version import check_deepspeed_version
 from .errors import NvmeTierError
+from .host_budget import process_budget
 from .policy import decide
-from .status import format_table
+from .status import format_table, human_bytes
 from .storage.site import check_path_at_attach
 from .types import StateKind, StateStatus
 
@@ -89,7 +90,14 @@ def offload_status(engine: Any) -> dict[str, StateStatus]:
 
 
 def format_status(engine: Any) -> str:
-    return format_table(offload_status(engine))
+    """``offload_status`` as a table, and what the host budget came to (``device: "auto"``: computed)."""
+    controller = controller_of(engine)
+    budget = process_budget()
+    limit = (
+        "" if budget.limit == controller.host_limit else f"; this process's: {human_bytes(budget.limit or 0)}"
+    )
+    held = f"; held now: {human_bytes(budget.reserved)}"
+    return format_table(controller.status(), f"host budget: {controller.limit_source}{limit}{held}")
 
 
 def wait(engine: Any) -> None:

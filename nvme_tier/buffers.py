@@ -1,5 +1,5 @@
 """``StateBuffer``: one storage of an engine state, as the DeepSpeed glue finds it and the tiers move it;
-``Placed``: where one of them went.
+``BufferPart``: a byte range of one, when a plan splits it between tiers; ``Placed``: where one went.
 
 It stands below both: ``deepspeed/locators.py`` makes them from an engine's tensors, ``tiers.py``
 frees, copies and restores them.
@@ -7,11 +7,14 @@ frees, copies and restores them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from itertools import groupby
 
 import torch
 
-from .types import StateKind, Tier
+from .types import PlanItem, StateKind, Tier
 
 
 @dataclass(eq=False)
@@ -50,6 +53,61 @@ class StateBuffer:
     def restore(self) -> None:
         """Re-grow the same storage (contents undefined until filled): every view is valid again."""
         self.view.untyped_storage().resize_(self.nbytes)
+
+
+class _SharedStorage:
+    """The parts of one storage: it is freed once every part is released, re-grown whole by the first restored.
+
+    A part's range cannot be freed alone (the storage is one allocation), and must not be freed
+    while another part's bytes are still being copied or written.
+    """
+
+    def __init__(self, whole: StateBuffer):
+        self.whole = whole
+        self.held: set[int] = set()
+        self.lock = threading.Lock()
+
+
+@dataclass(eq=False, kw_only=True)
+class BufferPart(StateBuffer):
+    """A byte range of a buffer, moved to one tier while the rest of it goes to another."""
+
+    shared: _SharedStorage = field(repr=False)
+
+    def free(self) -> None:
+        """Release this part; the storage is freed when the last part of it is."""
+        with self.shared.lock:
+            self.shared.held.discard(id(self))
+            if not self.shared.held and not self.is_freed:
+                StateBuffer.free(self.shared.whole)
+
+    def restore(self) -> None:
+        with self.shared.lock:
+            self.shared.held.add(id(self))
+            if self.is_freed:
+                StateBuffer.restore(self.shared.whole)
+
+
+def cut(buffers: list[StateBuffer], items: Iterable[PlanItem]) -> list[tuple[StateBuffer, Tier]]:
+    """Each plan item's buffer with its tier: the buffer itself when the item covers it whole,
+    else a ``BufferPart`` per item (named ``<buffer>.part<k>``: a stable file and host-copy name)."""
+    out: list[tuple[StateBuffer, Tier]] = []
+    for index, group in groupby(items, key=lambda item: item.buffer):
+        whole, ranges = buffers[index], list(group)
+        if len(ranges) == 1 and (ranges[0].start, ranges[0].stop) == (0, whole.nbytes):
+            out.append((whole, ranges[0].tier))
+            continue
+        bounds = [0] + [i.stop for i in ranges]
+        if [i.start for i in ranges] != bounds[:-1] or bounds[-1] != whole.nbytes:
+            raise ValueError(f"plan items {ranges} do not cover {whole.name} ({whole.nbytes} B) exactly once")
+        shared = _SharedStorage(whole)
+        for k, item in enumerate(ranges):
+            part = BufferPart(
+                whole.kind, f"{whole.name}.part{k}", whole.view[item.start : item.stop], shared=shared
+            )
+            shared.held.add(id(part))
+            out.append((part, item.tier))
+    return out
 
 
 @dataclass(eq=False)

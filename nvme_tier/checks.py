@@ -222,6 +222,18 @@ def check_path(
         logger.setLevel(level)
 
 
+def check_host_budget(config: OffloadStatesConfig) -> Iterator[Check]:
+    """What the host copies may take, as attach would set it (device 'auto': computed from free memory)."""
+    from .host_budget import resolve_limit
+
+    limit, source = resolve_limit(config.host_budget_bytes, config.device == "auto")
+    if limit is None and config.device == "cpu":
+        hint = "host copies may take all of RAM: set host_budget_mb, or device 'auto' (needs path)"
+        yield Check("host budget", INFO, source, hint)
+    else:
+        yield Check("host budget", OK if limit is not None else INFO, source)
+
+
 def run_checks(path: str | None = None, config: OffloadStatesConfig | None = None) -> list[Check]:
     """Every check, in report order. ``config`` supplies the staging budget and backend to test."""
     from .deepspeed.ops import aio_compatible
@@ -233,6 +245,7 @@ def run_checks(path: str | None = None, config: OffloadStatesConfig | None = Non
         *check_aio(),
         *check_ops(aio_usable=aio_compatible()[0]),
         *check_memlock(config.staging_budget_bytes),
+        *check_host_budget(config),
     ]
     path = path or config.path
     if path:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -64,9 +64,14 @@ class ZarrSettings(_Strict):
 class OffloadStatesConfig(_Strict):
     """Where an idle engine's states go and how they get there."""
 
-    device: Literal["nvme", "cpu"] = Field(
+    device: Literal["nvme", "cpu", "auto"] = Field(
         "nvme",
-        description="Base policy: 'nvme' (optimizer states to disk) or 'cpu' (everything in host RAM).",
+        description=(
+            "Base policy: 'nvme' (optimizer states to disk), 'cpu' (everything in host RAM) or 'auto' "
+            "(host first, filled to the host budget, NVMe for the rest; needs path; without "
+            "host_budget_mb the budget is half the host's available memory at attach, divided among "
+            "the local ranks; see docs/policy.md)."
+        ),
     )
     path: str | None = Field(
         None, description="Directory for NVMe files; required when any state goes to nvme."
@@ -77,6 +82,14 @@ class OffloadStatesConfig(_Strict):
     )
     policy: dict[StateKind, Tier] = Field(
         default_factory=dict, description='Per-state tier overrides, e.g. {"hp_params": "nvme"}.'
+    )
+    nvme_ratio: dict[StateKind, Annotated[float, Field(ge=0, le=1)]] = Field(
+        default_factory=dict,
+        description=(
+            'Per state, the share of its bytes written to NVMe, e.g. {"optim_states": 0.5} (like '
+            "ZeRO-Offload++'s ratio); the rest stays in host memory (the state's policy tier when that "
+            "is cpu or pinned_cpu, else pinned_cpu). Needs path."
+        ),
     )
     include: list[StateKind] | None = Field(None, description="States offloaded by default (None: all).")
     pin_memory: bool = Field(
@@ -107,8 +120,9 @@ class OffloadStatesConfig(_Strict):
         description=(
             "Host RAM nvme_tier may hold for the whole process (host copies of cpu/pinned_cpu states, "
             "pinned copies kept for reuse, staging), in MiB; null: unlimited. Shared by every engine "
-            "of the process (the smallest value set applies); states whose host copies do not fit "
-            "go to nvme instead (needs path)."
+            "of the process (the smallest value set applies); host copies fill it in priority order "
+            "and what does not fit goes to nvme (the state crossing it split between both; needs "
+            "path). With device 'auto', null means half the available memory at attach per local rank."
         ),
     )
     preallocate: bool = Field(
@@ -149,6 +163,31 @@ class OffloadStatesConfig(_Strict):
                     {"state": state.value, "scratch": StateKind.contiguous_grad_buffer.value},
                 )
         return policy
+
+    @field_validator("nvme_ratio")
+    @classmethod
+    def _ratio_only_for_data(cls, ratios: dict[StateKind, float]) -> dict[StateKind, float]:
+        for state in ratios:
+            if not state.holds_data:
+                raise PydanticCustomError(
+                    "ratio_of_scratch",
+                    "'{scratch}' is rebuilt on every step, not stored: discard it instead",
+                    {"state": state.value, "scratch": state.value},
+                )
+        return ratios
+
+    @model_validator(mode="after")
+    def _ratio_leaves_a_host_part(self) -> OffloadStatesConfig:
+        """A split's host part takes the state's host tier: a policy placing it elsewhere contradicts it."""
+        for state in self.nvme_ratio:
+            tier = self.policy.get(state)
+            if tier is not None and tier not in (Tier.cpu, Tier.pinned_cpu):
+                raise ValueError(
+                    f"nvme_ratio.{state.value} splits {state.value} between host memory and nvme, but "
+                    f"policy.{state.value} places it on '{tier.value}'; remove one of them (policy may "
+                    "only name the host part's tier: cpu or pinned_cpu)"
+                )
+        return self
 
     @model_validator(mode="after")
     def _budget_holds_staging(self) -> OffloadStatesConfig:
@@ -198,7 +237,7 @@ def _explain(exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():
         ctx = err.get("ctx") or {}
-        loc = (*err["loc"], ctx["state"]) if err["type"] == "discard_loses_data" else err["loc"]
+        loc = (*err["loc"], ctx["state"]) if "state" in ctx else err["loc"]
         where = ".".join(_loc_part(p) for p in (CONFIG_KEY, *loc))
         if err["type"] == "extra_forbidden":
             # Name the keys allowed where the culprit is (top level, aio or zarr), not elsewhere.

@@ -36,6 +36,8 @@ STATE_HELP: dict[StateKind, str] = {
 
 def _type_name(annotation: Any) -> str:
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Annotated:
+        return _type_name(args[0])
     if origin is Literal:
         return "string"
     if origin in (typing.Union, types.UnionType):
@@ -67,8 +69,10 @@ def _allowed(field: FieldInfo) -> str:
         origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin is Literal:
         return ", ".join(f"`{a}`" for a in args)
-    if origin is dict:
+    if origin is dict and args[1] is Tier:
         return "keys: states; values: tiers (see below)"
+    if origin is dict:
+        return "keys: states; values: " + _allowed(FieldInfo.from_annotation(args[1]))
     if origin is list and args and args[0] is StateKind:
         return "states (see below)"
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):

@@ -15,13 +15,13 @@ from collections.abc import Iterator
 from typing import Any
 
 from .background import BackgroundOperation
-from .buffers import Placed, StateBuffer
+from .buffers import Placed, StateBuffer, cut
 from .config import OffloadStatesConfig
 from .deepspeed.accelerator import accelerator_device, empty_cache, rank_of
 from .deepspeed.hooks import install_hooks
 from .deepspeed.locators import discover_buffers, engine_facts, quiesce
 from .errors import StatesOffloadedError
-from .host_budget import process_budget
+from .host_budget import process_budget, resolve_limit
 from .interrupts import DeferredInterrupt
 from .policy import Placement, decide, require_bool
 from .progress import Progress
@@ -59,9 +59,10 @@ class OffloadController:
         self.last_stats: dict[str, TransferStats] = {}
         self._progress = Progress(enabled=config.progress)
         self._budget = process_budget()
-        self._budget.register(
-            self, config.host_budget_bytes, config.staging_budget_bytes if config.path else 0
+        self.host_limit, self.limit_source = resolve_limit(
+            config.host_budget_bytes, config.device == "auto", self._budget.reserved
         )
+        self._budget.register(self, self.host_limit, config.staging_budget_bytes if config.path else 0)
         self._mover = TierMover(self.site.open, progress=self._progress.advance, budget=self._budget)
         self._files = StoredFiles(self._mover)
         self._undo_hooks, self._weights_guarded = install_hooks(
@@ -211,7 +212,10 @@ class OffloadController:
             with self._budget.lock:  # no other engine reserves between these facts and this claim
                 placement, buffers = self.plan(include, device, pin_memory, budgeted=True)
                 items = [
-                    (b, t) for k, t in placement.tiers.items() if t is not Tier.device for b in buffers[k]
+                    (b, t)
+                    for k in placement.tiers
+                    for b, t in cut(buffers[k], placement.items(k, [b.nbytes for b in buffers[k]]))
+                    if t is not Tier.device
                 ]
                 if not items:
                     log.info("nvme_tier: nothing to offload")

@@ -6,7 +6,8 @@ cannot drift apart.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from enum import Enum
 
 
@@ -50,6 +51,24 @@ class OffloadPhase(str, Enum):
 
 
 @dataclass(frozen=True)
+class PlanItem:
+    """Bytes ``[start, stop)`` of a state's buffer number ``buffer`` and the tier that holds them.
+
+    A state split between host memory and NVMe is a few of these: whole buffers, and at most one
+    buffer cut in two (its prefix in a host copy, its suffix in a file of its own).
+    """
+
+    buffer: int
+    start: int
+    stop: int
+    tier: Tier
+
+    @property
+    def nbytes(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass(frozen=True)
 class StateStatus:
     """One row of ``offload_status``: supports both ``entry.tier`` and ``entry["tier"]``."""
 
@@ -62,7 +81,10 @@ class StateStatus:
     # resident / offloading / offloaded / reloading / failed: where this state's move stands
     phase: str = OffloadPhase.resident.value
     bytes_in_flight: int = 0  # bytes of a non-blocking offload not yet known safe elsewhere
-    spilled: bool = False  # on nvme because the process's host budget could not hold its host copy
+    spilled: bool = False  # (partly) on nvme because the process's host budget could not hold its host copy
+    # bytes per tier ({"pinned_cpu": ..., "nvme": ...} for a state split between them, whose
+    # ``tier`` is "nvme": its reload needs the disk)
+    bytes_by_tier: Mapping[str, int] = field(default_factory=dict)
 
     def __getitem__(self, key: str):
         try:
@@ -81,6 +103,7 @@ class StateStatus:
             "phase",
             "bytes_in_flight",
             "spilled",
+            "bytes_by_tier",
         )
 
     def as_dict(self) -> dict:

@@ -53,7 +53,7 @@ def assert_unmoved(engine, before: dict) -> None:
 @pytest.mark.parametrize(
     "block, culprit, allowed",
     [
-        ({"device": "gpu"}, "offload_states.device", "'nvme' or 'cpu'"),
+        ({"device": "gpu"}, "offload_states.device", "'nvme', 'cpu' or 'auto'"),
         ({"backend": "spdk"}, "offload_states.backend", "'auto', 'aio' or 'zarr'"),
         ({"policy": {"optim_states": "tape"}}, "offload_states.policy.optim_states", "'pinned_cpu', 'nvme'"),
         ({"policy": {"moments": "nvme"}}, "moments", "'optim_states', 'hp_params'"),

@@ -191,7 +191,8 @@ def test_first_pinned_offload_makes_pieces_while_copying(fresh_budget, monkeypat
 
 # -- engines -----------------------------------------------------------------------------------------
 def engine_host_bytes(engine) -> int:
-    return sum(e.bytes for e in nvme_tier.offload_status(engine).values() if e.tier in HOST_TIERS)
+    status = nvme_tier.offload_status(engine).values()
+    return sum(n for e in status for tier, n in e.bytes_by_tier.items() if tier in HOST_TIERS)
 
 
 def make_engines(count: int, path, backend: str, budget_mb: int, engines: list) -> list:
@@ -251,7 +252,7 @@ def test_engines_share_one_budget_and_spill_to_nvme(count, budget_mb, backend, o
     spilled = [s for st in status for s in st.values() if s.spilled]
     assert spilled and all(s.tier == "nvme" and s["tier"] == "nvme" and s.bytes > 0 for s in spilled)
     assert any(s.tier in HOST_TIERS for st in status for s in st.values())
-    assert wanted - sum(s.bytes for st in status for s in st.values() if s.tier == "nvme") <= limit
+    assert wanted - sum(s.bytes_by_tier.get("nvme", 0) for st in status for s in st.values()) <= limit
     for engine, snap in zip(engines, before, strict=True):
         engine.reload_states()
         after = snapshot(engine)

@@ -208,4 +208,5 @@ def engine_facts(
         if stuck is not None:
             fixed[kind] = stuck.name
     sizes = {k: sum(b.nbytes for b in buffers[k]) for k in present}
-    return EngineFacts(sizes, host_available, on_host, fixed)
+    buffer_bytes = {k: tuple(b.nbytes for b in buffers[k]) for k in present}
+    return EngineFacts(sizes, host_available, on_host, fixed, buffer_bytes)
