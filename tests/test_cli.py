@@ -102,14 +102,68 @@ def test_check_subprocess(tmp_path):
 def test_check_json_and_failures(tmp_path, capsys):
     assert cli.main(["check", "--json", "--path", str(tmp_path / "not yet")]) == 0
     checks = {c["name"]: c for c in json.loads(capsys.readouterr().out)}
-    assert "would be created" in checks["path"]["detail"]
+    assert "does not exist yet: attach creates it" in checks["path"]["detail"]
+    assert not (tmp_path / "not yet").exists()  # made for the probes as attach would, then removed
     assert checks["deepspeed"]["level"] == "ok"
     assert checks["backend 'auto'"]["detail"].split()[0] in ("aio", "zarr")
 
     a_file = tmp_path / "file"
     a_file.write_text("x")
     assert cli.main(["check", "--path", str(a_file)]) == 1
-    assert "[FAIL] path" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "[FAIL] path" in out
+    assert "fix: point the path at a directory" in out.split("[FAIL] path", 1)[1]
+
+
+@pytest.mark.parametrize(
+    ("where", "culprit"),
+    [
+        ("missing/parent/leaf", "does not exist"),  # attach creates only the last level
+        ("/proc/nvme_tier_x", "/proc/nvme_tier_x"),  # a FAIL row, not a usage error
+    ],
+)
+def test_check_fails_where_attach_refuses_with_a_fix(tmp_path, capsys, where, culprit):
+    path = where if where.startswith("/") else str(tmp_path / where)
+    assert cli.main(["check", "--path", path]) == 1
+    out = capsys.readouterr().out
+    (row,) = [line for line in out.splitlines() if line.startswith("[FAIL]")]
+    assert row.split()[1] == "path" and culprit in row, out
+    assert out.splitlines()[out.splitlines().index(row) + 1].strip().startswith("fix: "), out
+    assert not (tmp_path / "missing").exists()
+
+
+def test_check_config_without_a_path_for_nvme_fails(tmp_path, capsys):
+    cfg = tmp_path / "ds.json"
+    cfg.write_text(json.dumps({"offload_states": {"device": "nvme"}}))
+    assert cli.main(["check", "--config", str(cfg)]) == 1
+    out = capsys.readouterr().out
+    assert "[FAIL] offload_states" in out and "offload_states.path is required" in out
+    assert "fix: set offload_states.path" in out
+
+
+def test_check_names_a_misspelled_block(tmp_path, capsys):
+    cfg = tmp_path / "ds.json"
+    cfg.write_text(json.dumps({"offload_state": {"path": str(tmp_path)}}))
+    assert cli.main(["check", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "no 'offload_states' block" in err and "'offload_state'" in err
+
+
+@pytest.mark.parametrize("command", ["check", "status"])
+def test_json_output_is_only_json_whatever_deepspeed_logs(tmp_path, command):
+    """DeepSpeed's accelerator warning goes to stdout through its logger at the first get_accelerator()."""
+    args = ["check", "--json", "--path", str(tmp_path)] if command == "check" else ["status", "--json", str(tmp_path)]
+    proc = run_cli(*args)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    json.loads(proc.stdout)  # nothing else on stdout
+
+
+def test_demo_path_follows_attach_rule(tmp_path, capsys):
+    """demo --path creates only the last level, as attach does (a missing parent is a typo)."""
+    target = tmp_path / "no" / "such" / "dir"
+    assert cli.main(["demo", "--path", str(target), "--backend", "zarr"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "no").exists()
 
 
 def test_check_config_block(tmp_path, capsys):
