@@ -152,7 +152,11 @@ def test_check_names_a_misspelled_block(tmp_path, capsys):
 @pytest.mark.parametrize("command", ["check", "status"])
 def test_json_output_is_only_json_whatever_deepspeed_logs(tmp_path, command):
     """DeepSpeed's accelerator warning goes to stdout through its logger at the first get_accelerator()."""
-    args = ["check", "--json", "--path", str(tmp_path)] if command == "check" else ["status", "--json", str(tmp_path)]
+    args = (
+        ["check", "--json", "--path", str(tmp_path)]
+        if command == "check"
+        else ["status", "--json", str(tmp_path)]
+    )
     proc = run_cli(*args)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     json.loads(proc.stdout)  # nothing else on stdout
@@ -283,6 +287,84 @@ def test_build_ops_config_picks_the_optimizer_op(tmp_path):
     proc = run_cli("build-ops", "--list", "--config", str(cfg))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "cpu_adam" in proc.stdout and "fused_adam" not in proc.stdout and "async_io" not in proc.stdout
+
+
+# A torch JIT build killed mid-compile: FileBaton's lock file stays, and no process holds it.
+KILLED_BUILD = """
+import os, signal, sys
+from torch.utils.file_baton import FileBaton
+assert FileBaton(sys.argv[1]).try_acquire()
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def leftover_lock(extensions: Path, op: str) -> Path:
+    lock = extensions / op / "lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, "-c", KILLED_BUILD, str(lock)], timeout=120, check=False)
+    assert lock.exists()
+    return lock
+
+
+def test_leftover_build_lock_is_named_and_fixed_never_waited_for(tmp_path):
+    """torch would wait for the lock forever (fused_adam is not built in this empty cache, so
+    nothing compiles either way): build-ops and check name it, build-ops --fix removes it."""
+    extensions = tmp_path / "torch_extensions"
+    lock = leftover_lock(extensions, "fused_adam")
+    env = {"TORCH_EXTENSIONS_DIR": str(extensions)}
+
+    proc = run_cli("build-ops", "--ops", "fused_adam", env=env, timeout=120)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert f"leftover build lock {lock}" in proc.stdout and "build-ops --fix" in proc.stdout
+    assert "FAILED" in proc.stdout and str(lock) in proc.stdout.split("FAILED", 1)[1]
+
+    proc = run_cli("check", env=env, timeout=120)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    (row,) = [line for line in proc.stdout.splitlines() if "build lock" in line]
+    assert row.startswith("[FAIL]") and str(lock) in row
+    assert "build-ops --fix" in proc.stdout
+
+    proc = run_cli("build-ops", "--list", "--fix", env=env, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"removed leftover build lock {lock}" in proc.stdout and not lock.exists()
+
+
+def test_a_live_build_lock_is_not_left_over(tmp_path):
+    from torch.utils.file_baton import FileBaton
+
+    from nvme_tier.deepspeed.build_watch import leftover_locks, lock_holders
+
+    lock = tmp_path / "async_io" / "lock"
+    lock.parent.mkdir()
+    baton = FileBaton(str(lock))
+    assert baton.try_acquire()
+    try:
+        assert lock_holders(str(lock)) == [os.getpid()]
+        assert leftover_locks(str(tmp_path)) == []
+    finally:
+        baton.release()
+
+
+def test_build_ops_says_it_is_still_building(monkeypatch, capsys):
+    """A compile prints nothing for minutes: build-ops prints the elapsed time every PROGRESS_EVERY_S."""
+    import time
+
+    from nvme_tier.deepspeed import ops
+
+    class SlowBuilder:
+        name = "fused_adam"
+        _loaded_ops: dict = {}
+
+        def load(self, verbose=False):
+            time.sleep(1.0)
+
+    monkeypatch.setattr(ops, "PROGRESS_EVERY_S", 0.2)
+    monkeypatch.setattr(ops, "builder_of", lambda name: SlowBuilder())
+    monkeypatch.setattr(ops, "op_state", lambda builder: ops.CACHED)
+    assert cli.main(["build-ops", "--ops", "fused_adam"]) == 0
+    ticks = [line for line in capsys.readouterr().out.splitlines() if "still building" in line]
+    assert len(ticks) >= 3 and ticks[0].split()[0] == "fused_adam", ticks
+    assert ticks[0].split()[-2] == "0"  # "0 s": whole seconds elapsed
 
 
 # -- status / clean ------------------------------------------------------------------------------

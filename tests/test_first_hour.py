@@ -162,3 +162,44 @@ def test_no_deepspeed_warning_is_attributed_to_nvme_tier_code(tmp_path):
     ours = [line for line in ds_lines if line in NVME_TIER_FUNCTIONS]
     assert ours == [], ours
     assert out.count("TBW") == 1 and "nvme_tier: offloads write every changed state" in out
+
+
+KILLED_BUILD = """
+import os, signal, sys
+from torch.utils.file_baton import FileBaton
+assert FileBaton(sys.argv[1]).try_acquire()
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+FIRST_AIO_LOAD = """
+from nvme_tier.config import AioSettings
+from nvme_tier.errors import BuildLockError
+from nvme_tier.storage.aio_handles import take_handle
+try:
+    take_handle(AioSettings())
+except BuildLockError as exc:
+    print("refused:", exc)
+"""
+
+
+@requires_aio
+def test_first_aio_load_refuses_a_leftover_build_lock(tmp_path):
+    """The first NVMe offload loads async_io (take_handle -> load_aio_op); a killed build's lock
+    (torch's FileBaton) would make it wait forever: a typed error names the file and the fix.
+    Both op directories DeepSpeed's CPU builder loads hold one, so nothing compiles either way."""
+    extensions = tmp_path / "torch_extensions"
+    for op in ("pin_memory", "async_io"):
+        (extensions / op).mkdir(parents=True)
+        subprocess.run([sys.executable, "-c", KILLED_BUILD, str(extensions / op / "lock")], timeout=120)
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(extensions)}
+    proc = subprocess.run(
+        [sys.executable, "-c", FIRST_AIO_LOAD],
+        cwd=Path(__file__).parent.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "refused:" in proc.stdout and str(extensions / "pin_memory" / "lock") in proc.stdout
+    assert "nvme-tier build-ops --fix" in proc.stdout
