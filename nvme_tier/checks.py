@@ -82,7 +82,12 @@ def check_accelerator() -> Iterator[Check]:
 
         name, comm, count = accelerator_facts()
     except Exception as exc:  # a broken accelerator setup is worth reporting, not crashing on
-        yield Check("accelerator", WARN, f"DeepSpeed could not pick an accelerator ({exc})")
+        yield Check(
+            "accelerator",
+            WARN,
+            f"DeepSpeed could not pick an accelerator ({exc})",
+            "run ds_report; set DS_ACCELERATOR (cuda, cpu, ...) if it guesses wrong",
+        )
         return
     where = f"{count} x {name}" if count else name
     yield Check("accelerator", INFO, f"{where} (communication backend {comm})")

@@ -155,21 +155,13 @@ def quiet_comm_op_build() -> Iterator[None]:
 _DS_WRITE_WARNING_MARKER = "_deepspeed_nvme_write_warning_emitted"
 
 
-def own_write_endurance_warning() -> None:
-    """Say DeepSpeed's SSD write-endurance (TBW) advice once, as nvme_tier's, before any aio write.
-
-    Setting DeepSpeed's marker first keeps its copy (misattributed to nvme_tier's code line) away.
-    """
+def silence_deepspeed_write_warning() -> None:
+    """Keep DeepSpeed's SSD write-endurance (TBW) advice, logged from inside the first aio write and
+    attributed to nvme_tier's code line, away: nvme_tier says it once per filesystem and user
+    (``storage.site.warn_write_endurance_once``). Setting DeepSpeed's marker is what silences it."""
     import deepspeed.utils
 
-    if getattr(deepspeed.utils, _DS_WRITE_WARNING_MARKER, False):
-        return
     setattr(deepspeed.utils, _DS_WRITE_WARNING_MARKER, True)
-    log.warning(
-        "nvme_tier: offloads write every changed state to the NVMe path; sustained offloading "
-        "wears consumer SSDs (rated write endurance, TBW): prefer datacenter SSDs. Unchanged "
-        "states are not rewritten (skip_unchanged)."
-    )
 
 
 def set_deepspeed_log_level(level: int) -> None:
@@ -306,5 +298,5 @@ def load_aio_op():
         raise BackendUnavailableError(
             f"building DeepSpeed's async_io op failed ({exc}); {INSTALL_HINT}"
         ) from exc
-    own_write_endurance_warning()
+    silence_deepspeed_write_warning()
     return op
