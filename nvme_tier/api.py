@@ -5,12 +5,12 @@ from __future__ import annotations
 import weakref
 from typing import Any
 
-from .config import CONFIG_KEY, OffloadStatesConfig
+from .config import CONFIG_KEY, OffloadStatesConfig, block_of
 from .controller import OffloadController
-from .deepspeed.config_block import engine_config_block
+from .deepspeed.config_block import engine_config_dict
 from .deepspeed.locators import discover_buffers, engine_facts
 from .deepspeed.version import check_deepspeed_version
-from .errors import NvmeTierError
+from .errors import ConfigError, NvmeTierError
 from .host_budget import process_budget
 from .policy import decide
 from .status import format_table, human_bytes
@@ -30,13 +30,22 @@ def attach(engine: Any, config: OffloadStatesConfig | dict | None = None) -> Off
     the engine's methods are never wrapped twice.
     """
     check_deepspeed_version()
+    block_absent = False
     if config is None:
-        config = engine_config_block(engine, CONFIG_KEY)
+        config = block_of(engine_config_dict(engine), "the engine's DeepSpeed config")
+        block_absent = config is None
     cfg = OffloadStatesConfig.parse(config)
     existing = _controllers.get(engine)
     if existing is not None and existing.config == cfg:
         return existing
-    refuse_early(engine, cfg)  # a bad new config keeps the old attachment
+    try:
+        refuse_early(engine, cfg)  # a bad new config keeps the old attachment
+    except ConfigError as exc:
+        if not block_absent:
+            raise
+        raise ConfigError(
+            f"{exc} (no '{CONFIG_KEY}' block in the engine's DeepSpeed config: the defaults apply)"
+        ) from None
     if existing is not None:
         existing.detach()
         del _controllers[engine]
@@ -57,11 +66,20 @@ def refuse_early(engine: Any, config: OffloadStatesConfig) -> None:
     planned = list(present)
     if buffers.get(StateKind.hp_params) and StateKind.optim_states not in present:
         planned.append(StateKind.optim_states)
-    if decide(config, planned).uses_nvme:  # ConfigError when nvme is used without a path
-        check_path_at_attach(config)
+    check_placement(config, planned)
     if config.host_budget_bytes is not None and not config.path:
         # ConfigError naming host_budget_mb and path when the host copies would spill
         decide(config, present, facts=engine_facts(buffers, present, config.host_budget_bytes))
+
+
+def check_placement(config: OffloadStatesConfig, planned: list[StateKind]) -> None:
+    """The attach checks that need no engine, shared with ``nvme-tier check`` (one verdict for both).
+
+    When the policy puts one of ``planned`` on nvme: a path is required (ConfigError from decide)
+    and must be usable (``check_path_at_attach``: creates only its last level).
+    """
+    if decide(config, planned).uses_nvme:
+        check_path_at_attach(config)
 
 
 def initialize(*args: Any, **kwargs: Any):
@@ -69,7 +87,7 @@ def initialize(*args: Any, **kwargs: Any):
     import deepspeed
 
     result = deepspeed.initialize(*args, **kwargs)
-    block = engine_config_block(result[0], CONFIG_KEY)
+    block = block_of(engine_config_dict(result[0]), "the DeepSpeed config")
     if block is not None:
         attach(result[0], block)
     return result

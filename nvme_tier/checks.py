@@ -8,6 +8,7 @@ and, when something is off, the one command or setting that fixes it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import platform
@@ -16,7 +17,8 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
-from .config import OffloadStatesConfig
+from .config import CONFIG_KEY, OffloadStatesConfig
+from .errors import NvmeTierError
 
 OK, INFO, WARN, FAIL = "ok", "info", "warn", "fail"
 LOW_FREE_BYTES = 1 << 30
@@ -80,7 +82,12 @@ def check_accelerator() -> Iterator[Check]:
 
         name, comm, count = accelerator_facts()
     except Exception as exc:  # a broken accelerator setup is worth reporting, not crashing on
-        yield Check("accelerator", WARN, f"DeepSpeed could not pick an accelerator ({exc})")
+        yield Check(
+            "accelerator",
+            WARN,
+            f"DeepSpeed could not pick an accelerator ({exc})",
+            "run ds_report; set DS_ACCELERATOR (cuda, cpu, ...) if it guesses wrong",
+        )
         return
     where = f"{count} x {name}" if count else name
     yield Check("accelerator", INFO, f"{where} (communication backend {comm})")
@@ -152,11 +159,34 @@ def check_memlock(staging_budget_bytes: int, cuda: bool | None = None) -> Iterat
 
 
 # -- the offload path ----------------------------------------------------------------------------
-def _existing_ancestor(path: str) -> str:
-    probe = os.path.abspath(path)
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    return probe
+NO_PATH_FIX = "set offload_states.path to a directory on a local NVMe filesystem (or pass --path DIR)"
+
+
+def _path_fix(path: str) -> str:
+    """The one thing to do about a path attach refuses, judged from what is on disk."""
+    nearest, missing = path, 0
+    while not os.path.lexists(nearest):
+        nearest, missing = os.path.dirname(nearest), missing + 1
+    if not os.path.isdir(nearest):
+        return "point the path at a directory, or at a new name inside an existing directory"
+    if missing > 1:
+        return f"create its parent first (mkdir -p {os.path.dirname(path)}) or correct a typo in the path"
+    return (
+        "use a directory this user owns and can write, on a read-write local filesystem "
+        "(e.g. mkdir -m 700 /local_nvme/$USER/nvme_tier)"
+    )
+
+
+@contextlib.contextmanager
+def _nvme_tier_logs_quiet() -> Iterator[None]:
+    """The report says what nvme_tier's attach-time log lines would (tmpfs, backend fallback)."""
+    logger = logging.getLogger("nvme_tier")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def check_filesystem(path: str) -> Iterator[Check]:
@@ -173,53 +203,78 @@ def check_filesystem(path: str) -> Iterator[Check]:
         yield Check("filesystem", OK, where)
 
 
-def check_path(
-    path: str, backend: str = "auto", config: OffloadStatesConfig | None = None
-) -> Iterator[Check]:
-    from .errors import NvmeTierError
+def _probe_directory(path: str, config: OffloadStatesConfig) -> list[Check]:
     from .mounts import mount_of
     from .storage import select_backend, supports_o_direct
 
-    path = os.path.abspath(os.path.expanduser(path))
-    probe = _existing_ancestor(path)
-    if probe != path:
-        yield Check("path", INFO, f"{path} does not exist yet; checking {probe}, where it would be created")
-    elif not os.path.isdir(path):
-        yield Check("path", FAIL, f"{path} is not a directory")
-        return
+    checks = list(check_filesystem(path))
+    mount = mount_of(path)
+    if supports_o_direct(path):
+        checks.append(Check("O_DIRECT", OK, f"supported ({mount.fs_type} mounted at {mount.mount_point})"))
     else:
-        yield Check("path", OK, path)
-    if not os.access(probe, os.W_OK | os.X_OK):
-        yield Check("writable", FAIL, f"{probe} is not writable by uid {os.geteuid()}", "chown/chmod it")
-        return
-    yield from check_filesystem(probe)
-    mount = mount_of(probe)
-    if supports_o_direct(probe):
-        yield Check("O_DIRECT", OK, f"supported ({mount.fs_type} mounted at {mount.mount_point})")
-    else:
-        yield Check(
-            "O_DIRECT",
-            WARN,
-            f"refused by {mount.fs_type} at {mount.mount_point} (tmpfs and some FUSE/overlay mounts do this)",
-            "put the path on a local NVMe filesystem (ext4, xfs) for the aio backend; zarr works anywhere",
+        checks.append(
+            Check(
+                "O_DIRECT",
+                WARN,
+                f"refused by {mount.fs_type} at {mount.mount_point} (tmpfs and some FUSE/overlay mounts do this)",
+                "put the path on a local NVMe filesystem (ext4, xfs) for the aio backend; zarr works anywhere",
+            )
         )
-    usage = shutil.disk_usage(probe)
+    usage = shutil.disk_usage(path)
     free = f"{human_bytes(usage.free)} free of {human_bytes(usage.total)}"
     if usage.free < LOW_FREE_BYTES:
-        yield Check("free space", WARN, free, "offloads need room for every state placed on nvme")
+        checks.append(Check("free space", WARN, free, "offloads need room for every state placed on nvme"))
     else:
-        yield Check("free space", OK, free)
-    # select_backend warns once when auto falls back; the report already says why.
-    logger = logging.getLogger("nvme_tier")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+        checks.append(Check("free space", OK, free))
+    backend = config.backend
     try:
-        name, why = select_backend(backend, probe, config)
-        yield Check(f"backend '{backend}'", OK, f"{name} ({why})")
+        with _nvme_tier_logs_quiet():  # select_backend warns once when auto falls back
+            name, why = select_backend(backend, path, config)
+        checks.append(Check(f"backend '{backend}'", OK, f"{name} ({why})"))
     except NvmeTierError as exc:
-        yield Check(f"backend '{backend}'", FAIL, str(exc))
+        hint = "use backend 'zarr' (any filesystem, no libaio), or fix what the message names"
+        checks.append(Check(f"backend '{backend}'", FAIL, one_line(str(exc)), hint))
+    return checks
+
+
+def check_offload_config(
+    config: OffloadStatesConfig, path_given: bool, source: str | None, block_absent: bool = False
+) -> list[Check]:
+    """attach's own checks (``api.check_placement``) as report rows, then probes of the directory.
+
+    An engine is assumed to hold every state (one with an optimizer, as in training); the path is
+    also checked when given on the command line, whatever the policy. A missing last level is
+    created, as attach does, for the probes, and removed again.
+    """
+    from .api import check_placement
+    from .policy import decide
+    from .storage.site import check_path_at_attach
+    from .types import StateKind
+
+    every_state = list(StateKind)
+    path = config.path
+    created = bool(path) and not os.path.lexists(path)
+    try:
+        try:
+            with _nvme_tier_logs_quiet():  # the rows below say what attach would log (tmpfs)
+                check_placement(config, every_state)
+                uses_nvme = decide(config, every_state).uses_nvme
+                if path and path_given and not uses_nvme:
+                    check_path_at_attach(config)
+        except NvmeTierError as exc:
+            absent = f" (no '{CONFIG_KEY}' block in {source}: the defaults apply)" if block_absent else ""
+            if path:
+                return [Check("path", FAIL, one_line(str(exc)) + absent, _path_fix(path))]
+            return [Check("offload_states", FAIL, one_line(str(exc)) + absent, NO_PATH_FIX)]
+        if not path:
+            return [Check("path", INFO, "no path given: pass --path DIR to check an offload directory")]
+        if not (uses_nvme or path_given):
+            return [Check("path", INFO, f"{path}: not used (this policy puts no state on nvme)")]
+        shown = f"{path} (does not exist yet: attach creates it, mode 0700)" if created else path
+        return [Check("path", OK, shown), *_probe_directory(path, config)]
     finally:
-        logger.setLevel(level)
+        if created:  # this call made it (probe files and all): leave the disk as it was
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def check_host_budget(config: OffloadStatesConfig) -> Iterator[Check]:
@@ -234,25 +289,46 @@ def check_host_budget(config: OffloadStatesConfig) -> Iterator[Check]:
         yield Check("host budget", OK if limit is not None else INFO, source)
 
 
-def run_checks(path: str | None = None, config: OffloadStatesConfig | None = None) -> list[Check]:
-    """Every check, in report order. ``config`` supplies the staging budget and backend to test."""
+def check_build_locks() -> Iterator[Check]:
+    """torch's JIT build lock left by a killed build: every later load of that op waits forever."""
+    from .deepspeed.build_watch import FIX_COMMAND, leftover_locks
+    from .deepspeed.ops import extensions_dir
+
+    for lock in leftover_locks(extensions_dir()):
+        yield Check("build lock", FAIL, f"{lock} is left over: no live process holds it", FIX_COMMAND)
+
+
+def run_checks(
+    path: str | None = None,
+    config: OffloadStatesConfig | None = None,
+    source: str | None = None,
+    block_absent: bool = False,
+) -> list[Check]:
+    """Every check, in report order. ``config`` (from ``source``, a config file) supplies the
+    staging budget, backend and policy; ``path`` replaces its path."""
     from .deepspeed.ops import aio_compatible
 
     config = config or OffloadStatesConfig()
+    if path:
+        config = OffloadStatesConfig.parse({**config.model_dump(exclude_defaults=True), "path": path})
     checks = [
         *check_versions(),
         *check_accelerator(),
         *check_aio(),
         *check_ops(aio_usable=aio_compatible()[0]),
+        *check_build_locks(),
         *check_memlock(config.staging_budget_bytes),
         *check_host_budget(config),
     ]
-    path = path or config.path
-    if path:
-        checks += check_path(path, config.backend, config)
-    else:
+    if source is None and not path:
         checks.append(Check("path", INFO, "no path given: pass --path DIR to check an offload directory"))
+    else:
+        checks += check_offload_config(config, bool(path), source, block_absent)
     return checks
+
+
+def one_line(message: str) -> str:
+    return " ".join(part.strip() for part in message.splitlines() if part.strip())
 
 
 def format_report(checks: list[Check]) -> str:

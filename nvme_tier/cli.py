@@ -7,14 +7,17 @@ Exit codes: 0 success; 1 a check failed, the demo found a mismatch or a benchmar
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
-from .config import OffloadStatesConfig, load_deepspeed_config
+from .config import OffloadStatesConfig, block_of, load_deepspeed_config
 from .config_reference import GENERATED_MARKER, render_config_reference
 from .errors import ConfigError, NvmeTierError
 from .status import human_bytes
@@ -27,16 +30,37 @@ EXIT_OK, EXIT_FAILED, EXIT_ERROR = 0, 1, 2
 def cmd_check(args: argparse.Namespace) -> int:
     from .checks import FAIL, format_report, run_checks
 
-    config = OffloadStatesConfig.from_file(args.config) if args.config else None
-    checks = run_checks(args.path, config)
+    config, block_absent = None, False
+    if args.config:
+        block = block_of(load_deepspeed_config(args.config), args.config)
+        config, block_absent = OffloadStatesConfig.parse(block), block is None
+    checks = run_checks(args.path, config, args.config, block_absent)
     if args.json:
-        print(json.dumps([c.as_dict() for c in checks], indent=1))
+        print(json.dumps([c.as_dict() for c in checks], indent=1), file=args.json_out)
     else:
         print(format_report(checks))
     return EXIT_FAILED if any(c.level == FAIL for c in checks) else EXIT_OK
 
 
 # -- build-ops -----------------------------------------------------------------------------------
+def report_build_locks(fix: bool) -> int:
+    """Name each leftover torch build lock (a killed build's; every load of its op would wait for
+    it forever) and remove it when ``fix``; returns how many are left."""
+    from .deepspeed import ops
+    from .deepspeed.build_watch import FIX_COMMAND, leftover_locks, remove_leftover_locks
+
+    if fix:
+        for lock in remove_leftover_locks(ops.extensions_dir()):
+            print(f"  removed leftover build lock {lock}")
+        return 0
+    locks = leftover_locks(ops.extensions_dir())
+    for lock in locks:
+        op = os.path.basename(os.path.dirname(lock))
+        print(f"  leftover build lock {lock}: no live process holds it, and loading {op} would wait")
+        print(f"    for it forever; {FIX_COMMAND}")
+    return len(locks)
+
+
 def cmd_build_ops(args: argparse.Namespace) -> int:
     from .deepspeed import ops
     from .deepspeed.ops import aio_compatible
@@ -52,7 +76,8 @@ def cmd_build_ops(args: argparse.Namespace) -> int:
         if args.ops
         else args.config or "the demo (Adam, ZeRO, offload_states to nvme, backend auto)"
     )
-    print(f"DeepSpeed ops for {source}; JIT builds cached in {ops.extensions_dir()}")
+    print(f"DeepSpeed ops for {source}; JIT builds cached in {ops.extensions_dir()}", flush=True)
+    locks_left = report_build_locks(args.fix)
     if not aio_ok and not args.ops:
         print(f"  async_io: not needed: {aio_why} (backend auto uses zarr)")
     failed = 0
@@ -66,13 +91,17 @@ def cmd_build_ops(args: argparse.Namespace) -> int:
         if op.name == "async_io" and not aio_ok:
             print(f"  {op.name.ljust(width)}  skipped: {aio_why}")
             continue
-        result = ops.build_op(op.name)
+
+        def still(elapsed: float, name: str = op.name) -> None:
+            print(f"  {name.ljust(width)}  still building: {elapsed:.0f} s", flush=True)
+
+        result = ops.build_op(op.name, progress=still)
         verdict = {ops.NOT_BUILT: "built"}.get(result.state, result.state)
         if result.error:
             failed += 1
             verdict = f"FAILED ({result.error})"
-        print(f"  {op.name.ljust(width)}  {verdict:<9} {result.seconds:7.1f} s  {op.why}")
-    return EXIT_FAILED if failed else EXIT_OK
+        print(f"  {op.name.ljust(width)}  {verdict:<9} {result.seconds:7.1f} s  {op.why}", flush=True)
+    return EXIT_FAILED if failed or locks_left else EXIT_OK
 
 
 # -- status / clean ------------------------------------------------------------------------------
@@ -116,7 +145,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     path = _require_dir(args.path)
     rows = writer_rows(path)
     if args.json:
-        print(json.dumps({"path": path, "writers": rows}, indent=1))
+        print(json.dumps({"path": path, "writers": rows}, indent=1), file=args.json_out)
         return EXIT_OK
     if not rows:
         print(f"{path}: no nvme_tier writer directories")
@@ -241,6 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="these ops",
     )
     bo.add_argument("--list", action="store_true", help="only say which ops are needed and whether built")
+    bo.add_argument(
+        "--fix",
+        action="store_true",
+        help="remove leftover build locks (left by a killed build; no live process holds them)",
+    )
     bo.set_defaults(func=cmd_build_ops)
 
     s = sub.add_parser("status", help="list the writer directories under an offload path")
@@ -275,6 +309,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@contextlib.contextmanager
+def stdout_for_json_only() -> Iterator[TextIO]:
+    """Yield the real stdout for the JSON; while the command runs, everything else bound for stdout
+    goes to stderr: print()s, and logging handlers holding sys.stdout (DeepSpeed's logger took it
+    at import and writes its accelerator warning there at the first get_accelerator())."""
+    real = sys.stdout
+    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    handlers = {h for lg in loggers if isinstance(lg, logging.Logger) for h in lg.handlers}
+    moved = [h for h in handlers if isinstance(h, logging.StreamHandler) and h.stream is real]
+    for handler in moved:
+        handler.setStream(sys.stderr)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield real
+    finally:
+        for handler in moved:
+            handler.setStream(real)
+
+
 def one_line(message: str) -> str:
     return " ".join(part.strip() for part in message.splitlines() if part.strip())
 
@@ -287,6 +340,9 @@ def main(argv: list[str] | None = None) -> int:
     args.bench_args = extra
     started = time.perf_counter()
     try:
+        if getattr(args, "json", False):
+            with stdout_for_json_only() as args.json_out:
+                return int(args.func(args))
         return int(args.func(args))
     except NvmeTierError as exc:
         print(f"nvme-tier {args.command}: error: {one_line(str(exc))}", file=sys.stderr)

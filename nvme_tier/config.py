@@ -6,6 +6,7 @@ docs/performance.md) and a description that docs/configuration.md is generated f
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 from typing import Annotated, Any, Literal
@@ -216,7 +217,7 @@ class OffloadStatesConfig(_Strict):
     @classmethod
     def from_file(cls, config_path: str) -> OffloadStatesConfig:
         """The validated offload_states block of a DeepSpeed JSON config file (defaults when absent)."""
-        return cls.parse(load_deepspeed_config(config_path).get(CONFIG_KEY))
+        return cls.parse(block_of(load_deepspeed_config(config_path), config_path))
 
     @classmethod
     def parse(cls, block: Any) -> OffloadStatesConfig:
@@ -263,6 +264,30 @@ _SECTIONS: dict[tuple, type[BaseModel]] = {
     ("aio",): AioSettings,
     ("zarr",): ZarrSettings,
 }
+
+
+def block_of(ds_config: dict, source: str) -> Any:
+    """The raw ``offload_states`` block of a DeepSpeed config (None when absent).
+
+    DeepSpeed keeps unknown top-level keys silently, so a misspelled block would leave nvme_tier on
+    its defaults: a near-miss key (``offload_state``, ``offloadStates``) is refused by name instead.
+    """
+    if CONFIG_KEY in ds_config:
+        return ds_config[CONFIG_KEY]
+    near = [key for key in ds_config if isinstance(key, str) and _is_near_miss(key)]
+    if near:
+        shown = ", ".join(repr(key) for key in near)
+        raise ConfigError(
+            f"no '{CONFIG_KEY}' block in {source}, but {shown} at its top level: "
+            f"rename it to '{CONFIG_KEY}' (nvme_tier reads only that key)"
+        )
+    return None
+
+
+def _is_near_miss(key: str) -> bool:
+    squashed = key.lower().replace("_", "").replace("-", "")
+    wanted = CONFIG_KEY.replace("_", "")
+    return squashed == wanted or bool(difflib.get_close_matches(key.lower(), [CONFIG_KEY], n=1, cutoff=0.8))
 
 
 def load_deepspeed_config(config_path: str) -> dict:

@@ -131,10 +131,17 @@ def mb(nbytes: int) -> str:
 
 @contextlib.contextmanager
 def demo_directory(path: str | None) -> Iterator[tuple[str, bool]]:
-    """The offload directory: ``path`` as given (kept), or a temporary one removed at the end."""
+    """The offload directory: ``path`` as given (kept), or a temporary one removed at the end.
+
+    ``path`` follows attach's rule (only its last level is created; a missing parent is refused).
+    """
     if path:
-        os.makedirs(path, exist_ok=True)
-        yield os.path.abspath(path), False
+        from .config import OffloadStatesConfig
+        from .storage.site import check_path_at_attach
+
+        config = OffloadStatesConfig(path=path)
+        check_path_at_attach(config)
+        yield config.required_path("--path"), False
         return
     tmp = tempfile.mkdtemp(prefix="nvme_tier_demo_")
     try:

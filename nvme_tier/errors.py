@@ -44,3 +44,7 @@ class StatesOffloadedError(NvmeTierError, RuntimeError):
 
 class UnsupportedEngineError(NvmeTierError, TypeError):
     """The engine (DeepSpeed version, optimizer wrapper) is not one nvme_tier knows how to handle."""
+
+
+class BuildLockError(BackendUnavailableError):
+    """A DeepSpeed op cannot load: a killed build left torch's lock file, which no process holds."""

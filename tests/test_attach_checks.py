@@ -213,3 +213,80 @@ def test_path_not_writable_by_permissions(engine, before, tmp_path):
         )
     finally:
         target.chmod(0o700)
+
+
+# -- `nvme-tier check` gives attach's verdict ------------------------------------------------------
+def _bad_input(case: str, tmp_path, stack) -> tuple[dict, bool]:
+    """(the DeepSpeed config's top-level keys for nvme_tier, whether attach accepts it) for ``case``."""
+    base = {"progress": False, "backend": "zarr"}
+    if case == "missing parent":
+        return {"offload_states": {**base, "path": str(tmp_path / "no" / "such" / "dir")}}, False
+    if case == "missing leaf":
+        return {"offload_states": {**base, "path": str(tmp_path / "fresh")}}, True
+    if case == "nvme without path":
+        return {"offload_states": {**base, "device": "nvme"}}, False
+    if case == "cpu without path":
+        return {"offload_states": {**base, "device": "cpu"}}, True
+    if case == "misspelled block":
+        return {"offload_state": {**base, "path": str(tmp_path)}}, False
+    if case == "absent block":
+        return {}, False  # the defaults put optimizer states on nvme, and there is no path
+    if case == "path is a file":
+        (tmp_path / "file").write_text("x")
+        return {"offload_states": {**base, "path": str(tmp_path / "file")}}, False
+    if case == "under /proc":
+        return {"offload_states": {**base, "path": "/proc/nvme_tier_x"}}, False
+    if case == "read-only":
+        ro = stack.enter_context(mounted(tmp_path / "ro", "tmpfs", "ro,size=1M"))
+        return {"offload_states": {**base, "path": os.path.join(ro, "sub")}}, False
+    raise AssertionError(case)
+
+
+AGREEMENT_CASES = [
+    "missing parent",
+    "missing leaf",
+    "nvme without path",
+    "cpu without path",
+    "misspelled block",
+    "absent block",
+    "path is a file",
+    "under /proc",
+    "read-only",
+]
+
+
+@pytest.mark.parametrize("case", AGREEMENT_CASES)
+def test_check_and_attach_give_the_same_verdict(engine, before, tmp_path, monkeypatch, case, capsys):
+    """`check --config` exits 0 exactly when attach (reading the engine's config) accepts the file."""
+    import contextlib
+    import json
+
+    from nvme_tier import cli
+
+    with contextlib.ExitStack() as stack:
+        keys, accepted = _bad_input(case, tmp_path, stack)
+        config_file = tmp_path / "ds_config.json"
+        config_file.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2, **keys}))
+        params = dict(engine._config._param_dict)
+        params.pop("offload_states", None)
+        monkeypatch.setattr(engine._config, "_param_dict", {**params, **keys})
+
+        leaf_existed = os.path.exists(tmp_path / "fresh")
+        code = cli.main(["check", "--config", str(config_file)])
+        out = capsys.readouterr()
+        assert (tmp_path / "fresh").exists() == leaf_existed  # check leaves no directory behind
+        if accepted:
+            assert code == 0, out.out + out.err
+            nvme_tier.attach(engine)
+        else:
+            assert code != 0, out.out
+            with pytest.raises(ConfigError) as err:
+                nvme_tier.attach(engine)
+            shown = out.out + out.err
+            if case == "misspelled block":
+                assert "'offload_state'" in str(err.value) and "'offload_state'" in shown
+                assert "path is required" not in str(err.value)
+            if case == "absent block":
+                assert "no 'offload_states' block" in str(err.value), str(err.value)
+            if "[FAIL]" in out.out:
+                assert "fix:" in out.out.split("[FAIL]", 1)[1], out.out

@@ -102,14 +102,72 @@ def test_check_subprocess(tmp_path):
 def test_check_json_and_failures(tmp_path, capsys):
     assert cli.main(["check", "--json", "--path", str(tmp_path / "not yet")]) == 0
     checks = {c["name"]: c for c in json.loads(capsys.readouterr().out)}
-    assert "would be created" in checks["path"]["detail"]
+    assert "does not exist yet: attach creates it" in checks["path"]["detail"]
+    assert not (tmp_path / "not yet").exists()  # made for the probes as attach would, then removed
     assert checks["deepspeed"]["level"] == "ok"
     assert checks["backend 'auto'"]["detail"].split()[0] in ("aio", "zarr")
 
     a_file = tmp_path / "file"
     a_file.write_text("x")
     assert cli.main(["check", "--path", str(a_file)]) == 1
-    assert "[FAIL] path" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "[FAIL] path" in out
+    assert "fix: point the path at a directory" in out.split("[FAIL] path", 1)[1]
+
+
+@pytest.mark.parametrize(
+    ("where", "culprit"),
+    [
+        ("missing/parent/leaf", "does not exist"),  # attach creates only the last level
+        ("/proc/nvme_tier_x", "/proc/nvme_tier_x"),  # a FAIL row, not a usage error
+    ],
+)
+def test_check_fails_where_attach_refuses_with_a_fix(tmp_path, capsys, where, culprit):
+    path = where if where.startswith("/") else str(tmp_path / where)
+    assert cli.main(["check", "--path", path]) == 1
+    out = capsys.readouterr().out
+    (row,) = [line for line in out.splitlines() if line.startswith("[FAIL]")]
+    assert row.split()[1] == "path" and culprit in row, out
+    assert out.splitlines()[out.splitlines().index(row) + 1].strip().startswith("fix: "), out
+    assert not (tmp_path / "missing").exists()
+
+
+def test_check_config_without_a_path_for_nvme_fails(tmp_path, capsys):
+    cfg = tmp_path / "ds.json"
+    cfg.write_text(json.dumps({"offload_states": {"device": "nvme"}}))
+    assert cli.main(["check", "--config", str(cfg)]) == 1
+    out = capsys.readouterr().out
+    assert "[FAIL] offload_states" in out and "offload_states.path is required" in out
+    assert "fix: set offload_states.path" in out
+
+
+def test_check_names_a_misspelled_block(tmp_path, capsys):
+    cfg = tmp_path / "ds.json"
+    cfg.write_text(json.dumps({"offload_state": {"path": str(tmp_path)}}))
+    assert cli.main(["check", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "no 'offload_states' block" in err and "'offload_state'" in err
+
+
+@pytest.mark.parametrize("command", ["check", "status"])
+def test_json_output_is_only_json_whatever_deepspeed_logs(tmp_path, command):
+    """DeepSpeed's accelerator warning goes to stdout through its logger at the first get_accelerator()."""
+    args = (
+        ["check", "--json", "--path", str(tmp_path)]
+        if command == "check"
+        else ["status", "--json", str(tmp_path)]
+    )
+    proc = run_cli(*args)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    json.loads(proc.stdout)  # nothing else on stdout
+
+
+def test_demo_path_follows_attach_rule(tmp_path, capsys):
+    """demo --path creates only the last level, as attach does (a missing parent is a typo)."""
+    target = tmp_path / "no" / "such" / "dir"
+    assert cli.main(["demo", "--path", str(target), "--backend", "zarr"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "no").exists()
 
 
 def test_check_config_block(tmp_path, capsys):
@@ -124,6 +182,24 @@ def test_check_config_block(tmp_path, capsys):
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1  # one line, naming the key
     assert "offload_states.bakend: unknown key" in err
+
+
+def test_every_warn_and_fail_row_has_a_fix():
+    """quickstart promises a `fix:` line under every [WARN]/[FAIL]: each such Check(...) has a hint."""
+    import ast
+
+    tree = ast.parse((REPO / "nvme_tier" / "checks.py").read_text())
+    rows = [
+        node
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and getattr(node.func, "id", "") == "Check"
+        and len(node.args) >= 2
+        and getattr(node.args[1], "id", "") in ("WARN", "FAIL")
+    ]
+    assert len(rows) >= 10
+    for row in rows:
+        assert len(row.args) + len(row.keywords) >= 4, f"checks.py line {row.lineno}: no fix"
 
 
 SHM = Path("/dev/shm")
@@ -231,6 +307,84 @@ def test_build_ops_config_picks_the_optimizer_op(tmp_path):
     assert "cpu_adam" in proc.stdout and "fused_adam" not in proc.stdout and "async_io" not in proc.stdout
 
 
+# A torch JIT build killed mid-compile: FileBaton's lock file stays, and no process holds it.
+KILLED_BUILD = """
+import os, signal, sys
+from torch.utils.file_baton import FileBaton
+assert FileBaton(sys.argv[1]).try_acquire()
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def leftover_lock(extensions: Path, op: str) -> Path:
+    lock = extensions / op / "lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, "-c", KILLED_BUILD, str(lock)], timeout=120, check=False)
+    assert lock.exists()
+    return lock
+
+
+def test_leftover_build_lock_is_named_and_fixed_never_waited_for(tmp_path):
+    """torch would wait for the lock forever (fused_adam is not built in this empty cache, so
+    nothing compiles either way): build-ops and check name it, build-ops --fix removes it."""
+    extensions = tmp_path / "torch_extensions"
+    lock = leftover_lock(extensions, "fused_adam")
+    env = {"TORCH_EXTENSIONS_DIR": str(extensions)}
+
+    proc = run_cli("build-ops", "--ops", "fused_adam", env=env, timeout=120)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert f"leftover build lock {lock}" in proc.stdout and "build-ops --fix" in proc.stdout
+    assert "FAILED" in proc.stdout and str(lock) in proc.stdout.split("FAILED", 1)[1]
+
+    proc = run_cli("check", env=env, timeout=120)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    (row,) = [line for line in proc.stdout.splitlines() if "build lock" in line]
+    assert row.startswith("[FAIL]") and str(lock) in row
+    assert "build-ops --fix" in proc.stdout
+
+    proc = run_cli("build-ops", "--list", "--fix", env=env, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"removed leftover build lock {lock}" in proc.stdout and not lock.exists()
+
+
+def test_a_live_build_lock_is_not_left_over(tmp_path):
+    from torch.utils.file_baton import FileBaton
+
+    from nvme_tier.deepspeed.build_watch import leftover_locks, lock_holders
+
+    lock = tmp_path / "async_io" / "lock"
+    lock.parent.mkdir()
+    baton = FileBaton(str(lock))
+    assert baton.try_acquire()
+    try:
+        assert lock_holders(str(lock)) == [os.getpid()]
+        assert leftover_locks(str(tmp_path)) == []
+    finally:
+        baton.release()
+
+
+def test_build_ops_says_it_is_still_building(monkeypatch, capsys):
+    """A compile prints nothing for minutes: build-ops prints the elapsed time every PROGRESS_EVERY_S."""
+    import time
+
+    from nvme_tier.deepspeed import ops
+
+    class SlowBuilder:
+        name = "fused_adam"
+        _loaded_ops: dict = {}
+
+        def load(self, verbose=False):
+            time.sleep(1.0)
+
+    monkeypatch.setattr(ops, "PROGRESS_EVERY_S", 0.2)
+    monkeypatch.setattr(ops, "builder_of", lambda name: SlowBuilder())
+    monkeypatch.setattr(ops, "op_state", lambda builder: ops.CACHED)
+    assert cli.main(["build-ops", "--ops", "fused_adam"]) == 0
+    ticks = [line for line in capsys.readouterr().out.splitlines() if "still building" in line]
+    assert len(ticks) >= 3 and ticks[0].split()[0] == "fused_adam", ticks
+    assert ticks[0].split()[-2] == "0"  # "0 s": whole seconds elapsed
+
+
 # -- status / clean ------------------------------------------------------------------------------
 def test_status_subprocess(writers):
     root, stale, live = writers
@@ -299,6 +453,36 @@ def test_bench_help_shows_defaults_not_required(capsys):
     assert out.startswith("usage: nvme-tier bench")
     assert "required" not in out
     assert "--size-gb SIZE_GB" in out and "default 0.25" in out and "temporary directory" in out
+
+
+def test_bench_help_explains_every_column(capsys):
+    from nvme_tier.bench.swap_bandwidth import HEADER
+
+    assert cli.main(["bench", "--help"]) == 0
+    out = capsys.readouterr().out
+    for column in HEADER:
+        assert f"  {column}  " in out or f"  {column}:" in out, column
+    docs = (REPO / "docs" / "performance.md").read_text()
+    for column in HEADER:
+        assert f"`{column}`" in docs, column
+
+
+def test_bench_times_rounds_after_an_untimed_warm_up(tmp_path, monkeypatch, capsys):
+    """Set-up (staging, handles, first file allocation) and one warm-up round run before the timed
+    rounds; their time is reported apart (setup_s)."""
+    from nvme_tier.bench import swap_bandwidth, swap_methods
+
+    writes = []
+    real_write = swap_methods.PinnedCopy.write
+    monkeypatch.setattr(swap_methods.PinnedCopy, "write", lambda self: (writes.append(1), real_write(self)))
+    out = tmp_path / "bench.json"
+    assert cli.main(["bench", "--size-gb", "0.002", "--methods", "pinned_copy", "--repeats", "1",
+                     "--path", str(tmp_path / "scratch"), "--json", str(out)]) == 0  # fmt: skip
+    method = json.loads(out.read_text())["methods"]["pinned_copy"]
+    assert len(method["write_s"]) == 1 and len(writes) == 2
+    assert method["setup_s"] > 0
+    assert "setup s" in capsys.readouterr().out
+    assert swap_bandwidth.HEADER[-1] == "ok"
 
 
 def test_bench_script_is_a_thin_wrapper_around_the_package():

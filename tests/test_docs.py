@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shlex
@@ -24,6 +25,7 @@ OWN_DOCS = [
     "integrations.md",
 ]
 SNIPPET_DOCS = [DOCS / name for name in OWN_DOCS] + [REPO / "README.md"]
+ALL_DOCS = sorted(DOCS.glob("*.md")) + [REPO / "README.md"]
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
 
 
@@ -71,23 +73,103 @@ def test_python_snippets_compile(path):
         compile(body, str(path), "exec")
 
 
-def _cli_lines(path: Path) -> list[list[str]]:
+PREFIXES = ("nvme-tier ", "python -m nvme_tier ")
+INLINE = re.compile(r"`([^`\n]+)`")
+
+
+def _commands_in(text: str) -> list[str]:
+    """Every quoted command line: after a prefix, up to a comment, `&&`, `;` or a pipe."""
     found = []
-    for body in blocks(path, "bash"):
-        for line in body.splitlines():
-            line = line.split("#", 1)[0].strip()
-            for prefix in ("nvme-tier ", "python -m nvme_tier "):
-                if line.startswith(prefix):
-                    found.append(shlex.split(line[len(prefix) :]))
+    for prefix in PREFIXES:
+        for match in re.finditer(re.escape(prefix), text):
+            rest = text[match.end() :].split("\n", 1)[0]
+            rest = re.split(r"\s#|&&|;|\|\||\s>", rest, maxsplit=1)[0]
+            rest = re.sub(r"<[^>]*>", "X", rest)  # a placeholder such as <your offload path>
+            found.append(rest.strip())
     return found
 
 
-@pytest.mark.parametrize("path", SNIPPET_DOCS, ids=lambda p: p.name)
+def _cli_lines(path: Path) -> list[list[str]]:
+    """The argv of every `nvme-tier ...`/`python -m nvme_tier ...` in a doc's bash blocks and inline code."""
+    text = path.read_text()
+    quoted = [body for tag, body in FENCE.findall(text) if tag in ("bash", "")]
+    quoted += INLINE.findall(FENCE.sub("", text))
+    found = []
+    for chunk in quoted:
+        for command in _commands_in(chunk):
+            if " | " in command:  # the README's list of subcommands: `check | build-ops | status PATH`
+                found += [shlex.split(alt) for alt in command.split(" | ")]
+            else:
+                found.append(shlex.split(command))
+    return [argv for argv in found if argv]
+
+
+def _placeholders(argv: list[str]) -> list[str]:
+    """A doc's `...` stands for more arguments."""
+    return [arg for arg in argv if arg != "..."]
+
+
+@pytest.mark.parametrize("path", ALL_DOCS, ids=lambda p: p.name)
 def test_cli_commands_in_docs_parse(path):
     parser = cli.build_parser()
     for argv in _cli_lines(path):
-        args, extra = parser.parse_known_args(argv)
-        assert args.command == "bench" or not extra, (path.name, argv, extra)
+        if argv[0] == "bench":
+            from nvme_tier.bench.swap_bandwidth import build_parser as bench_parser
+
+            with contextlib.suppress(SystemExit):  # --help exits 0; a bad flag fails below
+                bench_parser().parse_args(_placeholders(argv[1:]))
+                continue
+            assert "--help" in argv or "-h" in argv, (path.name, argv)
+            continue
+        args, extra = parser.parse_known_args(_placeholders(argv))
+        assert not extra, (path.name, argv, extra)
+
+
+def test_docs_quote_commands_at_all():
+    """The command test above reads inline code and bash blocks: it does see the quoted commands."""
+    quoted = {tuple(argv[:1]) for path in ALL_DOCS for argv in _cli_lines(path)}
+    names = {"check", "build-ops", "status", "clean", "bench", "demo", "docs-config"}
+    assert names <= {argv[0] for argv in quoted if argv}, quoted
+
+
+def _config_keys() -> set[str]:
+    keys = set()
+    for name, field in OffloadStatesConfig.model_fields.items():
+        keys.add(name)
+        nested = field.annotation
+        if isinstance(nested, type) and hasattr(nested, "model_fields"):
+            keys.update(f"{name}.{sub}" for sub in nested.model_fields)
+    return keys
+
+
+@pytest.mark.parametrize("path", ALL_DOCS, ids=lambda p: p.name)
+def test_config_keys_quoted_in_docs_exist(path):
+    """`offload_states.KEY` and `"KEY": value` of the block, in prose, name real keys."""
+    keys = _config_keys()
+    text = path.read_text()
+    for match in re.finditer(r"\boffload_states\.([a-z_]+(?:\.[a-z_]+)?)", text):
+        dotted = match.group(1)
+        if text[match.end() :].startswith(": unknown key"):
+            continue  # an example of the error a typo gets
+        assert dotted in keys or dotted.split(".")[0] in keys, (path.name, dotted)
+    blocks = re.findall(r'"offload_states":\s*\{([^{}]*(?:\{[^{}]*\}[^{}]*)*)\}', text)
+    for block in blocks:
+        for key in re.findall(r'"(\w+)"\s*:', re.sub(r"\{[^{}]*\}", "{}", block)):
+            assert key in keys, (path.name, key)
+
+
+def test_gpu_test_counts_match_the_junit_file():
+    import xml.etree.ElementTree as ET
+
+    suite = next(
+        ET.parse(REPO / "benchmarks" / "results" / "tests_h100_junit.xml").getroot().iter("testsuite")
+    )
+    tests, skipped = int(suite.get("tests")), int(suite.get("skipped"))
+    failed = int(suite.get("failures")) + int(suite.get("errors"))
+    minutes, seconds = divmod(round(float(suite.get("time"))), 60)
+    text = " ".join((DOCS / "performance.md").read_text().split())
+    assert f"gave {tests - skipped - failed} passed, {skipped} skipped" in text
+    assert f"in {minutes} min {seconds} s on the H100" in text
 
 
 def _anchors(md: Path) -> set[str]:

@@ -110,18 +110,41 @@ def test_ops_a_config_needs():
     assert any(op.name == "deepspeed_shm_comm" for op in ops_for_config({}, True)) == on_cpu
 
 
-def test_write_endurance_warning_is_nvme_tiers_once(monkeypatch, caplog):
+def test_deepspeed_endurance_warning_is_silenced(monkeypatch, caplog):
+    """nvme_tier says the TBW advice itself (once per filesystem and user); DeepSpeed's copy, logged
+    from inside the first aio write and attributed to nvme_tier's code line, stays quiet."""
     import deepspeed.utils
 
     from nvme_tier.deepspeed import ops
 
     monkeypatch.delattr(deepspeed.utils, ops._DS_WRITE_WARNING_MARKER, raising=False)
+    with caplog.at_level(logging.WARNING):
+        ops.silence_deepspeed_write_warning()
+    assert caplog.records == []
+    assert getattr(deepspeed.utils, ops._DS_WRITE_WARNING_MARKER) is True
+
+
+def test_backend_line_per_engine_and_endurance_warning_once_per_user(tmp_path, monkeypatch, caplog):
+    """At the default level (WARNING): which backend each engine uses, once; the SSD endurance
+    advice once per filesystem for this user (a marker in the user's cache dir), not per process."""
+    from nvme_tier.storage import site
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    engines = [make_engine(2, tmp_path / name, backend="zarr") for name in ("a", "b")]
     with caplog.at_level(logging.WARNING, logger="nvme_tier"):
-        ops.own_write_endurance_warning()
-        ops.own_write_endurance_warning()
-    assert [r.name for r in caplog.records] == ["nvme_tier"]
-    assert "TBW" in caplog.records[0].getMessage()
-    assert getattr(deepspeed.utils, ops._DS_WRITE_WARNING_MARKER) is True  # DeepSpeed's copy stays quiet
+        for engine in engines:
+            nvme_tier.attach(engine)
+            train(engine, 1)
+            for _ in range(2):
+                engine.offload_states()
+                engine.reload_states()
+        monkeypatch.setattr(site, "_warned_here", set())  # as a new process would start
+        site.warn_write_endurance_once(str(tmp_path / "c"))
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("uses backend zarr" in m for m in messages) == 2, messages
+    assert sum("TBW" in m for m in messages) == 1, messages
+    for engine in engines:
+        nvme_tier.release(engine)
 
 
 SCRIPT_ONE_AIO_OFFLOAD = """
@@ -145,7 +168,7 @@ def test_no_deepspeed_warning_is_attributed_to_nvme_tier_code(tmp_path):
     Python frame, nvme_tier's aio_async_pwrite (deepspeed/aio_binding.py). A fresh process: the
     advice is once per process."""
     script = SCRIPT_ONE_AIO_OFFLOAD.format(tests=str(Path(__file__).parent), path=str(tmp_path / "off"))
-    env = dict(os.environ)
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}  # the TBW advice is once per user
     for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
         env.pop(key, None)  # this pytest process may hold the port: the child picks its own
     proc = subprocess.run(
@@ -162,3 +185,44 @@ def test_no_deepspeed_warning_is_attributed_to_nvme_tier_code(tmp_path):
     ours = [line for line in ds_lines if line in NVME_TIER_FUNCTIONS]
     assert ours == [], ours
     assert out.count("TBW") == 1 and "nvme_tier: offloads write every changed state" in out
+
+
+KILLED_BUILD = """
+import os, signal, sys
+from torch.utils.file_baton import FileBaton
+assert FileBaton(sys.argv[1]).try_acquire()
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+FIRST_AIO_LOAD = """
+from nvme_tier.config import AioSettings
+from nvme_tier.errors import BuildLockError
+from nvme_tier.storage.aio_handles import take_handle
+try:
+    take_handle(AioSettings())
+except BuildLockError as exc:
+    print("refused:", exc)
+"""
+
+
+@requires_aio
+def test_first_aio_load_refuses_a_leftover_build_lock(tmp_path):
+    """The first NVMe offload loads async_io (take_handle -> load_aio_op); a killed build's lock
+    (torch's FileBaton) would make it wait forever: a typed error names the file and the fix.
+    Both op directories DeepSpeed's CPU builder loads hold one, so nothing compiles either way."""
+    extensions = tmp_path / "torch_extensions"
+    for op in ("pin_memory", "async_io"):
+        (extensions / op).mkdir(parents=True)
+        subprocess.run([sys.executable, "-c", KILLED_BUILD, str(extensions / op / "lock")], timeout=120)
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(extensions)}
+    proc = subprocess.run(
+        [sys.executable, "-c", FIRST_AIO_LOAD],
+        cwd=Path(__file__).parent.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "refused:" in proc.stdout and str(extensions / "pin_memory" / "lock") in proc.stdout
+    assert "nvme-tier build-ops --fix" in proc.stdout

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -20,6 +22,13 @@ from faults import TWIN_PLAN, assert_resident, assert_twin
 import nvme_tier
 from nvme_tier.buffers import StateBuffer
 from nvme_tier.types import OffloadPhase
+
+# A shell starts background jobs (`pytest ... &` from a script) with SIGINT ignored: os.kill then
+# delivers nothing, so the tests that send a real one cannot run there.
+needs_sigint = pytest.mark.skipif(
+    signal.getsignal(signal.SIGINT) is signal.SIG_IGN,
+    reason="SIGINT is ignored in this process (started in the background by a shell?): a real SIGINT cannot be delivered",
+)
 
 KWARGS = {"stage": 3, "backend": "zarr", "policy": {"hp_params": "nvme"}}
 
@@ -102,11 +111,13 @@ def test_keyboard_interrupt_while_freeing(offload_dir, monkeypatch):
     interrupted_cycle(offload_dir, monkeypatch, break_offload=free_fails_at(2, raise_interrupt))
 
 
+@needs_sigint
 def test_real_sigint_while_freeing(offload_dir, monkeypatch):
     """A real SIGINT after the first free is held until every state is freed and recorded, then raised."""
     interrupted_cycle(offload_dir, monkeypatch, break_offload=free_fails_at(2, send_sigint))
 
 
+@needs_sigint
 def test_real_sigint_at_manifest_commit(offload_dir, monkeypatch):
     """SIGINT as the manifest is committed: either nothing moved or everything did, never half."""
 
@@ -140,6 +151,7 @@ def test_keyboard_interrupt_mid_reload(offload_dir, monkeypatch):
     interrupted_cycle(offload_dir, monkeypatch, break_reload=patch)
 
 
+@needs_sigint
 def test_real_sigint_at_end_of_reload(offload_dir, monkeypatch):
     """SIGINT as the last host copy lands: the reload either completes (resident) or is undone (offloaded)."""
 
@@ -160,6 +172,7 @@ def test_real_sigint_at_end_of_reload(offload_dir, monkeypatch):
     interrupted_cycle(offload_dir, monkeypatch, break_reload=patch)
 
 
+@needs_sigint
 def test_ctrl_c_while_waiting_for_a_non_blocking_offload(offload_dir, monkeypatch):
     """Ctrl-C in wait(): the background offload goes on, and the next wait still waits for it."""
     kwargs = {**KWARGS, "path": offload_dir}
@@ -192,3 +205,17 @@ def test_ctrl_c_while_waiting_for_a_non_blocking_offload(offload_dir, monkeypatc
         engine.reload_states()
     assert_twin(kwargs, losses, params_of(engine))
     nvme_tier.detach(engine)
+
+
+def test_sigint_tests_skip_where_sigint_is_ignored():
+    """Run under a parent that ignores SIGINT (as `&` in a script does): skipped with the reason."""
+    ignore_then_run = (
+        "import signal, subprocess, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+        "sys.exit(subprocess.call([sys.executable, '-m', 'pytest', '-q', '-rs', '-p', 'no:cacheprovider', "
+        f"{__file__!r}, '-k', 'real_sigint or ctrl_c']))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", ignore_then_run], capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "4 skipped" in proc.stdout and "SIGINT is ignored" in proc.stdout, proc.stdout

@@ -16,11 +16,12 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import BackendUnavailableError
+from ..errors import BackendUnavailableError, BuildLockError
+from .build_watch import heartbeat, refuse_leftover_lock
 
 log = logging.getLogger("nvme_tier")
 
@@ -32,6 +33,10 @@ OP_BUILDERS = {
     "deepspeed_shm_comm": "ShareMemCommBuilder",
 }
 PREBUILT, LOADED, CACHED, NOT_BUILT = "prebuilt", "loaded", "cached", "not built"
+# Ops a builder's load() loads first, each through its own torch build lock (DeepSpeed's CPU
+# AsyncIOBuilder loads pin_memory; a name with no build directory costs one stat).
+LOADED_FIRST = {"async_io": ("pin_memory",)}
+PROGRESS_EVERY_S = 30.0  # a compile prints nothing for minutes: say it is still running
 
 
 def extensions_dir() -> str:
@@ -86,12 +91,20 @@ def build_notice(builder: Any) -> Iterator[None]:
         where,
     )
     started = time.perf_counter()
-    yield
+
+    def still(elapsed: float) -> None:
+        log.warning("nvme_tier: still building DeepSpeed %s: %.0f s so far", builder.name, elapsed)
+
+    with heartbeat(still, 2 * PROGRESS_EVERY_S):
+        yield
     log.warning("nvme_tier: built DeepSpeed %s in %.0f s", builder.name, time.perf_counter() - started)
 
 
 def load_op(builder: Any) -> Any:
-    """``builder.load()``, announced when it has to compile."""
+    """``builder.load()``, announced when it has to compile; a typed error, not torch's endless
+    wait, when a killed build left its lock behind."""
+    if op_state(builder) not in (PREBUILT, LOADED):  # those load without torch's build lock
+        refuse_leftover_lock(extensions_dir(), [*LOADED_FIRST.get(builder.name, ()), builder.name])
     with build_notice(builder):
         return builder.load(verbose=False)
 
@@ -142,21 +155,13 @@ def quiet_comm_op_build() -> Iterator[None]:
 _DS_WRITE_WARNING_MARKER = "_deepspeed_nvme_write_warning_emitted"
 
 
-def own_write_endurance_warning() -> None:
-    """Say DeepSpeed's SSD write-endurance (TBW) advice once, as nvme_tier's, before any aio write.
-
-    Setting DeepSpeed's marker first keeps its copy (misattributed to nvme_tier's code line) away.
-    """
+def silence_deepspeed_write_warning() -> None:
+    """Keep DeepSpeed's SSD write-endurance (TBW) advice, logged from inside the first aio write and
+    attributed to nvme_tier's code line, away: nvme_tier says it once per filesystem and user
+    (``storage.site.warn_write_endurance_once``). Setting DeepSpeed's marker is what silences it."""
     import deepspeed.utils
 
-    if getattr(deepspeed.utils, _DS_WRITE_WARNING_MARKER, False):
-        return
     setattr(deepspeed.utils, _DS_WRITE_WARNING_MARKER, True)
-    log.warning(
-        "nvme_tier: offloads write every changed state to the NVMe path; sustained offloading "
-        "wears consumer SSDs (rated write endurance, TBW): prefer datacenter SSDs. Unchanged "
-        "states are not rewritten (skip_unchanged)."
-    )
 
 
 def set_deepspeed_log_level(level: int) -> None:
@@ -224,15 +229,19 @@ class OpBuild:
     error: str = ""
 
 
-def build_op(name: str) -> OpBuild:
-    """Load (and so build, unless cached) op ``name``; never raises: the error is in the result."""
+def build_op(name: str, progress: Callable[[float], None] | None = None) -> OpBuild:
+    """Load (and so build, unless cached) op ``name``; never raises: the error is in the result.
+
+    ``progress(elapsed seconds)`` is called every PROGRESS_EVERY_S while it runs."""
     builder = builder_of(name)
     if builder is None:
         return OpBuild(name, "unavailable", 0.0, "this accelerator has no such op")
     state = op_state(builder)
     started = time.perf_counter()
+    beat = heartbeat(progress, PROGRESS_EVERY_S) if progress else contextlib.nullcontext()
     try:
-        load_op(builder)  # async_io's load() builds pin_memory first where DeepSpeed needs it
+        with beat:
+            load_op(builder)  # async_io's load() builds pin_memory first where DeepSpeed needs it
     except Exception as exc:  # a failed build is reported per op, the next op still builds
         return OpBuild(name, state, time.perf_counter() - started, " ".join(str(exc).split())[:300])
     return OpBuild(name, state, time.perf_counter() - started)
@@ -283,9 +292,11 @@ def load_aio_op():
 
     try:
         op = load_op(AsyncIOBuilder())  # a line before a JIT build: it takes minutes, silently
+    except BuildLockError:
+        raise  # it names the lock file and the fix; the install hint would mislead
     except Exception as exc:
         raise BackendUnavailableError(
             f"building DeepSpeed's async_io op failed ({exc}); {INSTALL_HINT}"
         ) from exc
-    own_write_endurance_warning()
+    silence_deepspeed_write_warning()
     return op

@@ -7,6 +7,7 @@ there room for these bytes" (before anything moves); attach checks the path earl
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -14,7 +15,7 @@ from collections.abc import Callable
 
 from ..config import OffloadStatesConfig
 from ..errors import ConfigError, TierIOError
-from ..mounts import log_storage_once
+from ..mounts import NOT_A_DISK, log_storage_once, mount_of, storage_kind
 from ..status import human_bytes
 from .base import StorageBackend
 from .manifest import OwnerInfo, WriterDirectory, ensure_root
@@ -52,6 +53,42 @@ def check_path_at_attach(config: OffloadStatesConfig) -> None:
     log_storage_once(path, log)
 
 
+ENDURANCE_ADVICE = (
+    "nvme_tier: offloads write every changed state to %s (filesystem %s); sustained offloading "
+    "wears consumer SSDs (rated write endurance, TBW): prefer datacenter SSDs. Unchanged states "
+    "are not rewritten (skip_unchanged). Said once per filesystem for this user (marker: %s)."
+)
+_warned_here: set[str] = set()  # where the marker cannot be written: once per process instead
+
+
+def _marker_dir() -> str:
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "nvme_tier", "endurance_advice_given")
+
+
+def warn_write_endurance_once(path: str) -> None:
+    """The SSD-wear advice once per filesystem (mount) and user, not in every process: a marker
+    file per filesystem under the user's cache directory. RAM filesystems get the tmpfs warning."""
+    mount = mount_of(path)
+    if storage_kind(mount.fs_type) in NOT_A_DISK:
+        return
+    key = f"{mount.source} at {mount.mount_point}"
+    marker = os.path.join(_marker_dir(), hashlib.sha256(key.encode()).hexdigest()[:24])
+    try:
+        os.makedirs(os.path.dirname(marker), exist_ok=True)
+        fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    except OSError:
+        if key in _warned_here:
+            return
+        _warned_here.add(key)
+    else:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(key + "\n")
+    log.warning(ENDURANCE_ADVICE, path, key, marker)
+
+
 class StorageSite:
     """Where one engine's NVMe-tier files go, and with which backend."""
 
@@ -71,12 +108,23 @@ class StorageSite:
             path = self.path
             ensure_root(path)
             self.backend_name, why = select_backend(self.config.backend, path, self.config)
-            log.info("nvme_tier: rank %d uses backend %s (%s)", self.rank, self.backend_name, why)
+            # Visible at Python's default level (nvme_tier adds no log handler, as libraries should
+            # not), once per engine; other ranks say it at INFO (a fallback warns on its own).
+            level = logging.WARNING if self.rank == 0 else logging.INFO
+            log.log(
+                level,
+                "nvme_tier: rank %d uses backend %s at %s (%s)",
+                self.rank,
+                self.backend_name,
+                path,
+                why,
+            )
         return self.backend_name
 
     def open(self) -> StorageBackend:
         """The backend over this process's own writer directory (no I/O until the first write)."""
         name = self.choose_backend()
+        warn_write_endurance_once(self.path)
         clean_writers(self.path)  # stale leftovers of killed processes (never a live writer's files)
         directory = WriterDirectory(self.path, OwnerInfo.current(rank=self.rank, label=self._label()))
         return open_backend(self.config, directory, name)
