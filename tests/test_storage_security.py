@@ -407,3 +407,20 @@ def test_files_of_a_directory_without_held_fds_go_by_full_path(tmp_path, monkeyp
     assert os.path.isfile(os.path.join(directory.path, "x.bin")) and not os.path.exists("x.bin")
     directory.remove_file("x.bin")
     assert not os.path.exists(os.path.join(directory.path, "x.bin"))
+
+
+def test_another_writers_deeply_nested_owner_json_does_not_fail_an_offload(offload_dir):
+    """Issue 23: a same-uid writer's owner.json nested deeply made every engine's first NVMe offload
+    on that root fail with RecursionError (the stale scan). It is an unreadable owner: kept, skipped."""
+    planted = _planted_writer(offload_dir)
+    with open(os.path.join(planted, OWNER_FILE), "w") as fh:
+        fh.write('{"pid": ' + "[" * 200_000 + "]" * 200_000 + "}")
+    engine = make_engine(1, offload_dir, backend="zarr")
+    nvme_tier.attach(engine)
+    train(engine, 1)
+    before = snapshot(engine)
+    engine.offload_states()
+    engine.reload_states()
+    assert_resident(engine, before, scratch=False)
+    nvme_tier.detach(engine)
+    assert os.path.isdir(planted)
