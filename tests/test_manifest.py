@@ -312,7 +312,8 @@ def _committed_with_record(root) -> tuple[WriterDirectory, TensorRecord]:
 def test_manifest_nbytes_out_of_range_is_an_integrity_error(tmp_path):
     directory, _record = _committed_with_record(tmp_path / "root")
     path = directory.file_path(MANIFEST_FILE)
-    text = open(path).read().replace('"nbytes": 10', '"nbytes": 1e400')
+    with open(path) as fh:
+        text = fh.read().replace('"nbytes": 10', '"nbytes": 1e400')
     assert "1e400" in text
     with open(path, "w") as fh:
         fh.write(text)
@@ -326,7 +327,8 @@ def test_manifest_nbytes_out_of_range_is_an_integrity_error(tmp_path):
 def test_manifest_sizes_must_be_natural_numbers(tmp_path, value):
     directory, _record = _committed_with_record(tmp_path / "root")
     path = directory.file_path(MANIFEST_FILE)
-    text = open(path).read().replace('"nbytes": 10', f'"nbytes": {value}')
+    with open(path) as fh:
+        text = fh.read().replace('"nbytes": 10', f'"nbytes": {value}')
     with open(path, "w") as fh:
         fh.write(text)
     with pytest.raises(IntegrityError, match="nbytes"):
