@@ -94,6 +94,12 @@ def read_json(path: str, *, dir_fd: int | None = None) -> dict:
         data = json.loads(raw.decode("utf-8"))
     except ValueError as exc:
         raise IntegrityError(f"{path}: not valid JSON ({exc})", path) from None
+    except RecursionError:  # json's decoder recurses once per nesting level
+        raise IntegrityError(
+            f"{path}: JSON nested too deeply for nvme_tier metadata (nvme_tier did not write it); "
+            "remove it, or the writer directory it is in once no run uses that directory",
+            path,
+        ) from None
     if not isinstance(data, dict):
         raise IntegrityError(f"{path}: not a JSON object", path)
     return data
