@@ -247,12 +247,14 @@ class WriterDirectory:
             return self.file_path(filename)
         return f"/proc/self/fd/{self._dir_fd}/{check_name(filename)}"
 
-    def open(self, filename: str, *, write: bool, direct: bool = False) -> int:
+    def open(self, filename: str, *, write: bool, direct: bool = False, **how: bool) -> int:
+        """``how``: ``exclusive`` / ``create`` of ``open_flags`` (a new file only / an existing one)."""
         path = self.file_path(filename)
         self.check_identity()
         held = self._dir_fd is not None  # else (never created here) by its full path
         try:
-            return os.open(filename if held else path, open_flags(write, direct), 0o600, dir_fd=self._dir_fd)
+            flags = open_flags(write, direct, **how)
+            return os.open(filename if held else path, flags, 0o600, dir_fd=self._dir_fd)
         except OSError as exc:
             if exc.errno == errno.ELOOP:
                 raise TierIOError(f"refusing to follow a symlink: {path}", path, exc.errno) from None
