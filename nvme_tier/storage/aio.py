@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import functools
 import mmap
 import os
 from collections.abc import Iterator
 from concurrent import futures
-from concurrent.futures import ThreadPoolExecutor
 from typing import Self
 
 import google_crc32c
@@ -44,11 +42,6 @@ def staging_plan(staging_budget_bytes: int, settings: AioSettings) -> tuple[int,
             f"staging budget {staging_budget_bytes} B is below 2 x the aio alignment {alignment} B"
         )
     return count, chunk
-
-
-@functools.lru_cache(maxsize=1)
-def _reserver() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="nvme_tier-reserve")
 
 
 def _reserve(fd: int, path: str, nbytes: int) -> None:
@@ -84,6 +77,7 @@ class _Slot:
         if self.locked_by_handle:
             self.handle.free_cpu_locked_tensor(self.buffer)
         aio_handles.give_back_handle(self.settings, self.handle)
+        self.handle = None  # not kept idle: destroyed now (its threads joined, its aio contexts freed)
 
     def wait(self, path: str) -> None:
         self.pending = False
@@ -158,6 +152,7 @@ class AioBackend(StorageBackend):
     @contextlib.contextmanager
     def _checked_out_slots(self) -> Iterator[list[_Slot]]:
         key = ("aio", aio_handles.handle_key(self.settings), self.chunk_bytes)
+        aio_handles.use_handles(self.settings, self)
         with staging_pool().checkout(self, key, self.slot_count, self.chunk_bytes, self._new_slot) as slots:
             self._staging_bytes = sum(slot.buffer.numel() for slot in slots)
             yield slots
@@ -190,6 +185,7 @@ class AioBackend(StorageBackend):
 
     def _release_resources(self) -> None:
         staging_pool().leave(self)
+        aio_handles.stop_using_handles(self.settings, self)
 
     # -- hooks -----------------------------------------------------------------------------------
     def _write_bytes(self, name: str, src: torch.Tensor) -> tuple[str, int, list[int] | None]:
@@ -207,15 +203,12 @@ class AioBackend(StorageBackend):
         samples: list[tuple[int, int]] = []  # (file offset, crc32c of the page written there)
         identity = self._rewrite.pop(file, None)
         fd = self._open_for_rewrite(file, identity) if identity is not None else None
-        if fd is None:
-            # A new file of our own: whatever has the name now (a file planted there, a hard link
-            # to someone else's file) is unlinked, never truncated or written through.
-            self.directory.remove_file(file)
+        if fd is None:  # a new file of our own: never truncating or writing through what is there
             fd = self.directory.open(file, write=True, direct=True, exclusive=True)
         # The whole file's space is reserved on a helper thread while the first chunk is staged and
         # checksummed, and before its bytes move. (Reserving chunk by chunk instead, behind the
         # writes, was slower: ext4's fallocate waits for the inode's in-flight direct I/O.)
-        reservation = _reserver().submit(_reserve, fd, path, round_up(nbytes, self.alignment))
+        reservation = aio_handles.reserver().submit(_reserve, fd, path, round_up(nbytes, self.alignment))
         op_path = self.directory.op_path(file)
         try:
             for i, (a, b) in enumerate(chunk_ranges(nbytes, chunk)):

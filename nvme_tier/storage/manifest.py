@@ -248,13 +248,20 @@ class WriterDirectory:
         return f"/proc/self/fd/{self._dir_fd}/{check_name(filename)}"
 
     def open(self, filename: str, *, write: bool, direct: bool = False, **how: bool) -> int:
-        """``how``: ``exclusive`` / ``create`` of ``open_flags`` (a new file only / an existing one)."""
+        """``how``: ``exclusive`` / ``create`` of ``open_flags``: a new file (a planted file or hard
+        link in its place is unlinked, a symlink refused) / an existing one."""
         path = self.file_path(filename)
         self.check_identity()
         held = self._dir_fd is not None  # else (never created here) by its full path
+        flags = open_flags(write, direct, **how)
         try:
-            flags = open_flags(write, direct, **how)
-            return os.open(filename if held else path, flags, 0o600, dir_fd=self._dir_fd)
+            try:
+                return os.open(filename if held else path, flags, 0o600, dir_fd=self._dir_fd)
+            except FileExistsError:
+                if not os.path.islink(path):
+                    self.remove_file(filename)
+                    return os.open(filename if held else path, flags, 0o600, dir_fd=self._dir_fd)
+                raise OSError(errno.ELOOP, "a symlink") from None
         except OSError as exc:
             if exc.errno == errno.ELOOP:
                 raise TierIOError(f"refusing to follow a symlink: {path}", path, exc.errno) from None
