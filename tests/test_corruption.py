@@ -73,6 +73,16 @@ def _bump_crc(data: dict) -> None:
     rec["crc32c"][0] ^= 1
 
 
+def _edit_text(old: str, new: str):
+    def corrupt(path: str) -> None:
+        with open(path) as fh:
+            text = fh.read()
+        with open(path, "w") as fh:
+            fh.write(text.replace(old, new, 1))
+
+    return corrupt
+
+
 def offloaded(backend: str, path, **extra):
     engine = make_engine(3, path, backend=backend, **extra)
     nvme_tier.attach(engine)
@@ -122,6 +132,8 @@ MANIFEST_CASES = [
     ("record missing fields", "manifest.json", edit_manifest(lambda d: d.update(records={"x": {}}))),
     ("owner not a mapping", "manifest.json", edit_manifest(lambda d: d.update(owner="me"))),
     ("checksum edited", "manifest.json", edit_manifest(_bump_crc)),
+    ("nbytes 1e400", "manifest.json", _edit_text('"nbytes": ', '"nbytes": 1e400, "was": ')),
+    ("nested deeply", "manifest.json", write_text('{"a": ' + "[" * 100_000 + "]" * 100_000 + "}")),
 ]
 
 
