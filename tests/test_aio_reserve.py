@@ -130,6 +130,7 @@ print("RESULT " + json.dumps(out))
 def test_aio_handles_and_threads_go_back_with_the_last_engine(tmp_path):
     env = {**os.environ, "NVME_TIER_REPO": ROOT}
     env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
+    env.pop("MASTER_PORT", None)  # the child picks its own rendezvous port (ours may be in use)
     proc = subprocess.run(
         [sys.executable, "-c", HANDLES_CHILD, str(tmp_path)],
         capture_output=True,

@@ -228,6 +228,7 @@ def test_sys_exit_during_a_non_blocking_offload_is_an_ordered_shutdown(tmp_path)
         "NVME_TIER_REPO": repo,
         "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")]),
     }
+    env.pop("MASTER_PORT", None)  # the child picks its own rendezvous port (ours may be in use)
     proc = subprocess.run(
         [sys.executable, "-c", EXIT_CHILD, str(tmp_path)],
         capture_output=True,

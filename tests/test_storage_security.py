@@ -563,3 +563,55 @@ def test_zarr_never_chmods_or_writes_a_hard_linked_file(offload_dir, tmp_path):
     engine.reload_states()
     assert_resident(engine, before, scratch=False)
     nvme_tier.detach(engine)
+
+
+SIGKILL_CHILD = r"""
+import os, sys, time
+sys.path.insert(0, os.path.join(os.environ["NVME_TIER_REPO"], "tests"))
+from conftest import make_engine, train
+import nvme_tier
+import nvme_tier.deepspeed.aio_binding as ds
+
+engine = make_engine(1, sys.argv[1], backend="aio", width=256)
+nvme_tier.attach(engine)
+train(engine, 1)
+engine.offload_states()
+engine.reload_states()
+train(engine, 1, seed=2)
+real = ds.aio_async_pwrite
+def pwrite_then_stall(*args):  # the first chunk of the in-place rewrite lands, then SIGKILL
+    done = real(*args)
+    print("REWRITING", flush=True)
+    time.sleep(600)
+    return done
+ds.aio_async_pwrite = pwrite_then_stall
+engine.offload_states()
+"""
+
+
+@requires_aio
+@pytest.mark.aio
+@pytest.mark.multiproc
+def test_status_after_a_sigkill_mid_rewrite_says_not_committed(offload_dir):
+    """Issue 23: after a SIGKILL in the middle of an in-place rewrite, `nvme-tier status` called the
+    directory "committed: yes" (the old manifest) though its files no longer match it."""
+    import signal
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**child_env(), "NVME_TIER_REPO": repo}
+    env.pop("MASTER_PORT", None)  # the child picks its own rendezvous port (ours may be in use)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SIGKILL_CHILD, str(offload_dir)], stdout=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        for line in proc.stdout:
+            if line.startswith("REWRITING"):
+                break
+        time.sleep(0.5)  # the op's threads finish writing the chunk
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    (info,) = scan_writers(str(offload_dir))
+    assert not info.live
+    assert not info.committed and "optim_states" in info.note, info
+    assert os.path.exists(os.path.join(info.path, "manifest.json"))

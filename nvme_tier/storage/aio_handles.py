@@ -68,7 +68,8 @@ def memlock_shortfall(locked_bytes: int, cuda: bool | None = None) -> str | None
 # Idle aio handles, reused across backends. Creating a handle starts intra_op_parallelism threads
 # and io_setup()s as many kernel aio contexts; destroying one io_destroy()s them, which waits for an
 # RCU grace period each (~0.3 s per handle here). A backend takes its handles on first I/O and gives
-# them back (idle, nothing in flight, buffers freed) on release().
+# them back (idle, nothing in flight, buffers freed) on release(); the last backend of a settings
+# key to be released destroys them (stop_using_handles).
 _IDLE_HANDLES: dict[tuple, list] = {}
 _IDLE_LOCK = threading.Lock()
 _MAX_IDLE_PER_KIND = 8
