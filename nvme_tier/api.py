@@ -10,12 +10,12 @@ from .controller import OffloadController
 from .deepspeed.config_block import engine_config_dict
 from .deepspeed.locators import discover_buffers, engine_facts
 from .deepspeed.version import check_deepspeed_version
-from .errors import ConfigError, NvmeTierError
+from .errors import ConfigError, NvmeTierError, StatesOffloadedError
 from .host_budget import process_budget
 from .policy import decide
 from .status import format_table, human_bytes
 from .storage.site import check_path_at_attach
-from .types import StateKind, StateStatus
+from .types import OffloadPhase, StateKind, StateStatus
 
 _controllers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -47,7 +47,18 @@ def attach(engine: Any, config: OffloadStatesConfig | dict | None = None) -> Off
             f"{exc} (no '{CONFIG_KEY}' block in the engine's DeepSpeed config: the defaults apply)"
         ) from None
     if existing is not None:
-        existing.detach()
+        try:
+            existing.detach()  # waits for a non-blocking operation in flight first
+        except StatesOffloadedError as exc:
+            if existing.phase is OffloadPhase.failed:
+                raise
+            away = ", ".join(name for name, s in existing.status().items() if s.tier != "device")
+            raise StatesOffloadedError(
+                f"nvme_tier.attach(engine, config) with a different config while {away} are offloaded "
+                "would lose them (the current attachment holds them, and keeps them); let a non-blocking "
+                "offload or reload finish (nvme_tier.wait(engine)), call engine.reload_states(), then "
+                "attach again"
+            ) from exc
         del _controllers[engine]
     controller = OffloadController(engine, cfg)
     _controllers[engine] = controller

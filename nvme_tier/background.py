@@ -6,16 +6,23 @@ waits for it (and gets its error) before doing anything.
 
 from __future__ import annotations
 
+import logging
+import threading
+import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from .storage.base import on_callers_device
+
+log = logging.getLogger("nvme_tier")
+_LIVE: weakref.WeakSet[BackgroundOperation] = weakref.WeakSet()
 
 
 class BackgroundOperation:
     def __init__(self) -> None:
         self._executor: ThreadPoolExecutor | None = None
         self._pending: Future | None = None
+        _LIVE.add(self)
 
     def _worker(self) -> ThreadPoolExecutor:
         if self._executor is None:
@@ -45,3 +52,27 @@ class BackgroundOperation:
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
+
+
+def _finish_all_at_exit() -> None:
+    """The interpreter is exiting (``sys.exit``, the end of the script) while a non-blocking
+    operation runs: let it finish first. Python stops every thread pool from taking work at exit,
+    and the operation still has I/O to queue (its writes, the manifest, or its undo); cut off
+    half-way it failed with "cannot schedule new futures after shutdown"."""
+    for op in list(_LIVE):
+        fut = op._pending
+        if fut is None or fut.done():
+            continue
+        log.warning(
+            "nvme_tier: exiting while a non-blocking offload or reload is in flight; finishing it first "
+            "(call nvme_tier.wait(engine) before exiting to wait for it yourself)"
+        )
+        error = fut.exception()
+        if error is not None:
+            log.warning("nvme_tier: the operation in flight at exit failed: %s", error)
+
+
+# Runs before concurrent.futures' own exit hook (threading runs them in reverse order of
+# registration; concurrent.futures.thread registered its hook when imported above), which would
+# refuse the operation's remaining I/O.
+threading._register_atexit(_finish_all_at_exit)

@@ -136,6 +136,7 @@ def writer_rows(path: str) -> list[dict[str, Any]]:
                 "age_s": round(w.age_s, 1),
                 "state": ("live" if w.live else "stale") if o else "unknown owner",
                 "committed": w.committed,
+                "note": w.note,
             }
         )
     return rows
@@ -160,12 +161,15 @@ def cmd_status(args: argparse.Namespace) -> int:
             human_bytes(r["bytes"]),
             human_age(r["age_s"]),
             r["state"],
-            "yes" if r["committed"] else "no",
+            "yes" if r["committed"] else ("no: files changed" if r["note"] else "no"),
         ]
         for r in rows
     ]
     header = ["writer", "host", "pid", "rank", "label", "bytes", "age", "state", "committed"]
     print(format_rows(header, table))
+    for r in rows:
+        if r["note"]:  # e.g. a writer killed while it rewrote a kept file: not reloadable as is
+            print(f"{r['dir']}: not committed: {r['note']}")
     stale = [r for r in rows if r["state"] == "stale"]
     total = human_bytes(sum(r["bytes"] for r in rows))
     print(

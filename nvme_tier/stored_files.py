@@ -51,7 +51,8 @@ class StoredFiles:
         return record if on_disk and record.nbytes == buf.nbytes else None
 
     def unchanged(self, buf: StateBuffer) -> bool:
-        """Whether ``buf``'s file holds exactly its live bytes: their fingerprints are equal.
+        """Whether ``buf``'s file holds exactly its live bytes: their fingerprints are equal, and
+        the file is still the one written, as written (``holds_written_bytes``).
 
         Nothing else counts (no version counter): any write path (``GatheredParameters``, EMA,
         ``copy_``, ``load_state_dict``...) changes the fingerprint of what it wrote.
@@ -59,7 +60,11 @@ class StoredFiles:
         if buf.fingerprint is None or self.rewrite_all:
             return False
         record = self.record_of(buf)
-        return record is not None and record.fingerprint == buf.fingerprint
+        if record is None or record.fingerprint != buf.fingerprint:
+            return False
+        # The file must still hold those bytes: truncated, edited or replaced since, it is written
+        # again (skipping it would free the only good copy).
+        return self._mover.backend.holds_written_bytes(record)
 
     def bytes_of(self, names: list[str]) -> int:
         """Bytes of this writer's files for ``names``: rewritten in place or deleted first."""

@@ -73,3 +73,79 @@ def test_refused_reservation_fails_before_bytes_move(tmp_path):
     assert result["names"] == [], "a failed write left a record"
     assert not [f for f in result["left"] if f.endswith(".bin")], result["left"]
     assert result["exact_after"]
+
+
+# -- issue 23, item 5: aio handles go back to the kernel with the last engine using them -----------------
+HANDLES_CHILD = r"""
+import json, os, sys
+sys.path.insert(0, os.path.join(os.environ["NVME_TIER_REPO"], "tests"))
+from conftest import make_engine, train
+import nvme_tier
+
+path = sys.argv[1]
+
+
+def counts():
+    with open("/proc/self/maps") as fh:
+        contexts = sum("[aio]" in line for line in fh)
+    with open("/proc/sys/fs/aio-nr") as fh:
+        host_events = int(fh.read())
+    return {"contexts": contexts, "threads": len(os.listdir("/proc/self/task")), "aio_nr": host_events}
+
+
+def cycle(engine):
+    train(engine, 1)
+    engine.offload_states()
+    engine.reload_states()
+
+
+zarr = make_engine(1, path, backend="zarr", seed=3)  # a second kind of engine: the staging pool stays in use
+nvme_tier.attach(zarr)
+cycle(zarr)
+out = {"base": counts()}
+a = make_engine(1, path, backend="aio")
+b = make_engine(1, path, backend="aio", seed=1)
+for engine in (a, b):
+    nvme_tier.attach(engine)
+    cycle(engine)
+out["two"] = counts()
+nvme_tier.release(a)  # b still uses these settings: its handles stay
+out["one"] = counts()
+cycle(b)
+nvme_tier.detach(b)  # the last engine with these settings: every handle and its threads go
+out["none"] = counts()
+c = make_engine(1, path, backend="aio", seed=2)  # and they come back when needed
+nvme_tier.attach(c)
+cycle(c)
+out["again"] = counts()
+nvme_tier.release(c)
+out["end"] = counts()
+print("RESULT " + json.dumps(out))
+"""
+
+
+@requires_aio
+@pytest.mark.aio
+@pytest.mark.multiproc
+def test_aio_handles_and_threads_go_back_with_the_last_engine(tmp_path):
+    env = {**os.environ, "NVME_TIER_REPO": ROOT}
+    env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
+    env.pop("MASTER_PORT", None)  # the child picks its own rendezvous port (ours may be in use)
+    proc = subprocess.run(
+        [sys.executable, "-c", HANDLES_CHILD, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+    c = json.loads(lines[-1][len("RESULT ") :])
+    assert c["two"]["contexts"] > c["base"]["contexts"] and c["two"]["threads"] > c["base"]["threads"]
+    assert c["one"]["contexts"] > c["base"]["contexts"], "released while another engine uses them"
+    for after in ("none", "end"):
+        assert c[after]["contexts"] == c["base"]["contexts"], (after, c)
+        assert c[after]["threads"] <= c["base"]["threads"], (after, c)
+    assert c["again"]["contexts"] > c["base"]["contexts"]
+    # fs.aio-nr is host-wide (other processes move it too): ours fell by what our handles held
+    assert c["two"]["aio_nr"] - c["none"]["aio_nr"] >= (c["two"]["contexts"] - c["base"]["contexts"]) * 32, c

@@ -290,3 +290,28 @@ def test_check_and_attach_give_the_same_verdict(engine, before, tmp_path, monkey
                 assert "no 'offload_states' block" in str(err.value), str(err.value)
             if "[FAIL]" in out.out:
                 assert "fix:" in out.out.split("[FAIL]", 1)[1], out.out
+
+
+@pytest.mark.parametrize("non_blocking", [True, False])
+def test_attach_with_another_config_while_offloaded_says_what_to_do(offload_dir, non_blocking):
+    """Issue 23: attach(engine, other_cfg) during a non-blocking offload was refused with a message
+    about detach(). It names attach, waiting for the operation in flight and reload_states; the old
+    attachment stays and works."""
+    from nvme_tier.errors import StatesOffloadedError
+
+    eng = make_engine(1, offload_dir, backend="zarr")
+    controller = nvme_tier.attach(eng)
+    train(eng, 1)
+    before = snapshot(eng)
+    eng.offload_states(non_blocking=non_blocking)
+    other = {**controller.config.model_dump(), "checksum": not controller.config.checksum}
+    with pytest.raises(StatesOffloadedError) as err:
+        nvme_tier.attach(eng, other)
+    message = str(err.value)
+    assert "attach(" in message and "detach()" not in message, message
+    assert "nvme_tier.wait(engine)" in message and "reload_states()" in message, message
+    assert nvme_tier.controller_of(eng) is controller
+    eng.reload_states()
+    assert_resident(eng, before, scratch=False)
+    assert nvme_tier.attach(eng, other) is not controller  # once resident, the new config is taken
+    nvme_tier.detach(eng)

@@ -73,6 +73,16 @@ def _bump_crc(data: dict) -> None:
     rec["crc32c"][0] ^= 1
 
 
+def _edit_text(old: str, new: str):
+    def corrupt(path: str) -> None:
+        with open(path) as fh:
+            text = fh.read()
+        with open(path, "w") as fh:
+            fh.write(text.replace(old, new, 1))
+
+    return corrupt
+
+
 def offloaded(backend: str, path, **extra):
     engine = make_engine(3, path, backend=backend, **extra)
     nvme_tier.attach(engine)
@@ -122,6 +132,8 @@ MANIFEST_CASES = [
     ("record missing fields", "manifest.json", edit_manifest(lambda d: d.update(records={"x": {}}))),
     ("owner not a mapping", "manifest.json", edit_manifest(lambda d: d.update(owner="me"))),
     ("checksum edited", "manifest.json", edit_manifest(_bump_crc)),
+    ("nbytes 1e400", "manifest.json", _edit_text('"nbytes": ', '"nbytes": 1e400, "was": ')),
+    ("nested deeply", "manifest.json", write_text('{"a": ' + "[" * 100_000 + "]" * 100_000 + "}")),
 ]
 
 
@@ -255,3 +267,50 @@ def test_non_blocking_reload_of_corrupt_file(offload_dir):
     assert nvme_tier.controller_of(engine).phase is OffloadPhase.failed
     with pytest.raises(StatesOffloadedError):
         train(engine, 1)
+
+
+# -- skip_unchanged and a kept file damaged between cycles (issue 23, item 2) ------------------------
+def _replace_same_size(path: str) -> None:
+    """Another file of the same size (other bytes, another inode) in its place."""
+    size = os.path.getsize(path)
+    os.unlink(path)
+    with open(path, "wb") as fh:
+        fh.write(b"\x5a" * size)
+
+
+def _flip_keeping_times(path: str) -> None:
+    """One byte flipped far from any sampled page, mtime put back: only ctime tells."""
+    st = os.stat(path)
+    flip(path, offset=st.st_size // 2 + 1234)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+DAMAGES = {
+    "truncated": truncate,
+    "one byte flipped": flip,
+    "flipped, mtime restored": _flip_keeping_times,
+    "replaced by another file": _replace_same_size,
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+@pytest.mark.parametrize("backend", ["zarr", pytest.param("aio", marks=[requires_aio, pytest.mark.aio])])
+def test_skip_unchanged_rewrites_a_damaged_kept_file(backend, damage, offload_dir):
+    """A kept file damaged between cycles is written again, never trusted: the offload rewrites it
+    and the reload is bit-exact (before, the offload skipped it, freed the states, and the reload
+    raised IntegrityError: every optimizer state lost)."""
+    from conftest import assert_same_states, snapshot
+
+    engine, writer = offloaded(backend, offload_dir)
+    engine.reload_states()
+    before = snapshot(engine)
+    DAMAGES[damage](os.path.join(writer, AIO_FILE if backend == "aio" else ZARR_CHUNK))
+    engine.offload_states()
+    stats = nvme_tier.controller_of(engine).last_stats["offload"]
+    assert stats.bytes_written > 0, "the damaged file was skipped"
+    engine.reload_states()
+    assert_same_states(before, snapshot(engine))
+    engine.offload_states()  # rewritten once: unchanged from now on, skipped again
+    assert nvme_tier.controller_of(engine).last_stats["offload"].bytes_written == 0
+    engine.reload_states()
+    assert_same_states(before, snapshot(engine))

@@ -219,3 +219,53 @@ def test_sigint_tests_skip_where_sigint_is_ignored():
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "4 skipped" in proc.stdout and "SIGINT is ignored" in proc.stdout, proc.stdout
+
+
+EXIT_CHILD = r"""
+import os, sys, time
+sys.path.insert(0, os.path.join(os.environ["NVME_TIER_REPO"], "tests"))
+from conftest import make_engine, train
+import nvme_tier
+from nvme_tier.storage.zarr_store import ZarrBackend
+
+real_write = ZarrBackend._write_bytes
+def slow_write(self, name, src):  # the offload is surely still in flight at sys.exit
+    time.sleep(0.5)
+    return real_write(self, name, src)
+ZarrBackend._write_bytes = slow_write
+
+engine = make_engine(1, sys.argv[1], backend="zarr")
+nvme_tier.attach(engine)
+train(engine, 1)
+engine.offload_states(non_blocking=True)
+sys.exit(3)
+"""
+
+
+def test_sys_exit_during_a_non_blocking_offload_is_an_ordered_shutdown(tmp_path):
+    """Issue 23: sys.exit right after offload_states(non_blocking=True) logged only "cannot schedule
+    new futures after shutdown" (the offload failed half-way, its undo too). Now the in-flight
+    operation is finished first, with a message saying so, and the writer directory is removed."""
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {
+        **os.environ,
+        "NVME_TIER_REPO": repo,
+        "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")]),
+    }
+    env.pop("MASTER_PORT", None)  # the child picks its own rendezvous port (ours may be in use)
+    proc = subprocess.run(
+        [sys.executable, "-c", EXIT_CHILD, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 3, out[-3000:]
+    assert "cannot schedule new futures" not in out and "Traceback" not in out, out[-3000:]
+    assert "could not remove" not in out, out[-3000:]
+    assert "exiting while a non-blocking" in out and "nvme_tier.wait(engine)" in out, out[-3000:]
+    assert [n for n in os.listdir(tmp_path) if n.startswith("ntier-")] == []

@@ -287,3 +287,113 @@ def test_atomic_write_json_round_trips(tmp_path_factory, data):
     path = str(tmp_path_factory.mktemp("j") / "x.json")
     atomic_write_json(path, data)
     assert read_json(path) == data
+
+
+# -- tampered metadata: typed errors, a truthful status (issue 23, item 6) -----------------------------
+DEEP = '{"a": ' + "[" * 200_000 + "]" * 200_000 + "}"  # well below the 1 MiB metadata limit
+
+
+def test_deeply_nested_json_is_an_integrity_error_naming_the_file(tmp_path):
+    path = tmp_path / "deep.json"
+    path.write_text(DEEP)
+    with pytest.raises(IntegrityError, match="deep.json") as info:
+        read_json(str(path))
+    assert info.value.filename == str(path) and "nested" in str(info.value)
+
+
+def _committed_with_record(root) -> tuple[WriterDirectory, TensorRecord]:
+    directory = WriterDirectory(str(root), OwnerInfo.current())
+    directory.create()
+    record = TensorRecord("a", "a.bin", 10, "uint8", (10,), 4096, (1,))
+    directory.commit_manifest({"a": record})
+    return directory, record
+
+
+def test_manifest_nbytes_out_of_range_is_an_integrity_error(tmp_path):
+    directory, _record = _committed_with_record(tmp_path / "root")
+    path = directory.file_path(MANIFEST_FILE)
+    with open(path) as fh:
+        text = fh.read().replace('"nbytes": 10', '"nbytes": 1e400')
+    assert "1e400" in text
+    with open(path, "w") as fh:
+        fh.write(text)
+    with pytest.raises(IntegrityError, match="manifest.json") as info:
+        directory.load_manifest()
+    assert info.value.filename == path and "nbytes" in str(info.value)
+    directory.remove()
+
+
+@pytest.mark.parametrize("value", ["1e400", "-1", "true", '"10"', "1.5"])
+def test_manifest_sizes_must_be_natural_numbers(tmp_path, value):
+    directory, _record = _committed_with_record(tmp_path / "root")
+    path = directory.file_path(MANIFEST_FILE)
+    with open(path) as fh:
+        text = fh.read().replace('"nbytes": 10', f'"nbytes": {value}')
+    with open(path, "w") as fh:
+        fh.write(text)
+    with pytest.raises(IntegrityError, match="nbytes"):
+        directory.load_manifest()
+    directory.remove()
+
+
+def test_deeply_nested_manifest_is_an_integrity_error(tmp_path):
+    directory, _record = _committed_with_record(tmp_path / "root")
+    with open(directory.file_path(MANIFEST_FILE), "w") as fh:
+        fh.write(DEEP)
+    with pytest.raises(IntegrityError, match="manifest.json"):
+        directory.load_manifest()
+    directory.remove()
+
+
+def test_scan_status_and_clean_survive_a_deeply_nested_owner_json(tmp_path, dead_owner, capsys):
+    """Another same-uid writer's owner.json nested deeply: status lists it (an unknown owner, so
+    live: nothing unreadable is deleted), clean keeps it, nothing raises RecursionError."""
+    from nvme_tier import cli
+
+    path = make_writer(tmp_path, dead_owner)
+    with open(os.path.join(path, OWNER_FILE), "w") as fh:
+        fh.write(DEEP)
+    (info,) = scan_writers(str(tmp_path))
+    assert info.live and info.owner is None
+    assert clean_writers(str(tmp_path)) == []
+    assert cli.main(["status", str(tmp_path)]) == 0
+    assert os.path.basename(path) in capsys.readouterr().out
+    assert cli.main(["status", "--json", str(tmp_path)]) == 0
+    (row,) = json.loads(capsys.readouterr().out)["writers"]
+    assert row["state"] == "unknown owner"
+
+
+def _damage_in_place(path: str) -> None:
+    """What a writer SIGKILLed mid-rewrite leaves: the kept file partly overwritten in place."""
+    with open(path, "r+b") as fh:
+        fh.write(b"\xff" * 100)
+
+
+def _damage_truncate(path: str) -> None:
+    os.truncate(path, 10)
+
+
+def _damage_remove(path: str) -> None:
+    os.unlink(path)
+
+
+@pytest.mark.parametrize("damage", [_damage_in_place, _damage_truncate, _damage_remove])
+def test_status_tells_when_files_no_longer_match_the_manifest(tmp_path, damage, capsys):
+    import torch
+
+    from nvme_tier import cli
+    from nvme_tier.storage.zarr_store import ZarrBackend
+
+    root = str(tmp_path / "root")
+    backend = ZarrBackend(WriterDirectory(root, OwnerInfo.current()))
+    backend.write("a", torch.arange(50_000, dtype=torch.int32)).result()
+    backend.commit()
+    (info,) = scan_writers(root)
+    assert info.committed
+    damage(os.path.join(backend.directory.path, "a.zarr", "c", "0"))
+    (info,) = scan_writers(root)
+    assert not info.committed and "a.zarr" in info.note
+    assert cli.main(["status", "--json", root]) == 0
+    (row,) = json.loads(capsys.readouterr().out)["writers"]
+    assert row["committed"] is False and "a.zarr" in row["note"]
+    backend.release()

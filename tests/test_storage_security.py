@@ -10,6 +10,7 @@ import contextlib
 import os
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -407,3 +408,210 @@ def test_files_of_a_directory_without_held_fds_go_by_full_path(tmp_path, monkeyp
     assert os.path.isfile(os.path.join(directory.path, "x.bin")) and not os.path.exists("x.bin")
     directory.remove_file("x.bin")
     assert not os.path.exists(os.path.join(directory.path, "x.bin"))
+
+
+def test_another_writers_deeply_nested_owner_json_does_not_fail_an_offload(offload_dir):
+    """Issue 23: a same-uid writer's owner.json nested deeply made every engine's first NVMe offload
+    on that root fail with RecursionError (the stale scan). It is an unreadable owner: kept, skipped."""
+    planted = _planted_writer(offload_dir)
+    with open(os.path.join(planted, OWNER_FILE), "w") as fh:
+        fh.write('{"pid": ' + "[" * 200_000 + "]" * 200_000 + "}")
+    engine = make_engine(1, offload_dir, backend="zarr")
+    nvme_tier.attach(engine)
+    train(engine, 1)
+    before = snapshot(engine)
+    engine.offload_states()
+    engine.reload_states()
+    assert_resident(engine, before, scratch=False)
+    nvme_tier.detach(engine)
+    assert os.path.isdir(planted)
+
+
+# -- issue 23, item 1: never write through a file nvme_tier did not create ----------------------------
+def _plant_hard_link(kept: str, outside) -> bytes:
+    """Replace ``kept`` by a hard link to ``outside``, a file of the same size with other bytes."""
+    payload = bytes(range(256)) * (os.path.getsize(kept) // 256 + 1)
+    payload = payload[: os.path.getsize(kept)]
+    outside.write_bytes(payload)
+    os.unlink(kept)
+    os.link(outside, kept)
+    return payload
+
+
+@requires_aio
+@pytest.mark.aio
+@pytest.mark.parametrize("changed", [True, False], ids=["state-changed", "state-unchanged"])
+def test_hard_link_at_a_kept_file_is_never_written_through(changed, offload_dir, tmp_path):
+    """A kept .bin replaced by a hard link to a file outside (same size): the next offload writes a
+    new file of its own; the outside file keeps its bytes. (Before: rewritten in place, through it.)"""
+    engine = make_engine(1, offload_dir, backend="aio")
+    nvme_tier.attach(engine)
+    train(engine, 1)
+    engine.offload_states()
+    engine.reload_states()
+    (writer,) = writer_dirs(offload_dir)
+    outside = tmp_path / "outside.bin"
+    payload = _plant_hard_link(os.path.join(writer, "optim_states.0.bin"), outside)
+    if changed:
+        train(engine, 1, seed=2)
+    before = snapshot(engine)
+    engine.offload_states()
+    assert outside.read_bytes() == payload
+    assert os.stat(outside).st_nlink == 1  # our name is a new file now
+    engine.reload_states()
+    assert_resident(engine, before, scratch=False)
+    nvme_tier.detach(engine)
+
+
+def _aio_backend_with_a_kept_file(tmp_path):
+    import torch
+
+    from nvme_tier.storage import AioBackend
+
+    backend = AioBackend(WriterDirectory(str(tmp_path / "root"), OwnerInfo.current()))
+    data = torch.arange(300_000, dtype=torch.int32)
+    backend.write("a", data).result()
+    return backend, data
+
+
+@requires_aio
+@pytest.mark.aio
+def test_a_file_swapped_between_the_check_and_the_open_is_not_written_through(tmp_path):
+    """The fd opened for an in-place rewrite is checked (fstat: same inode, one link) before a byte moves."""
+    import torch
+
+    backend, data = _aio_backend_with_a_kept_file(tmp_path)
+    kept = backend.directory.file_path("a.bin")
+    outside = tmp_path / "outside.bin"
+    real_open = backend._open_for_rewrite
+    planted: list[bytes] = []
+
+    def swap_then_open(*args):  # the race: after _reuses_file's check, before the open
+        planted.append(_plant_hard_link(kept, outside))
+        return real_open(*args)
+
+    backend._open_for_rewrite = swap_then_open
+    backend.write("a", data + 1).result()
+    assert planted and outside.read_bytes() == planted[0]
+    out = torch.empty_like(data)
+    backend.read_into("a", out).result()
+    assert torch.equal(out, data + 1)
+    backend.release()
+
+
+@requires_aio
+@pytest.mark.aio
+def test_an_untouched_kept_file_is_still_rewritten_in_place(tmp_path):
+    """The fast path stays: our own untouched file is rewritten in place (same inode, new stamp)."""
+    backend, data = _aio_backend_with_a_kept_file(tmp_path)
+    inode = os.stat(backend.directory.file_path("a.bin")).st_ino
+    old_stamp = backend.record("a").stamps
+    backend.write("a", data + 1).result()
+    assert os.stat(backend.directory.file_path("a.bin")).st_ino == inode
+    assert backend.record("a").stamps[0].ino == inode and backend.record("a").stamps != old_stamp
+    assert backend.holds_written_bytes(backend.record("a"))
+    backend.release()
+
+
+@requires_aio
+@pytest.mark.aio
+def test_a_record_without_stamps_is_never_rewritten_in_place(tmp_path):
+    """A record from a manifest written before stamps existed: its file is replaced, not reused."""
+    import dataclasses
+
+    backend, data = _aio_backend_with_a_kept_file(tmp_path)
+    record = backend.record("a")
+    assert record.stamps
+    assert backend._reuses_file(record, data.numel() * 4)
+    backend._rewrite.clear()
+    assert not backend._reuses_file(dataclasses.replace(record, stamps=None), data.numel() * 4)
+    backend.release()
+
+
+def test_manifest_tmp_hard_link_is_never_written_through(tmp_path):
+    from nvme_tier.storage.safe_files import atomic_write_json
+
+    outside = tmp_path / "outside.json"
+    outside.write_text("theirs")
+    (tmp_path / "d").mkdir()
+    os.link(outside, tmp_path / "d" / "m.json.tmp")
+    atomic_write_json(str(tmp_path / "d" / "m.json"), {"a": 1})
+    assert outside.read_text() == "theirs"
+    assert read_json(str(tmp_path / "d" / "m.json")) == {"a": 1}
+
+
+def test_zarr_never_chmods_or_writes_a_hard_linked_file(offload_dir, tmp_path):
+    """The writer directory's zarr.json (zarr's root group) replaced by a hard link to a file outside:
+    neither its mode nor its bytes change at the next offload."""
+    engine = make_engine(1, offload_dir, backend="zarr")
+    nvme_tier.attach(engine)
+    train(engine, 1)
+    engine.offload_states()
+    engine.reload_states()
+    (writer,) = writer_dirs(offload_dir)
+    outside = tmp_path / "outside.json"
+    outside.write_text('{"zarr_format": 3, "node_type": "group"}')
+    os.chmod(outside, 0o644)
+    for rel in ("zarr.json", "optim_states.0.zarr/c/0"):
+        os.unlink(os.path.join(writer, rel))
+        os.link(outside, os.path.join(writer, rel))
+    train(engine, 1, seed=2)
+    before = snapshot(engine)
+    engine.offload_states()
+    assert outside.read_text() == '{"zarr_format": 3, "node_type": "group"}'
+    assert stat.S_IMODE(os.stat(outside).st_mode) == 0o644
+    engine.reload_states()
+    assert_resident(engine, before, scratch=False)
+    nvme_tier.detach(engine)
+
+
+SIGKILL_CHILD = r"""
+import os, sys, time
+sys.path.insert(0, os.path.join(os.environ["NVME_TIER_REPO"], "tests"))
+from conftest import make_engine, train
+import nvme_tier
+import nvme_tier.deepspeed.aio_binding as ds
+
+engine = make_engine(1, sys.argv[1], backend="aio", width=256)
+nvme_tier.attach(engine)
+train(engine, 1)
+engine.offload_states()
+engine.reload_states()
+train(engine, 1, seed=2)
+real = ds.aio_async_pwrite
+def pwrite_then_stall(*args):  # the first chunk of the in-place rewrite lands, then SIGKILL
+    done = real(*args)
+    print("REWRITING", flush=True)
+    time.sleep(600)
+    return done
+ds.aio_async_pwrite = pwrite_then_stall
+engine.offload_states()
+"""
+
+
+@requires_aio
+@pytest.mark.aio
+@pytest.mark.multiproc
+def test_status_after_a_sigkill_mid_rewrite_says_not_committed(offload_dir):
+    """Issue 23: after a SIGKILL in the middle of an in-place rewrite, `nvme-tier status` called the
+    directory "committed: yes" (the old manifest) though its files no longer match it."""
+    import signal
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**child_env(), "NVME_TIER_REPO": repo}
+    env.pop("MASTER_PORT", None)  # the child picks its own rendezvous port (ours may be in use)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SIGKILL_CHILD, str(offload_dir)], stdout=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        for line in proc.stdout:
+            if line.startswith("REWRITING"):
+                break
+        time.sleep(0.5)  # the op's threads finish writing the chunk
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    (info,) = scan_writers(str(offload_dir))
+    assert not info.live
+    assert not info.committed and "optim_states" in info.note, info
+    assert os.path.exists(os.path.join(info.path, "manifest.json"))

@@ -11,13 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import functools
 import mmap
 import os
-import stat
 from collections.abc import Iterator
 from concurrent import futures
-from concurrent.futures import ThreadPoolExecutor
 from typing import Self
 
 import torch
@@ -27,6 +24,7 @@ from ..deepspeed import aio_binding  # the op's calls differ by DeepSpeed versio
 from ..errors import BackendUnavailableError, IntegrityError, TierIOError
 from . import aio_handles
 from .base import Capabilities, StorageBackend, chunk_ranges, crc32c, crc32c_of_buffer
+from .file_stamps import is_private_file
 from .manifest import TensorRecord, WriterDirectory
 from .staging import DeviceCopier, round_down, round_up, staging_pool
 
@@ -43,11 +41,6 @@ def staging_plan(staging_budget_bytes: int, settings: AioSettings) -> tuple[int,
             f"staging budget {staging_budget_bytes} B is below 2 x the aio alignment {alignment} B"
         )
     return count, chunk
-
-
-@functools.lru_cache(maxsize=1)
-def _reserver() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="nvme_tier-reserve")
 
 
 def _reserve(fd: int, path: str, nbytes: int) -> None:
@@ -83,6 +76,7 @@ class _Slot:
         if self.locked_by_handle:
             self.handle.free_cpu_locked_tensor(self.buffer)
         aio_handles.give_back_handle(self.settings, self.handle)
+        self.handle = None  # not kept idle: destroyed now (its threads joined, its aio contexts freed)
 
     def wait(self, path: str) -> None:
         self.pending = False
@@ -139,7 +133,8 @@ class AioBackend(StorageBackend):
         self.slot_count, self.chunk_bytes = staging_plan(staging_budget_bytes, self.settings)
         self._staging_bytes = 0
         self._copier = DeviceCopier()
-        self._rewrite: set[str] = set()  # files kept for an in-place rewrite by the next write
+        # files kept for an in-place rewrite by the next write: (st_dev, st_ino) recorded at write
+        self._rewrite: dict[str, tuple[int, int]] = {}
 
     @classmethod
     def from_config(cls, config: OffloadStatesConfig, directory: WriterDirectory) -> Self:
@@ -156,6 +151,7 @@ class AioBackend(StorageBackend):
     @contextlib.contextmanager
     def _checked_out_slots(self) -> Iterator[list[_Slot]]:
         key = ("aio", aio_handles.handle_key(self.settings), self.chunk_bytes)
+        aio_handles.use_handles(self.settings, self)
         with staging_pool().checkout(self, key, self.slot_count, self.chunk_bytes, self._new_slot) as slots:
             self._staging_bytes = sum(slot.buffer.numel() for slot in slots)
             yield slots
@@ -188,6 +184,7 @@ class AioBackend(StorageBackend):
 
     def _release_resources(self) -> None:
         staging_pool().leave(self)
+        aio_handles.stop_using_handles(self.settings, self)
 
     # -- hooks -----------------------------------------------------------------------------------
     def _write_bytes(self, name: str, src: torch.Tensor) -> tuple[str, int, list[int] | None]:
@@ -203,14 +200,14 @@ class AioBackend(StorageBackend):
         nbytes = src.numel()
         crcs: list[int] | None = [] if self.checksum else None
         samples: list[tuple[int, int]] = []  # (file offset, crc32c of the page written there)
-        fd = self._open_for_rewrite(file) if file in self._rewrite else None
-        self._rewrite.discard(file)
-        if fd is None:
-            fd = self.directory.open(file, write=True, direct=True)
+        identity = self._rewrite.pop(file, None)
+        fd = self._open_for_rewrite(file, identity) if identity is not None else None
+        if fd is None:  # a new file of our own: never truncating or writing through what is there
+            fd = self.directory.open(file, write=True, direct=True, exclusive=True)
         # The whole file's space is reserved on a helper thread while the first chunk is staged and
         # checksummed, and before its bytes move. (Reserving chunk by chunk instead, behind the
         # writes, was slower: ext4's fallocate waits for the inode's in-flight direct I/O.)
-        reservation = _reserver().submit(_reserve, fd, path, round_up(nbytes, self.alignment))
+        reservation = aio_handles.reserver().submit(_reserve, fd, path, round_up(nbytes, self.alignment))
         op_path = self.directory.op_path(file)
         try:
             for i, (a, b) in enumerate(chunk_ranges(nbytes, chunk)):
@@ -234,6 +231,7 @@ class AioBackend(StorageBackend):
                 if slot.pending:
                     slot.wait(path)
             self._verify_written(file, fd, nbytes, samples)
+            self._note_samples(file, samples, nbytes)  # re-read before a skip (_samples_hold)
         finally:
             for slot in slots:
                 slot.drain()
@@ -343,30 +341,51 @@ class AioBackend(StorageBackend):
         return min(self.chunk_bytes, max(want, self.min_chunk_bytes))
 
     def _reuses_file(self, old: TensorRecord, nbytes: int) -> bool:
-        """Keep ``old``'s file for an in-place rewrite when it is ours and exactly the padded size."""
+        """Keep ``old``'s file for an in-place rewrite when it is exactly the padded size and still
+        the file written: nvme_tier's own (regular, one link, our uid), same inode, unchanged since
+        (its stamp). Anything else is replaced by a new file, never written through."""
         if not self.rewrite_in_place or not old.file or old.file != self.file_name(old.name):
             return False
+        if not old.stamps or len(old.stamps) != 1 or old.stamps[0].size != round_up(nbytes, self.alignment):
+            return False
         try:
-            st = os.stat(self.directory.file_path(old.file), follow_symlinks=False)
+            if self.directory.first_change(old.stamps) is not None:
+                return False
         except OSError:
             return False
-        if not stat.S_ISREG(st.st_mode) or st.st_size != round_up(nbytes, self.alignment):
-            return False
-        self._rewrite.add(old.file)
+        self._rewrite[old.file] = (old.stamps[0].dev, old.stamps[0].ino)
         return True
 
-    def _open_for_rewrite(self, file: str) -> int | None:
-        """O_DIRECT without O_CREAT/O_TRUNC: the blocks stay allocated; None if the file is gone."""
-        path = self.directory.file_path(file)
-        flags = os.O_WRONLY | os.O_DIRECT | os.O_NOFOLLOW | os.O_CLOEXEC
+    def _open_for_rewrite(self, file: str, identity: tuple[int, int]) -> int | None:
+        """O_DIRECT without O_CREAT/O_TRUNC: the blocks stay allocated. None (write a new file) when
+        the file opened is not the one ``_reuses_file`` checked: fstat of the fd itself, so a file
+        swapped in between the check and the open is never written through."""
         try:
-            return os.open(path, flags)
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            raise TierIOError(f"cannot open {path}: {exc.strerror}", path, exc.errno) from None
+            fd = self.directory.open(file, write=True, direct=True, create=False)
+        except TierIOError as exc:
+            if exc.errno in (errno.ENOENT, errno.ELOOP):
+                return None
+            raise
+        st = os.fstat(fd)
+        if is_private_file(st) and (st.st_dev, st.st_ino) == identity:
+            return fd
+        os.close(fd)
+        return None
+
+    def _samples_hold(self, record: TensorRecord) -> bool:
+        """The pages sampled at write read back (O_DIRECT, from the device) as written."""
+        if not record.samples:
+            return True
+        fd = self.directory.open(record.file, write=False, direct=True)
+        try:
+            self._verify_written(record.file, fd, record.nbytes, list(record.samples))
+        except TierIOError:
+            return False
+        finally:
+            os.close(fd)
+        return True
 
     def _remove(self, record: TensorRecord) -> None:
-        self._rewrite.discard(record.file)
+        self._rewrite.pop(record.file, None)
         if record.file:
             self.directory.remove_file(record.file)

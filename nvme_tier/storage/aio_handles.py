@@ -10,6 +10,8 @@ import contextlib
 import os
 import resource
 import threading
+import weakref
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -66,7 +68,8 @@ def memlock_shortfall(locked_bytes: int, cuda: bool | None = None) -> str | None
 # Idle aio handles, reused across backends. Creating a handle starts intra_op_parallelism threads
 # and io_setup()s as many kernel aio contexts; destroying one io_destroy()s them, which waits for an
 # RCU grace period each (~0.3 s per handle here). A backend takes its handles on first I/O and gives
-# them back (idle, nothing in flight, buffers freed) on release().
+# them back (idle, nothing in flight, buffers freed) on release(); the last backend of a settings
+# key to be released destroys them (stop_using_handles).
 _IDLE_HANDLES: dict[tuple, list] = {}
 _IDLE_LOCK = threading.Lock()
 _MAX_IDLE_PER_KIND = 8
@@ -131,6 +134,47 @@ def idle_handle_count(settings: AioSettings) -> int:
     return idle + staging_pool().idle_slots(lambda k: isinstance(k, tuple) and k[:2] == ("aio", key))
 
 
+# Backends that may still use the handles of each settings key. When the last one is released,
+# the idle handles of that key, and the idle staging slots holding them, are destroyed: their
+# threads are joined and their kernel aio contexts io_destroy()ed (fs.aio-nr is host-wide: another
+# process may need those events). A backend registers at each I/O, before checking slots out.
+_USERS: dict[tuple, weakref.WeakSet] = {}
+_RESERVER: list[ThreadPoolExecutor] = []  # the posix_fallocate thread, while any aio backend is in use
+
+
+def use_handles(settings: AioSettings, user: object) -> None:
+    with _IDLE_LOCK:
+        _USERS.setdefault(handle_key(settings), weakref.WeakSet()).add(user)
+
+
+def stop_using_handles(settings: AioSettings, user: object) -> None:
+    """``user`` (a released backend) is done: the last user of these settings takes their handles."""
+    key = handle_key(settings)
+    with _IDLE_LOCK:
+        users = _USERS.get(key)
+        if users is not None:
+            users.discard(user)
+        if users:
+            return
+        _USERS.pop(key, None)
+    # Its slots' free() gives their handles back here, where (no user left) they are not kept.
+    staging_pool().drop_idle(lambda k: isinstance(k, tuple) and k[:2] == ("aio", key))
+    with _IDLE_LOCK:
+        doomed = _IDLE_HANDLES.pop(key, [])
+        reserver = _RESERVER.pop() if _RESERVER and not any(_USERS.values()) else None
+    doomed.clear()  # the last references: each destructor joins its threads and frees its contexts
+    if reserver is not None:
+        reserver.shutdown(wait=True)
+
+
+def reserver() -> ThreadPoolExecutor:
+    """The helper thread that reserves new files' space (aio.py), made on first use."""
+    with _IDLE_LOCK:
+        if not _RESERVER:
+            _RESERVER.append(ThreadPoolExecutor(max_workers=1, thread_name_prefix="nvme_tier-reserve"))
+        return _RESERVER[0]
+
+
 def take_handle(settings: AioSettings):
     key = handle_key(settings)
     with _IDLE_LOCK:
@@ -145,7 +189,10 @@ def take_handle(settings: AioSettings):
 
 
 def give_back_handle(settings: AioSettings, handle) -> None:
+    """Keep ``handle`` idle for reuse while a backend uses its settings; else it is destroyed
+    (with the caller's last reference to it)."""
+    key = handle_key(settings)
     with _IDLE_LOCK:
-        idle = _IDLE_HANDLES.setdefault(handle_key(settings), [])
-        if len(idle) < _MAX_IDLE_PER_KIND:
+        idle = _IDLE_HANDLES.setdefault(key, [])
+        if _USERS.get(key) and len(idle) < _MAX_IDLE_PER_KIND:
             idle.append(handle)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import ctypes
+import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -22,7 +23,10 @@ import torch
 
 from ..config import OffloadStatesConfig
 from ..errors import IntegrityError, TierIOError
+from .file_stamps import spread
 from .manifest import MANIFEST_FILE, TensorRecord, WriterDirectory, check_name
+
+log = logging.getLogger("nvme_tier")
 
 
 @dataclass(frozen=True)
@@ -105,6 +109,7 @@ class StorageBackend(abc.ABC):
         self._lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
         self._closed = False
+        self._samples: dict[str, tuple[tuple[int, int], ...]] = {}  # per file, noted by the last write
 
     # -- the public, future-returning API ------------------------------------------------------
     def write(self, name: str, tensor: torch.Tensor, fingerprint: str | None = None) -> Future[TensorRecord]:
@@ -179,6 +184,28 @@ class StorageBackend(abc.ABC):
                 data = self.directory.file_path(rec.file) if rec.file else name
                 raise IntegrityError(f"{path}: the entry for {data} does not match what was written", path)
 
+    def holds_written_bytes(self, record: TensorRecord) -> bool:
+        """Whether ``record``'s files still hold exactly what was written: each one nvme_tier's own
+        file, as stamped right after the write (same inode, size, mtime, ctime), and its sampled
+        pages as written. False for a record without stamps (an older manifest): write it again.
+
+        Cost: an ``lstat`` per file and a few page reads (benchmarks/skip_check_cost.py).
+        """
+        if record.stamps is None or not record.file:
+            return False
+        try:
+            change = self.directory.first_change(record.stamps)
+            if change is None and self._samples_hold(record):
+                return True
+        except OSError as exc:
+            change = str(exc)
+        log.warning(
+            "nvme_tier: %s no longer holds what was written (%s); writing it again",
+            self.directory.file_path(record.file),
+            change or "a sampled page differs",
+        )
+        return False
+
     def release(self) -> None:
         """Wait for queued I/O, free staging memory and delete every file this writer owns."""
         if self._executor is not None:
@@ -230,6 +257,18 @@ class StorageBackend(abc.ABC):
     def _release_resources(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Free pinned buffers and handles (subclasses override)."""
 
+    def _data_files(self, file: str, chunk_bytes: int, nbytes: int) -> list[str]:
+        """The files (relative to the directory) holding a tensor written to ``file``: stamped."""
+        return [file]
+
+    def _note_samples(self, file: str, samples: list[tuple[int, int]], nbytes: int) -> None:
+        """Keep some of a write's (offset, crc32c) page samples for its record (a spread of them)."""
+        self._samples[file] = spread(samples, nbytes)
+
+    def _samples_hold(self, record: TensorRecord) -> bool:
+        """Whether the pages sampled at write still read back as written (hook; True: none sampled)."""
+        return True
+
     # -- internals -------------------------------------------------------------------------------
     def _submit(self, fn: Callable):
         if self._executor is None:
@@ -263,10 +302,14 @@ class StorageBackend(abc.ABC):
         if old is not None and not self._reuses_file(old, src.numel()):
             self._remove(old)
         try:
+            stamps = samples = None
             if src.numel() == 0:
                 file, chunk, crcs = "", 0, [] if self.checksum else None
             else:
+                self._samples.pop(self.file_name(name), None)
                 file, chunk, crcs = self._write_bytes(name, src)
+                stamps = self.directory.stamps(self._data_files(file, chunk, src.numel()))
+                samples = self._samples.pop(file, None)
         except OSError as exc:
             self._remove(TensorRecord(name, self.file_name(name), 0, "", (), 0))
             if isinstance(exc, TierIOError):
@@ -274,7 +317,7 @@ class StorageBackend(abc.ABC):
             path = exc.filename or self.directory.path
             raise TierIOError(f"writing {path} failed: {exc.strerror or exc}", path, exc.errno) from exc
         crc = tuple(crcs) if crcs is not None else None
-        record = TensorRecord(name, file, src.numel(), *meta, chunk, crc, fingerprint=fingerprint)
+        record = TensorRecord(name, file, src.numel(), *meta, chunk, crc, fingerprint, stamps, samples)
         with self._lock:
             self._records[name] = record
         return record

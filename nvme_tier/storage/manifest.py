@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 import psutil
 
 from ..errors import ConfigError, IntegrityError, TierIOError
+from .file_stamps import FileStamp, first_change, natural, sample_from_json, take_stamps
 from .safe_files import atomic_write_json, file_kind, open_flags, read_json
 
 log = logging.getLogger("nvme_tier")
@@ -122,24 +123,35 @@ class TensorRecord:
     # Content fingerprint (nvme_tier.fingerprint) of exactly the bytes written, taken on the source's
     # device: skip_unchanged skips a rewrite only while the live state still has it. None: not taken.
     fingerprint: str | None = None
+    # Each data file as it was right after the write (file_stamps.py): a kept file is skipped or
+    # rewritten in place only while it still is. None (manifests before them): never.
+    stamps: tuple[FileStamp, ...] | None = None
+    # (offset, crc32c) of sampled pages, read back to check a kept file (backend-defined offsets).
+    samples: tuple[tuple[int, int], ...] | None = None
 
     def to_json(self) -> dict:
         out = asdict(self)
         out["shape"] = list(self.shape)
         out["crc32c"] = list(self.crc32c) if self.crc32c is not None else None
+        out["stamps"] = [s.to_json() for s in self.stamps] if self.stamps is not None else None
+        out["samples"] = [list(s) for s in self.samples] if self.samples is not None else None
         return out
 
     @classmethod
     def from_json(cls, data: dict) -> TensorRecord:
+        """Strict: a size that is not a non-negative int (1e400, -1, true) is a ValueError."""
+        crcs, stamps, samples = data.get("crc32c"), data.get("stamps"), data.get("samples")
         return cls(
             name=str(data["name"]),
             file=str(data["file"]),
-            nbytes=int(data["nbytes"]),
+            nbytes=natural(data["nbytes"], "nbytes"),
             dtype=str(data["dtype"]),
-            shape=tuple(int(x) for x in data["shape"]),
-            chunk_bytes=int(data["chunk_bytes"]),
-            crc32c=tuple(int(x) for x in data["crc32c"]) if data.get("crc32c") is not None else None,
+            shape=tuple(natural(x, "shape") for x in data["shape"]),
+            chunk_bytes=natural(data["chunk_bytes"], "chunk_bytes"),
+            crc32c=tuple(natural(x, "crc32c") for x in crcs) if crcs is not None else None,
             fingerprint=str(data["fingerprint"]) if data.get("fingerprint") is not None else None,
+            stamps=tuple(FileStamp.from_json(s) for s in stamps) if stamps is not None else None,
+            samples=tuple(sample_from_json(s) for s in samples) if samples is not None else None,
         )
 
 
@@ -235,18 +247,36 @@ class WriterDirectory:
             return self.file_path(filename)
         return f"/proc/self/fd/{self._dir_fd}/{check_name(filename)}"
 
-    def open(self, filename: str, *, write: bool, direct: bool = False) -> int:
+    def open(self, filename: str, *, write: bool, direct: bool = False, **how: bool) -> int:
+        """``how``: ``exclusive`` / ``create`` of ``open_flags``: a new file (a planted file or hard
+        link in its place is unlinked, a symlink refused) / an existing one."""
         path = self.file_path(filename)
         self.check_identity()
         held = self._dir_fd is not None  # else (never created here) by its full path
+        flags = open_flags(write, direct, **how)
         try:
-            return os.open(filename if held else path, open_flags(write, direct), 0o600, dir_fd=self._dir_fd)
+            try:
+                return os.open(filename if held else path, flags, 0o600, dir_fd=self._dir_fd)
+            except FileExistsError:
+                if not os.path.islink(path):
+                    self.remove_file(filename)
+                    return os.open(filename if held else path, flags, 0o600, dir_fd=self._dir_fd)
+                raise OSError(errno.ELOOP, "a symlink") from None
         except OSError as exc:
             if exc.errno == errno.ELOOP:
                 raise TierIOError(f"refusing to follow a symlink: {path}", path, exc.errno) from None
             if not write and exc.errno == errno.ENOENT:
                 raise IntegrityError(f"missing file: {path}", path, exc.errno) from None
             raise TierIOError(f"cannot open {path}: {exc.strerror}", path, exc.errno) from None
+
+    def stamps(self, paths: list[str]) -> tuple[FileStamp, ...]:
+        """Stamps of data files (paths relative to this directory) as they are now: right after a write."""
+        return take_stamps(paths, self._dir_fd, self.path)
+
+    def first_change(self, stamps: tuple[FileStamp, ...]) -> str | None:
+        """How the first of these files differs from its stamp (None: all as stamped)."""
+        self.check_identity()
+        return first_change(stamps, self._dir_fd, self.path)
 
     def remove_file(self, filename: str) -> None:
         path = self.file_path(filename)
@@ -311,7 +341,7 @@ class WriterDirectory:
             if not isinstance(records, dict):
                 raise TypeError(f"records is a {type(records).__name__}, not an object")
             return {str(name): TensorRecord.from_json(rec) for name, rec in records.items()}
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
             raise IntegrityError(f"{path}: malformed manifest ({type(exc).__name__}: {exc})", path) from None
 
 

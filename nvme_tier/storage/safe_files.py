@@ -14,9 +14,13 @@ from ..errors import IntegrityError, TierIOError
 _MAX_METADATA_BYTES = 1 << 20  # owner.json / manifest.json are a few KiB; anything larger is planted
 
 
-def open_flags(write: bool, direct: bool) -> int:
+def open_flags(write: bool, direct: bool, *, create: bool = True, exclusive: bool = False) -> int:
+    """``exclusive``: only a new file (unlink the name first); ``create=False``: an existing one, kept."""
     flags = os.O_CLOEXEC | os.O_NOFOLLOW
-    flags |= (os.O_WRONLY | os.O_CREAT | os.O_TRUNC) if write else os.O_RDONLY
+    if write:
+        flags |= os.O_WRONLY | (os.O_CREAT | os.O_TRUNC if create else 0) | (os.O_EXCL if exclusive else 0)
+    else:
+        flags |= os.O_RDONLY
     if direct:
         flags |= os.O_DIRECT
     return flags
@@ -32,7 +36,9 @@ def atomic_write_json(path: str, data: dict, *, dir_fd: int | None = None) -> No
     name = os.path.basename(path) if dir_fd is not None else path
     tmp = f"{name}.tmp"
     try:
-        fd = os.open(tmp, open_flags(write=True, direct=False), 0o600, dir_fd=dir_fd)
+        with contextlib.suppress(FileNotFoundError):  # whatever is there (a hard link) is not written
+            os.unlink(tmp, dir_fd=dir_fd)
+        fd = os.open(tmp, open_flags(write=True, direct=False, exclusive=True), 0o600, dir_fd=dir_fd)
         try:
             with os.fdopen(fd, "w", encoding="utf-8", closefd=False) as fh:
                 json.dump(data, fh, indent=1, sort_keys=True)
@@ -94,6 +100,12 @@ def read_json(path: str, *, dir_fd: int | None = None) -> dict:
         data = json.loads(raw.decode("utf-8"))
     except ValueError as exc:
         raise IntegrityError(f"{path}: not valid JSON ({exc})", path) from None
+    except RecursionError:  # json's decoder recurses once per nesting level
+        raise IntegrityError(
+            f"{path}: JSON nested too deeply for nvme_tier metadata (nvme_tier did not write it); "
+            "remove it, or the writer directory it is in once no run uses that directory",
+            path,
+        ) from None
     if not isinstance(data, dict):
         raise IntegrityError(f"{path}: not a JSON object", path)
     return data

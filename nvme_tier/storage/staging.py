@@ -88,6 +88,13 @@ class SharedStagingPool:
                 self._checked_out -= len(slots)
                 self._cond.notify_all()
 
+    def drop_idle(self, match: Callable[[Hashable], bool]) -> None:
+        """Free the idle slots whose key ``match`` accepts (aio slots of settings no engine uses now)."""
+        with self._cond:
+            for key in [k for k in self._idle if match(k)]:
+                self._free_idle(key)
+            self._cond.notify_all()
+
     def leave(self, user: object) -> None:
         """``user`` (a backend) is released; the last one out frees the idle slots."""
         with self._cond:

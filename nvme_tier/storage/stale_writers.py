@@ -18,7 +18,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from ..errors import IntegrityError, TierIOError
-from .manifest import MANIFEST_FILE, OWNER_FILE, WRITER_PREFIX, OwnerInfo, process_start, try_flock
+from .file_stamps import first_change
+from .manifest import (
+    MANIFEST_FILE,
+    OWNER_FILE,
+    WRITER_PREFIX,
+    OwnerInfo,
+    TensorRecord,
+    process_start,
+    try_flock,
+)
 from .safe_files import read_json
 
 _WRITER_NAME = re.compile(r"^ntier-(?P<host>.+)-(?P<pid>[0-9]+)-[0-9a-f]{10}-r[0-9]+$")
@@ -41,7 +50,8 @@ class WriterInfo:
     live: bool
     bytes: int
     age_s: float
-    committed: bool
+    committed: bool  # a manifest, and every file it names as it was written
+    note: str = ""  # why a directory with a manifest does not count as committed
 
 
 def scan_writers(root: str) -> Iterator[WriterInfo]:
@@ -119,14 +129,48 @@ def _writer_info(path: str, fd: int, st: os.stat_result, unlocked: bool) -> Writ
         committed = stat.S_ISREG(os.stat(MANIFEST_FILE, dir_fd=fd, follow_symlinks=False).st_mode)
     except OSError:
         committed = False
+    note = _manifest_mismatch(path, fd) if committed else ""
     return WriterInfo(
         path=path,
         owner=owner,
         live=not (unlocked and dead),
         bytes=size,
         age_s=max(0.0, time.time() - created),
-        committed=committed,
+        committed=committed and not note,
+        note=note,
     )
+
+
+def _manifest_mismatch(path: str, fd: int) -> str:
+    """Why the files no longer match the manifest ("" when they do): a writer killed while it
+    rewrote a kept file leaves the old manifest over changed files. Each record's files are
+    checked against their stamps (size, inode, mtime, ctime); older records' files must exist."""
+    try:
+        data = read_json(os.path.join(path, MANIFEST_FILE), dir_fd=fd)
+        records = data.get("records")
+        if not isinstance(records, dict):
+            raise ValueError("records is not an object")
+        parsed = [TensorRecord.from_json(rec) for rec in records.values()]
+    except (TierIOError, KeyError, TypeError, ValueError, AttributeError) as exc:
+        return f"unreadable manifest: {exc}"
+    for rec in parsed:
+        if rec.stamps is not None:
+            change = first_change(rec.stamps, fd, path)
+        elif rec.file:
+            change = None if _exists(rec.file, fd) else f"{rec.file}: missing"
+        else:
+            change = None
+        if change:
+            return f"files changed since the manifest was written ({change})"
+    return ""
+
+
+def _exists(name: str, fd: int) -> bool:
+    try:
+        os.stat(name, dir_fd=fd, follow_symlinks=False)
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def clean_writers(root: str, include_live: bool = False, dry_run: bool = False) -> list[WriterInfo]:

@@ -27,6 +27,7 @@ import torch
 from ..config import OffloadStatesConfig, ZarrSettings
 from ..errors import BackendUnavailableError, IntegrityError, TierIOError
 from .base import Capabilities, StorageBackend, chunk_ranges, crc32c, host_array
+from .chunk_files import chmod_regular, page_aligned, page_crc, read_file, write_file
 from .manifest import TensorRecord, WriterDirectory
 from .probes import supports_o_direct
 from .staging import DeviceCopier, HostBuffer, round_up, staging_pool
@@ -187,9 +188,9 @@ class ZarrBackend(StorageBackend):
         for dirpath, _dirs, files in os.walk(self.directory.file_path(file)):
             os.chmod(dirpath, 0o700)
             for f in files:
-                _chmod_regular(os.path.join(dirpath, f), 0o600)
+                chmod_regular(os.path.join(dirpath, f), 0o600)
         # The implicit root group's metadata, written by the first create_array.
-        _chmod_regular(os.path.join(self.directory.path, "zarr.json"), 0o600)
+        chmod_regular(os.path.join(self.directory.path, "zarr.json"), 0o600)
 
     def _read_bytes(self, record: TensorRecord, dst: torch.Tensor) -> None:
         zarr = _zarr()
@@ -244,6 +245,22 @@ class ZarrBackend(StorageBackend):
                     raise IntegrityError(f"checksum mismatch in {path}", path) from exc
             self._copier.copy(dst[a:b], host)
 
+    def _data_files(self, file: str, chunk_bytes: int, nbytes: int) -> list[str]:
+        """The array's metadata and every chunk file (stamped at write, checked before a skip)."""
+        chunks = len(chunk_ranges(nbytes, chunk_bytes))
+        return [f"{file}/zarr.json", *(f"{file}/c/{i}" for i in range(chunks))]
+
+    def _samples_hold(self, record: TensorRecord) -> bool:
+        """The first page of each sampled chunk file reads back as written (raw arrays only)."""
+        root = self.directory.file_path(record.file)
+        direct = self._use_direct(root, record.chunk_bytes)
+        for offset, expected in record.samples or ():
+            path = os.path.join(root, "c", str(offset // record.chunk_bytes))
+            length = min(PAGE, record.chunk_bytes)
+            if page_crc(path, offset % record.chunk_bytes, length, direct and length == PAGE) != expected:
+                return False
+        return True
+
     def _remove(self, record: TensorRecord) -> None:
         if not record.file:
             return
@@ -267,7 +284,7 @@ class ZarrBackend(StorageBackend):
             self._staging_bytes = count * size  # (+ up to a page each for alignment, charged to the pool)
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(max_workers=count, thread_name_prefix="nvme_tier-zarr")
-            yield [_page_aligned(slot.buffer, size) for slot in slots]
+            yield [page_aligned(slot.buffer, size) for slot in slots]
 
     def _use_direct(self, root: str, length: int) -> bool:
         """O_DIRECT for page-multiple lengths where the filesystem takes it (tmpfs does not)."""
@@ -291,6 +308,7 @@ class ZarrBackend(StorageBackend):
     ) -> list[int] | None:
         direct = self._use_direct(target, chunk)
         crcs: list[int] | None = [] if self.checksum else None
+        samples: list[tuple[int, int]] = []
         inflight: list[Future | None] = [None] * len(ring)
         try:
             for i, (a, b) in enumerate(chunk_ranges(src.numel(), chunk)):
@@ -303,8 +321,9 @@ class ZarrBackend(StorageBackend):
                     buf[b - a :].zero_()
                 if crcs is not None:
                     crcs.append(crc32c(buf[: b - a]))
+                samples.append((a, crc32c(buf[: min(PAGE, chunk)])))  # checked before a skip
                 path = os.path.join(chunk_dir, str(i))
-                inflight[slot] = self._pool.submit(_write_file, path, buf, direct)
+                inflight[slot] = self._pool.submit(write_file, path, buf, direct)
         finally:
             errors = [f.exception() for f in inflight if f is not None]
         error = next((e for e in errors if e is not None), None)
@@ -313,6 +332,7 @@ class ZarrBackend(StorageBackend):
             raise TierIOError(f"writing {path} failed: {error.strerror or error}", path, error.errno)
         if error is not None:
             raise error
+        self._note_samples(os.path.basename(target), samples, src.numel())
         return crcs
 
     def _read_chunk_files(self, root: str, record: TensorRecord, dst: torch.Tensor) -> None:
@@ -330,7 +350,7 @@ class ZarrBackend(StorageBackend):
 
         def submit(i: int) -> None:
             path = os.path.join(root, "c", str(i))
-            inflight[i % len(ring)] = self._pool.submit(_read_file, path, ring[i % len(ring)][:chunk], direct)
+            inflight[i % len(ring)] = self._pool.submit(read_file, path, ring[i % len(ring)][:chunk], direct)
 
         try:
             for i in range(min(len(ring), len(ranges))):
@@ -358,41 +378,3 @@ class ZarrBackend(StorageBackend):
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
-
-
-def _page_aligned(buffer: torch.Tensor, size: int) -> torch.Tensor:
-    """``size`` bytes of ``buffer`` (allocated ``size + PAGE``) starting on a page (O_DIRECT)."""
-    offset = (-buffer.data_ptr()) % PAGE
-    return buffer[offset : offset + size]
-
-
-def _write_file(path: str, buf: torch.Tensor, direct: bool) -> None:
-    """Create ``path`` (0600, never through a symlink) holding exactly ``buf``'s bytes."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
-    fd = os.open(path, flags | (os.O_DIRECT if direct else 0), 0o600)
-    try:
-        view, done = memoryview(host_array(buf)), 0
-        while done < len(view):
-            done += os.pwrite(fd, view[done:], done)
-    finally:
-        os.close(fd)
-
-
-def _read_file(path: str, buf: torch.Tensor, direct: bool) -> None:
-    """Fill ``buf`` from ``path`` (sizes were checked against the manifest)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_DIRECT if direct else 0))
-    try:
-        view, done = memoryview(host_array(buf)), 0
-        while done < len(view):
-            got = os.preadv(fd, [view[done:]], done)
-            if got == 0:
-                raise IntegrityError(f"truncated file: {path} ({done} of {len(view)} bytes)", path)
-            done += got
-    finally:
-        os.close(fd)
-
-
-def _chmod_regular(path: str, mode: int) -> None:
-    """chmod a regular file; never through a symlink."""
-    if os.path.isfile(path) and not os.path.islink(path):
-        os.chmod(path, mode)
