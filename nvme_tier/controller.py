@@ -64,8 +64,14 @@ class OffloadController:
         )
         self._mover = TierMover(self.site.open, progress=self._progress.advance, budget=self._budget)
         self._files = StoredFiles(self._mover)
-        self._undo_hooks, self._weights_guarded = install_hooks(
-            engine, self.guard, self.mark_dirty, self.offload_states, self.reload_states, self.guard_weights
+        self._undo_hooks = install_hooks(
+            engine,
+            self.guard,
+            self.mark_dirty,
+            self.offload_states,
+            self.reload_states,
+            self.guard_weights,
+            self.guard_states,
         )
         self._finalizer = weakref.finalize(engine, _release_in_owner, self._mover, os.getpid())
         if config.preallocate:
@@ -115,17 +121,23 @@ class OffloadController:
         """Called before DeepSpeed gathers the weights outside forward (``GatheredParameters``).
 
         Only the weights matter here: OpenRLHF gathers them to broadcast to vLLM while the
-        optimizer states are offloaded, which must keep working. Weights being reloaded (or
-        offloaded) by a non-blocking call are waited for; weights that are away are refused.
+        optimizer states are offloaded, which must keep working.
         """
-        if StateKind.lp_params not in self._placed:
+        self.guard_states(what, frozenset({StateKind.lp_params}))
+
+    def guard_states(self, what: str, needs: frozenset[StateKind]) -> None:
+        """Called before states are read or written outside compute (DeepSpeed's ``safe_*``
+        accessors, ``state_dict()``): those being moved by a non-blocking call are waited for,
+        those that are away are refused (their storages are freed: reading one segfaults)."""
+        if not any(kind in self._placed for kind in needs):
             return
         self.wait()
         if self.phase is OffloadPhase.failed:
             raise StatesOffloadedError(self._after_failure(what))
-        if StateKind.lp_params in self._placed:
+        away = [kind.value for kind in StateKind if kind in needs and kind in self._placed]
+        if away:
             raise StatesOffloadedError(
-                f"{what} called while lp_params are offloaded ({self.phase.value}); "
+                f"{what} called while {', '.join(away)} are offloaded ({self.phase.value}); "
                 "call engine.reload_states() first"
             )
 
@@ -309,7 +321,7 @@ class OffloadController:
             self.phase = OffloadPhase.reloading
             with self._reload_failures():
                 placed = [p for ps in self._placed.values() for p in ps]
-                job = self._mover.start_reload(placed, order_callers=not self._weights_guarded)
+                job = self._mover.start_reload(placed, order_callers=True)
             if blocking:
                 self._finish_reload(job)
             else:

@@ -238,6 +238,8 @@ class TierMover:
             for p in job.placed:
                 if not p.buffer.is_freed:
                     p.buffer.free()
+                if p.host is not None:  # complete now: parameters may read their bytes there
+                    p.buffer.show_host_copy(p.host)
         stats.seconds = time.perf_counter() - job.started
         return job.placed, stats
 
