@@ -70,10 +70,10 @@ class StateBuffer:
             if view is not None:
                 param.data = view
 
-    def show_host_copy(self, host: torch.Tensor) -> None:
+    def show_host_copy(self, host: torch.Tensor | None) -> None:
         """While freed, point the parameters at their bytes in ``host``, a complete copy of this
         storage (as upstream's offload does): direct reads then return the right bytes."""
-        if not self.is_freed or host.numel() != self.nbytes:
+        if host is None or not self.is_freed or host.numel() != self.nbytes:
             return
         for param in self.aliases:
             view = _RESIDENT_VIEWS.get(param)

@@ -87,11 +87,14 @@ ACCESSES = [
 ]
 
 
+def child(code: str) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter; its own rendezvous port (this process may hold ours)."""
+    env = {k: v for k, v in os.environ.items() if k != "MASTER_PORT"}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
+
+
 def run_child(stage: int, path, offload: dict) -> dict[str, dict]:
-    code = CHILD.format(tests=TESTS, stage=stage, path=str(path), offload=offload)
-    proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=dict(os.environ)
-    )
+    proc = child(CHILD.format(tests=TESTS, stage=stage, path=str(path), offload=offload))
     results = {}
     for line in proc.stdout.splitlines():
         if line.startswith('{"access"'):
@@ -186,6 +189,5 @@ RELINKED = textwrap.dedent(
 
 def test_accessors_guarded_again_after_deepspeed_relinks(offload_dir):
     """load_state_dict re-binds each ZeRO-1/2 parameter's accessors: the next offload guards them."""
-    code = RELINKED.format(tests=TESTS, path=str(offload_dir))
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    proc = child(RELINKED.format(tests=TESTS, path=str(offload_dir)))
     assert proc.returncode == 0, proc.stderr[-3000:]
