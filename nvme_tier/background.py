@@ -12,7 +12,10 @@ import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
+import torch
+
 from .storage.base import on_callers_device
+from .stream_order import StreamGate
 
 log = logging.getLogger("nvme_tier")
 _LIVE: weakref.WeakSet[BackgroundOperation] = weakref.WeakSet()
@@ -23,6 +26,7 @@ class BackgroundOperation:
         self._executor: ThreadPoolExecutor | None = None
         self._pending: Future | None = None
         _LIVE.add(self)
+        self._gate = StreamGate()
 
     def _worker(self) -> ThreadPoolExecutor:
         if self._executor is None:
@@ -32,6 +36,39 @@ class BackgroundOperation:
     def start(self, operation: Callable[[], None]) -> None:
         """Run ``operation`` on the worker (call ``finish`` first: nothing may be pending)."""
         self._pending = self._worker().submit(on_callers_device(operation))
+
+    def start_ordered(self, finish: Callable[[Callable[[], None]], None], device: torch.device) -> None:
+        """Run ``finish(arrived)`` on the worker, ``device``'s current stream made to wait until it
+        calls ``arrived()`` (or ends, failed too: the stream is never left waiting). Where no stream
+        can wait (the CPU accelerator), it runs here, on the caller's thread, instead."""
+        ticket = self._gate.close(device) if device.type == "cuda" else None
+        if ticket is None:
+            self._run_here(lambda: finish(lambda: None))
+            return
+
+        def run() -> None:
+            try:
+                finish(lambda: self._gate.open(ticket))
+            finally:
+                self._gate.open(ticket)
+
+        self.start(run)
+
+    def _run_here(self, operation: Callable[[], None]) -> None:
+        """Run ``operation`` now, its error kept for ``finish`` as if it had run on the worker."""
+        done: Future = Future()
+        try:
+            operation()
+        except Exception as exc:
+            done.set_exception(exc)
+        else:
+            done.set_result(None)
+        self._pending = done
+
+    @property
+    def pending(self) -> bool:
+        """An operation started and not yet finished (or its error not yet raised by ``finish``)."""
+        return self._pending is not None
 
     def finish(self) -> None:
         """Wait for the pending operation, re-raising its error; forget it only once it has ended.

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from itertools import groupby
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .types import PlanItem, StateKind, Tier
 
@@ -27,15 +28,21 @@ class StateBuffer:
     # Content fingerprint of the bytes being offloaded (taken when skip_unchanged is on); a write
     # records it, so a later offload can tell whether the file still holds the live bytes.
     fingerprint: str | None = None
+    # Module parameters viewing this storage (ZeRO-1/2: views into the flat buffer), which user code
+    # reads directly; while it is freed each holds a stand-in (see ``free``).
+    aliases: tuple[torch.Tensor, ...] = ()
 
     def __post_init__(self) -> None:
         self.nbytes = self.view.numel()
         self.device = self.view.device
 
     @classmethod
-    def of(cls, kind: StateKind, name: str, tensor: torch.Tensor) -> StateBuffer:
+    def of(
+        cls, kind: StateKind, name: str, tensor: torch.Tensor, aliases: tuple[torch.Tensor, ...] = ()
+    ) -> StateBuffer:
         storage = tensor.untyped_storage()
-        return cls(kind, name, torch.empty(0, dtype=torch.uint8, device=tensor.device).set_(storage))
+        view = torch.empty(0, dtype=torch.uint8, device=tensor.device).set_(storage)
+        return cls(kind, name, view, aliases=aliases)
 
     @property
     def resizable(self) -> bool:
@@ -47,12 +54,48 @@ class StateBuffer:
         return self.view.untyped_storage().nbytes() == 0
 
     def free(self) -> None:
-        """Release the memory for every view of this storage at once."""
+        """Release the memory for every view of this storage at once.
+
+        A view at a non-zero offset into a freed storage points at unmapped memory: reading it
+        segfaults (a CUDA illegal address on a GPU). So the parameters among the views first get
+        an empty stand-in, as a ZeRO-3 parameter outside a gather (``show_host_copy``: its bytes).
+        """
+        for param in self.aliases:
+            _RESIDENT_VIEWS.setdefault(param, param.data)
+            param.data = torch.empty(0, dtype=param.dtype, device=param.device)
         self.view.untyped_storage().resize_(0)
 
     def restore(self) -> None:
         """Re-grow the same storage (contents undefined until filled): every view is valid again."""
         self.view.untyped_storage().resize_(self.nbytes)
+        for param in self.aliases:
+            view = _RESIDENT_VIEWS.pop(param, None)
+            if view is not None:
+                param.data = view
+
+    def show_host_copy(self, host: torch.Tensor | None) -> None:
+        """While freed, point the parameters at their bytes in ``host``, a complete copy of this
+        storage (as upstream's offload does): direct reads then return the right bytes."""
+        if host is None or not self.is_freed or host.numel() != self.nbytes:
+            return
+        for param in self.aliases:
+            view = _RESIDENT_VIEWS.get(param)
+            if view is None:
+                continue
+            size = view.element_size()
+            offset = host.storage_offset() + view.storage_offset() * size  # bytes: host is uint8
+            if offset % size == 0:
+                stand_in = torch.empty(0, dtype=view.dtype, device=host.device)
+                param.data = stand_in.set_(host.untyped_storage(), offset // size, view.size(), view.stride())
+
+
+# Parameters holding a stand-in -> the view they hold while their storage is resident.
+_RESIDENT_VIEWS = WeakIdKeyDictionary()
+
+
+def resident_tensor(param: torch.Tensor) -> torch.Tensor:
+    """What ``param`` holds while its storage is resident (the locators look through stand-ins)."""
+    return _RESIDENT_VIEWS.get(param, param)
 
 
 class _SharedStorage:

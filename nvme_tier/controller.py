@@ -11,7 +11,7 @@ import logging
 import os
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from .background import BackgroundOperation
@@ -20,7 +20,7 @@ from .config import OffloadStatesConfig
 from .deepspeed.accelerator import accelerator_device, empty_cache, rank_of
 from .deepspeed.hooks import install_hooks
 from .deepspeed.locators import discover_buffers, engine_facts, quiesce
-from .errors import StatesOffloadedError
+from .errors import StatesOffloadedError, failed_reload_message, offloaded_message
 from .host_budget import process_budget, resolve_limit
 from .interrupts import DeferredInterrupt
 from .policy import Placement, decide, require_bool
@@ -65,8 +65,14 @@ class OffloadController:
         self._budget.register(self, self.host_limit, config.staging_budget_bytes if config.path else 0)
         self._mover = TierMover(self.site.open, progress=self._progress.advance, budget=self._budget)
         self._files = StoredFiles(self._mover)
-        self._undo_hooks, self._weights_guarded = install_hooks(
-            engine, self.guard, self.mark_dirty, self.offload_states, self.reload_states, self.guard_weights
+        self._undo_hooks = install_hooks(
+            engine,
+            self.guard,
+            self.mark_dirty,
+            self.offload_states,
+            self.reload_states,
+            self.guard_weights,
+            self.guard_states,
         )
         self._finalizer = weakref.finalize(engine, _release_in_owner, self._mover, os.getpid())
         if config.preallocate:
@@ -98,8 +104,8 @@ class OffloadController:
         After a failed reload, ``load_checkpoint`` is the way out and is let through (see
         ``_discard_failed_copy``); everything else is refused with that advice.
         """
-        if self.phase is OffloadPhase.reloading:
-            self.wait()
+        if self._background.pending and self.phase in (OffloadPhase.reloading, OffloadPhase.failed):
+            self.wait()  # a prefetch, or a failed one's own error first
         if self.phase is OffloadPhase.failed:
             if what == "load_checkpoint":
                 self._discard_failed_copy()
@@ -107,41 +113,31 @@ class OffloadController:
             raise StatesOffloadedError(self._after_failure(f"{what}()"))
         if self.phase is not OffloadPhase.resident:
             away = ", ".join(k.value for k in self._placed) or "states"
-            raise StatesOffloadedError(
-                f"{what}() called while {away} are offloaded ({self.phase.value}); "
-                "call engine.reload_states() first"
-            )
+            raise StatesOffloadedError(offloaded_message(f"{what}()", away, self.phase.value))
 
     def guard_weights(self, what: str) -> None:
-        """Called before DeepSpeed gathers the weights outside forward (``GatheredParameters``).
+        """Before DeepSpeed gathers the weights outside forward (``GatheredParameters``): only they
+        matter (OpenRLHF gathers them for vLLM while the optimizer states are offloaded)."""
+        self.guard_states(what, frozenset({StateKind.lp_params}))
 
-        Only the weights matter here: OpenRLHF gathers them to broadcast to vLLM while the
-        optimizer states are offloaded, which must keep working. Weights being reloaded (or
-        offloaded) by a non-blocking call are waited for; weights that are away are refused.
-        """
-        if StateKind.lp_params not in self._placed:
+    def guard_states(self, what: str, needs: frozenset[StateKind]) -> None:
+        """Called before states are read or written outside compute (DeepSpeed's ``safe_*``
+        accessors, ``state_dict()``): those being moved by a non-blocking call are waited for,
+        those that are away are refused (their storages are freed: reading one segfaults)."""
+        if not any(kind in self._placed for kind in needs):
             return
         self.wait()
         if self.phase is OffloadPhase.failed:
             raise StatesOffloadedError(self._after_failure(what))
-        if StateKind.lp_params in self._placed:
-            raise StatesOffloadedError(
-                f"{what} called while lp_params are offloaded ({self.phase.value}); "
-                "call engine.reload_states() first"
-            )
+        away = [kind.value for kind in StateKind if kind in needs and kind in self._placed]
+        if away:
+            raise StatesOffloadedError(offloaded_message(what, ", ".join(away), self.phase.value))
 
     def _after_failure(self, refused: str) -> str:
-        """What to do once a reload failed: "reload first" cannot help when the disk copy is bad."""
         with self._lock:
             away = ", ".join(k.value for k in self._placed) or "the offloaded states"
             why = f"{type(self._failure).__name__}: {self._failure}" if self._failure else "see its error"
-        return (
-            f"{refused} refused: the last reload_states() failed ({why}), so the offloaded copy of "
-            f"{away} is unusable and these states are not on the device. Restore them from a checkpoint "
-            "with engine.load_checkpoint(...) (allowed now), then call nvme_tier.release(engine) to delete "
-            "the unusable files. Only if the error was transient (an I/O error, not an IntegrityError) "
-            "may engine.reload_states() be retried instead."
-        )
+        return failed_reload_message(refused, away, why)
 
     def _discard_failed_copy(self) -> None:
         """Give every freed state zero-filled device memory for ``load_checkpoint`` to load into.
@@ -301,7 +297,8 @@ class OffloadController:
 
     # -- reload ----------------------------------------------------------------------------------
     def reload_states(self, non_blocking=None) -> None:
-        """Drop-in for ``engine.reload_states``; non-blocking reloads are awaited before compute."""
+        """Drop-in for ``engine.reload_states``; non-blocking, the caller's later work is ordered
+        after it as after upstream's (docs/design.md), and compute waits for it."""
         if non_blocking is not None:
             require_bool("non_blocking", non_blocking)
         with self._lock:
@@ -313,16 +310,25 @@ class OffloadController:
             self.phase = OffloadPhase.reloading
             with self._reload_failures():
                 placed = [p for ps in self._placed.values() for p in ps]
-                job = self._mover.start_reload(placed, order_callers=not self._weights_guarded)
+                job = self._mover.start_reload(placed, order_callers=not blocking)
             if blocking:
                 self._finish_reload(job)
-            else:
+            elif not job.reads:  # host copies only: the caller's stream already waits for them
                 self._background.start(lambda: self._finish_reload(job))
+            else:  # NVMe reads end on the worker: the caller's stream is made to wait for them too
+                finish = lambda arrived: self._finish_reload(job, arrived)  # noqa: E731
+                self._background.start_ordered(finish, accelerator_device())
 
-    def _finish_reload(self, job: ReloadJob) -> None:
+    def _finish_reload(self, job: ReloadJob, arrived: Callable[[], None] = lambda: None) -> None:
+        """Wait for every byte; ``arrived`` (ungates the caller's stream) before the hand-over."""
+
+        def restored() -> None:
+            arrived()
+            self._record_reloaded()
+
         total = sum(p.buffer.nbytes for p in job.placed if p.tier is Tier.nvme)
         with self._reload_failures(), self._progress.task("reload", total):
-            stats = self._mover.finish_reload(job, self.config.skip_unchanged, self._record_reloaded)
+            stats = self._mover.finish_reload(job, self.config.skip_unchanged, restored)
         self.last_stats["reload"] = stats
         log.info("nvme_tier: rank %d %s", self.rank, stats.reload_line())
 

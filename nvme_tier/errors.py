@@ -48,3 +48,19 @@ class UnsupportedEngineError(NvmeTierError, TypeError):
 
 class BuildLockError(BackendUnavailableError):
     """A DeepSpeed op cannot load: a killed build left torch's lock file, which no process holds."""
+
+
+def offloaded_message(what: str, away: str, phase: str) -> str:
+    """Why a call is refused while states are away, and what to do."""
+    return f"{what} called while {away} are offloaded ({phase}); call engine.reload_states() first"
+
+
+def failed_reload_message(refused: str, away: str, why: str) -> str:
+    """What to do once a reload failed: "reload first" cannot help when the disk copy is bad."""
+    return (
+        f"{refused} refused: the last reload_states() failed ({why}), so the offloaded copy of "
+        f"{away} is unusable and these states are not on the device. Restore them from a checkpoint "
+        "with engine.load_checkpoint(...) (allowed now), then call nvme_tier.release(engine) to delete "
+        "the unusable files. Only if the error was transient (an I/O error, not an IntegrityError) "
+        "may engine.reload_states() be retried instead."
+    )

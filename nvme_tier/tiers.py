@@ -30,6 +30,7 @@ from .host_copies import HostCopies, HostCopy
 from .interrupts import DeferredInterrupt
 from .storage.base import StorageBackend
 from .storage.staging import DeviceCopier
+from .stream_order import apart_from_caller
 from .types import StateKind, Tier
 
 log = logging.getLogger("nvme_tier")
@@ -156,7 +157,8 @@ class TierMover:
                     if unchanged(buf):
                         job.stats.bytes_skipped += buf.nbytes
                     else:
-                        write = self.backend.write(buf.name, buf.view, fingerprint=buf.fingerprint)
+                        with apart_from_caller():
+                            write = self.backend.write(buf.name, buf.view, fingerprint=buf.fingerprint)
                         job.writes.append((placed, write))
                     job.placed.append(placed)
             # Back to back on the copy stream; into pageable memory ('cpu') CUDA returns only
@@ -238,6 +240,7 @@ class TierMover:
             for p in job.placed:
                 if not p.buffer.is_freed:
                     p.buffer.free()
+                p.buffer.show_host_copy(p.host)  # complete now: parameters may read it meanwhile
         stats.seconds = time.perf_counter() - job.started
         return job.placed, stats
 
@@ -255,7 +258,8 @@ class TierMover:
             if p.host is not None:
                 self._copier.copy_async(p.buffer.view, p.host)
             elif p.tier is Tier.nvme:
-                reads.append(self.backend.read_into(p.buffer.name, p.buffer.view))
+                with apart_from_caller():
+                    reads.append(self.backend.read_into(p.buffer.name, p.buffer.view))
             else:  # scratch: its contents are rebuilt every step, as after any reload
                 p.buffer.view.zero_()
         self._copier.synchronize()
@@ -313,12 +317,9 @@ class TierMover:
                 log.warning("nvme_tier: could not remove the file of %s: %s", name, exc)
 
     def start_reload(self, placed: list[Placed], order_callers: bool) -> ReloadJob:
-        """Restore every buffer and queue every move back, on the caller's thread: NVMe reads on
-        the backend's thread, host copies back to back on the copy stream (each allocation overlaps
-        the copy before it). ``order_callers``: the caller's stream waits for them, so what it runs
-        next sees the host-tier states even before ``finish_reload``, as after upstream's reload (a
-        ZeRO-1/2 weight read no guard sees); without it (weight reads guarded: ZeRO-3) the caller's
-        compute overlaps the copies. On failure, everything is freed again and raised."""
+        """Restore every buffer, queue every move back: NVMe reads on the backend's thread (apart from
+        the caller's stream: it may be gated on them), host copies on the copy stream (``order_callers``:
+        the caller's stream waits for those, as upstream's). On failure all is freed again and raised."""
         job = ReloadJob(placed)
         try:
             if any(p.tier is Tier.nvme for p in placed) and self.backend.names():
@@ -326,7 +327,8 @@ class TierMover:
             for p in placed:
                 if p.tier is Tier.nvme:
                     p.buffer.restore()
-                    job.reads.append((p, self.backend.read_into(p.buffer.name, p.buffer.view)))
+                    with apart_from_caller():  # after the restore: its memory's last users
+                        job.reads.append((p, self.backend.read_into(p.buffer.name, p.buffer.view)))
             for p in placed:
                 if p.tier is not Tier.nvme:
                     p.buffer.restore()

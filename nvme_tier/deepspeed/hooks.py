@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from .accessors import GuardStates, StateAccessGuards
+
 # -- hooking the engine -----------------------------------------------------------------------------
 GUARDED_METHODS = ("backward", "step", "save_checkpoint", "load_checkpoint", "eval_batch", "train_batch")
 MUTATING_METHODS = frozenset({"backward", "step", "load_checkpoint", "train_batch"})
@@ -23,12 +25,12 @@ def install_hooks(
     offload: Callable[..., None],
     reload: Callable[..., None],
     guard_weights: Callable[[str], None],
-) -> tuple[Callable[[], None], bool]:
-    """Route offload_states/reload_states to nvme_tier and guard compute.
+    guard_states: GuardStates,
+) -> Callable[[], None]:
+    """Route offload_states/reload_states to nvme_tier and guard compute; returns the undo.
 
-    Returns the undo, and whether every read of the weights outside forward is guarded (ZeRO-3's
-    gathers). Where it is not (ZeRO-0/1/2: parameters are plain views into flat buffers), a
-    non-blocking reload must order its host copies before the caller's later work.
+    DeepSpeed's ``safe_*`` accessors and ``state_dict()`` of the module and the optimizer go
+    through ``guard_states`` (accessors.py), re-installed at each offload.
 
     ZeRO-3 parameters' own ``all_gather`` (what ``GatheredParameters`` and user code call, outside
     forward) and ``save_16bit_model`` go through ``guard_weights`` first: right after a non-blocking reload the partitions
@@ -68,7 +70,14 @@ def install_hooks(
         if hasattr(engine, name):
             originals[name] = engine.__dict__.get(name)
             object.__setattr__(engine, name, wrap(name, guard_weights))
-    for name, fn in (("offload_states", offload), ("reload_states", reload)):
+    access_guards = StateAccessGuards(engine, guard_states)
+
+    @functools.wraps(offload)
+    def guarded_offload(*args, **kwargs):
+        access_guards.refresh()  # DeepSpeed re-links its parameters' accessors on load_state_dict
+        return offload(*args, **kwargs)
+
+    for name, fn in (("offload_states", guarded_offload), ("reload_states", reload)):
         originals[name] = engine.__dict__.get(name)
         object.__setattr__(engine, name, fn)
         if name in opt_routed:
@@ -100,8 +109,9 @@ def install_hooks(
             _restore(optimizer, opt_originals)
         for param, gather in gathers:
             param.all_gather = gather
+        access_guards.remove()
 
-    return undo, bool(gathers)
+    return undo
 
 
 def _guarded_gather(gather: Callable[..., Any], guard_weights: Callable[[str], None]) -> Callable[..., Any]:

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..buffers import StateBuffer
+from ..buffers import StateBuffer, resident_tensor
 from ..errors import UnsupportedEngineError
 from ..policy import EngineFacts
 from ..types import StateKind
@@ -68,7 +68,7 @@ def _optimizer_states(opt: Any) -> list[torch.Tensor]:
 # -- the locators -----------------------------------------------------------------------------------
 def _locate_without_optimizer(engine: Any, _opt: None) -> Located:
     """Reference/reward models: only the parameters exist (ZeRO-3: the partitions)."""
-    params = list(engine.module.parameters())
+    params = [resident_tensor(p) for p in engine.module.parameters()]
     lp = [getattr(p, "ds_tensor", None) if hasattr(p, "ds_tensor") else p for p in params]
     if zero_stage(engine) == 3:
         lp += params
@@ -76,7 +76,7 @@ def _locate_without_optimizer(engine: Any, _opt: None) -> Located:
 
 
 def _locate_zero3(engine: Any, opt: Any) -> Located:
-    params = list(engine.module.parameters())
+    params = [resident_tensor(p) for p in engine.module.parameters()]
     lp = getattr(opt, "lp_param_buffer", None)  # 0.16.9 and 0.19.x
     # Persistent (small) params stay gathered on the device between steps; the others hold
     # an empty placeholder then, which discovery skips.
@@ -153,9 +153,23 @@ def _state_tensors(engine: Any) -> Located:
     )
 
 
+def _parameters_by_storage(engine: Any) -> dict[tuple[str, int], tuple[torch.Tensor, ...]]:
+    """The module's parameters per resident storage they view (their stand-ins looked through)."""
+    found: dict[tuple[str, int], list[torch.Tensor]] = {}
+    for param in engine.module.parameters():
+        resident = resident_tensor(param)
+        storage = resident.untyped_storage()
+        if storage.nbytes():
+            found.setdefault((str(resident.device), storage.data_ptr()), []).append(param)
+    return {key: tuple(params) for key, params in found.items()}
+
+
 def discover_buffers(engine: Any) -> dict[StateKind, list[StateBuffer]]:
-    """Group each state's tensors by storage; a storage claimed by two states goes to the first."""
+    """Group each state's tensors by storage; a storage claimed by two states goes to the first.
+
+    Each buffer carries the module parameters viewing its storage (``StateBuffer.aliases``)."""
     seen: set[tuple[str, int]] = set()
+    aliases = _parameters_by_storage(engine)
     out: dict[StateKind, list[StateBuffer]] = {}
     for kind, tensors in _state_tensors(engine).items():
         groups: dict[tuple[str, int], list[torch.Tensor]] = {}
@@ -170,7 +184,10 @@ def discover_buffers(engine: Any) -> dict[StateKind, list[StateBuffer]]:
                 continue
             seen.add(key)
             groups.setdefault(key, []).append(t)
-        out[kind] = [StateBuffer.of(kind, f"{kind.value}.{i}", ts[0]) for i, ts in enumerate(groups.values())]
+        out[kind] = [
+            StateBuffer.of(kind, f"{kind.value}.{i}", ts[0], aliases.get(key, ()))
+            for i, (key, ts) in enumerate(groups.items())
+        ]
     return out
 
 

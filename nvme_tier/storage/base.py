@@ -357,14 +357,18 @@ def _check_size(name: str, dst: torch.Tensor, nbytes: int, dtype: str, shape: tu
 
 
 def on_callers_device(fn: Callable) -> Callable:
-    """Run ``fn`` on the caller's CUDA device (worker threads start on device 0)."""
-    device = (
-        torch.cuda.current_device() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-    )
+    """Run ``fn`` on the caller's CUDA device and current stream (worker threads start on device 0
+    and its default stream): the copies it queues wait for that stream, not the default one, which
+    may be gated meanwhile by a non-blocking reload (stream_order.py)."""
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    device = torch.cuda.current_device() if cuda else None
+    stream = torch.cuda.current_stream(device) if cuda else None
 
     def run():
-        if device is not None:
-            torch.cuda.set_device(device)
-        return fn()
+        if device is None:
+            return fn()
+        torch.cuda.set_device(device)
+        with torch.cuda.stream(stream):
+            return fn()
 
     return run
