@@ -65,15 +65,8 @@ class OffloadController:
         self._budget.register(self, self.host_limit, config.staging_budget_bytes if config.path else 0)
         self._mover = TierMover(self.site.open, progress=self._progress.advance, budget=self._budget)
         self._files = StoredFiles(self._mover)
-        self._undo_hooks = install_hooks(
-            engine,
-            self.guard,
-            self.mark_dirty,
-            self.offload_states,
-            self.reload_states,
-            self.guard_weights,
-            self.guard_states,
-        )
+        guards = (self.guard, self.mark_dirty, self.offload_states, self.reload_states)
+        self._undo_hooks = install_hooks(engine, *guards, self.guard_weights, self.guard_states)
         self._finalizer = weakref.finalize(engine, _release_in_owner, self._mover, os.getpid())
         if config.preallocate:
             self._preallocate()
