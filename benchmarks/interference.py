@@ -12,8 +12,11 @@ while the non-blocking reload runs, for each mode:
 
 Slowdown = mean foreground step time while the transfer is in flight / mean step time alone
 (alone re-measured right before each transfer). Goal on the GPU machine: <= 1.05 in every mode.
-A transfer counts as in flight from the call until nvme_tier's ``wait`` returns (upstream: until
-an event recorded after its call has completed); the foreground runs at least ``--min-steps``.
+Transfers are issued on a stream of their own (a non-blocking call orders the stream it is called
+on after its copies, as upstream's does); one counts as in flight from the call until nvme_tier's
+``wait`` returns and an event recorded after the call on that stream has completed (upstream: the
+event); the foreground runs at least ``--min-steps``. Between rounds the engine is marked dirty,
+so every round writes every byte again (as after training).
 
     python benchmarks/interference.py --path /local_nvme/if --out benchmarks/results/interference_h200.json
     python benchmarks/interference.py --tiny --path /var/tmp/if --out /tmp/if_cpu.json   # CPU check
@@ -22,6 +25,7 @@ an event recorded after its call has completed); the foreground runs at least ``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import os
 import shutil
@@ -101,7 +105,7 @@ def in_flight_until(wait: Callable[[], None]) -> Callable[[], bool]:
 
 
 def event_wait() -> Callable[[], None]:
-    """Upstream's copies are queued on the current stream: done when an event after them is."""
+    """Copies queued on the current stream: done when an event after them is."""
     if not torch.cuda.is_available():
         return lambda: None
     event = torch.cuda.Event()
@@ -114,6 +118,7 @@ class Mode:
         import nvme_tier
 
         self.name, self.engine = name, engine
+        self.side = torch.cuda.Stream() if torch.cuda.is_available() else None
         if name != "upstream_cpu":
             block = {"device": "nvme" if name == "nvme" else "cpu", "progress": False}
             if name == "nvme":
@@ -121,29 +126,43 @@ class Mode:
             nvme_tier.attach(engine, block)
 
     def offload(self) -> Callable[[], None]:
-        import nvme_tier
+        with self.transfer_stream():
+            if self.name == "upstream_cpu":
+                from deepspeed.runtime.zero.offload_config import OffloadDeviceEnum
 
-        if self.name == "upstream_cpu":
-            from deepspeed.runtime.zero.offload_config import OffloadDeviceEnum
-
-            self.engine.offload_states(device=OffloadDeviceEnum.cpu, pin_memory=True, non_blocking=True)
-            return event_wait()
-        self.engine.offload_states(non_blocking=True)
-        return lambda: nvme_tier.wait(self.engine)
+                self.engine.offload_states(device=OffloadDeviceEnum.cpu, pin_memory=True, non_blocking=True)
+            else:
+                self.engine.offload_states(non_blocking=True)
+            return self.waiter()
 
     def reload(self) -> Callable[[], None]:
+        with self.transfer_stream():
+            self.engine.reload_states(non_blocking=True)
+            return self.waiter()
+
+    def transfer_stream(self):
+        """Transfers are issued on a stream of their own: a non-blocking call orders the stream it is
+        called on after its copies (upstream's and nvme_tier's alike), the foreground's must not wait."""
+        return torch.cuda.stream(self.side) if self.side is not None else contextlib.nullcontext()
+
+    def waiter(self) -> Callable[[], None]:
         import nvme_tier
 
-        self.engine.reload_states(non_blocking=True)
         if self.name == "upstream_cpu":
             return event_wait()
-        return lambda: nvme_tier.wait(self.engine)
+        return lambda: (nvme_tier.wait(self.engine), event_wait()())
+
+    def mark_dirty(self) -> None:
+        """As after training: the next offload writes every byte (no skip of unchanged files)."""
+        import nvme_tier
+
+        if self.name != "upstream_cpu":
+            nvme_tier.mark_dirty(self.engine)
 
     def close(self) -> None:
         import nvme_tier
 
         if self.name != "upstream_cpu":
-            nvme_tier.mark_dirty(self.engine)  # the next mode (and round) moves every byte again
             nvme_tier.detach(self.engine)
 
 
@@ -181,6 +200,7 @@ def run(args) -> dict:
             for _ in range(args.rounds):
                 off = measure_phase(fg, mode.offload, args)
                 rel = measure_phase(fg, mode.reload, args)
+                mode.mark_dirty()
                 rounds.append({"offload": off, "reload": rel})
             worst = max(r[p]["slowdown"] for r in rounds for p in ("offload", "reload"))
             out["modes"][name] = {"rounds": rounds, "worst_slowdown": worst, f"goal_le_{GOAL}": worst <= GOAL}

@@ -372,6 +372,7 @@ class Transfers:
                     block.update(path=os.path.join(args.path, name), backend=args.backend)
                 nvme_tier.attach(engine, block)
         self.engines = (actor, critic)
+        self.prefetch = torch.cuda.Stream() if self.cuda else None
 
     def offload(self, engine) -> None:
         if self.mode == "resident":
@@ -384,7 +385,12 @@ class Transfers:
             engine.offload_states(non_blocking=True)
 
     def reload(self, engine) -> None:
-        if self.mode != "resident":
+        """A prefetch, issued on a stream of its own: a non-blocking reload orders the stream it is
+        called on after its copies (upstream's and nvme_tier's alike), and the generation or scoring
+        running on the default stream must not wait for them. ``wait`` syncs before training."""
+        if self.mode == "resident":
+            return
+        with torch.cuda.stream(self.prefetch) if self.prefetch is not None else contextlib.nullcontext():
             engine.reload_states(non_blocking=True)
 
     def wait(self, engine) -> None:
