@@ -32,7 +32,9 @@ def assert_hooked_once(engine, unhooked: tuple[int, int]) -> None:
         wrapper = engine.__dict__[name]
         inner = wrapper.__wrapped__
         assert getattr(inner, "__func__", None) is getattr(cls, name), f"{name} wrapped more than once"
-    assert engine.offload_states.__self__ is nvme_tier.controller_of(engine)
+    # offload_states: one wrapper (it re-links DeepSpeed's accessors' guards) around the controller's
+    assert engine.offload_states.__wrapped__.__self__ is nvme_tier.controller_of(engine)
+    assert engine.reload_states.__self__ is nvme_tier.controller_of(engine)
 
 
 def assert_unhooked(engine, unhooked: tuple[int, int]) -> None:
