@@ -11,8 +11,8 @@ stream memory operations or mapped host memory, ``CUDA_DEVICE_MAX_CONNECTIONS=1`
 finishes the reads before returning.
 
 While a gate is closed nothing may wait on the caller's stream from an I/O thread, or the reads
-would wait for their own flag: I/O is submitted ``apart_from_caller``, from a stream of its own that
-has waited for what the caller queued until then.
+would wait for their own flag: I/O is submitted ``apart_from_caller``, from a stream of the engine's
+own (``SubmitStream``) that has waited for what the caller queued until then.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ _ATTR_CAN_USE_STREAM_MEM_OPS_V1 = 92  # the v1 functions only; v2 (CUDA 11.7+) w
 # engine goes away, and torch would hand the memory out again.
 _FLAGS: list[torch.Tensor] = []
 _SUPPORTED: dict[int, bool] = {}
-_OWN_STREAMS: dict[int, torch.cuda.Stream] = {}
 
 
 class _Driver:
@@ -112,16 +111,29 @@ class StreamGate:
             self._flag[0] = ticket
 
 
-@contextlib.contextmanager
-def apart_from_caller() -> Iterator[None]:
-    """Submit I/O whose device copies must never wait on the caller's stream after this point."""
-    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
-        yield
-        return
-    index = torch.cuda.current_device()
-    stream = _OWN_STREAMS.get(index)
-    if stream is None:
-        stream = _OWN_STREAMS[index] = torch.cuda.Stream(device=index)
-    stream.wait_stream(torch.cuda.current_stream(index))
-    with torch.cuda.stream(stream):
-        yield
+class SubmitStream:
+    """One engine's own stream to submit I/O from, apart from the caller's.
+
+    Its I/O threads queue their copies on it chunk by chunk, long after ``apart_from_caller`` made it
+    wait for the caller's stream. One engine's, not the process's: shared, it would make engine A's
+    reads (queued as they arrive) wait behind engine B's later ``wait_stream`` of a caller's stream
+    that A's own gate holds closed until those reads are in: a deadlock (A reloading while B
+    offloads, on one stream). Per engine, B merely waits for A.
+    """
+
+    def __init__(self) -> None:
+        self._streams: dict[int, torch.cuda.Stream] = {}
+
+    @contextlib.contextmanager
+    def apart_from_caller(self) -> Iterator[None]:
+        """Submit I/O whose device copies must never wait on the caller's stream after this point."""
+        if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+            yield
+            return
+        index = torch.cuda.current_device()
+        stream = self._streams.get(index)
+        if stream is None:
+            stream = self._streams[index] = torch.cuda.Stream(device=index)
+        stream.wait_stream(torch.cuda.current_stream(index))
+        with torch.cuda.stream(stream):
+            yield

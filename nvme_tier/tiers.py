@@ -5,11 +5,10 @@ frees it for every view that shares it (params that are views into a flat buffer
 fragments...), and restoring it in place brings every view back with its identity intact, so the
 engine's own bookkeeping needs no re-pointing.
 
-Offload order: queue every copy and write, wait, verify, commit the manifest, and only then free
-device memory. Any failure before that point removes what this call wrote and leaves every
-state where it was. A non-blocking offload frees earlier, never before the bytes are safe: host
-tiers and discard at return (stream-ordered copies), each NVMe buffer once its own write has
-completed; a failure after that restores what was freed before it is raised.
+Offload order: queue every copy and write, wait, verify, commit the manifest, then free device
+memory; a failure before that removes what this call wrote, every state stays where it was. A
+non-blocking offload frees earlier, never before the bytes are safe: host tiers and discard at
+return, each NVMe buffer once its write completed; a later failure restores the freed first.
 """
 
 from __future__ import annotations
@@ -30,7 +29,7 @@ from .host_copies import HostCopies, HostCopy
 from .interrupts import DeferredInterrupt
 from .storage.base import StorageBackend
 from .storage.staging import DeviceCopier
-from .stream_order import apart_from_caller
+from .stream_order import SubmitStream
 from .types import StateKind, Tier
 
 log = logging.getLogger("nvme_tier")
@@ -105,6 +104,7 @@ class TierMover:
         self._backend_factory = backend
         self._backend: StorageBackend | None = None
         self._copier = DeviceCopier()
+        self._submit = SubmitStream()
         self.host = HostCopies(self._copier, budget or process_budget())
         self._progress = progress
 
@@ -157,7 +157,7 @@ class TierMover:
                     if unchanged(buf):
                         job.stats.bytes_skipped += buf.nbytes
                     else:
-                        with apart_from_caller():
+                        with self._submit.apart_from_caller():
                             write = self.backend.write(buf.name, buf.view, fingerprint=buf.fingerprint)
                         job.writes.append((placed, write))
                     job.placed.append(placed)
@@ -258,7 +258,7 @@ class TierMover:
             if p.host is not None:
                 self._copier.copy_async(p.buffer.view, p.host)
             elif p.tier is Tier.nvme:
-                with apart_from_caller():
+                with self._submit.apart_from_caller():
                     reads.append(self.backend.read_into(p.buffer.name, p.buffer.view))
             else:  # scratch: its contents are rebuilt every step, as after any reload
                 p.buffer.view.zero_()
@@ -327,7 +327,7 @@ class TierMover:
             for p in placed:
                 if p.tier is Tier.nvme:
                     p.buffer.restore()
-                    with apart_from_caller():  # after the restore: its memory's last users
+                    with self._submit.apart_from_caller():  # after the restore: its memory's last users
                         job.reads.append((p, self.backend.read_into(p.buffer.name, p.buffer.view)))
             for p in placed:
                 if p.tier is not Tier.nvme:

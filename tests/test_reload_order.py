@@ -136,3 +136,39 @@ def test_gpu_caller_stream_waits_for_nvme_reads_cpu_stays_free(offload_dir):
     slow.remove()
     train(engine, 1)
     nvme_tier.detach(engine)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_one_engine_offloads_while_another_reloads_on_the_same_stream(tmp_path):
+    """Engine A's non-blocking reload gates the stream; engine B's offload queued behind it on that
+    stream waits for A, and A's reads (queued chunk by chunk on A's own submit stream) never wait
+    for B: both finish (a submit stream shared by the engines deadlocked here)."""
+    a_dir, b_dir = tmp_path / "a", tmp_path / "b"
+    a_dir.mkdir(), b_dir.mkdir()
+    a = make_engine(2, a_dir, backend="zarr", width=512)
+    b = make_engine(2, b_dir, backend="zarr", width=512, seed=1)
+    controller_a = nvme_tier.attach(a)
+    nvme_tier.attach(b)
+    train(a, 1)
+    train(b, 1)
+    a.offload_states()
+    slow = SlowReads(controller_a, delay=1.0)
+    a.reload_states(non_blocking=True)
+    b.offload_states(non_blocking=True)
+    done = threading.Event()
+
+    def settle() -> None:
+        nvme_tier.wait(a)
+        nvme_tier.wait(b)
+        torch.cuda.synchronize()
+        done.set()
+
+    threading.Thread(target=settle, daemon=True).start()
+    assert done.wait(120), "engine A's reload and engine B's offload wait for each other"
+    slow.remove()
+    b.reload_states()
+    train(a, 1)
+    train(b, 1)
+    nvme_tier.detach(a)
+    nvme_tier.detach(b)
