@@ -112,6 +112,20 @@ def aio_async_pread(handle: Any, buffer: torch.Tensor, path: str, file_offset: i
     return rc
 
 
+@functools.lru_cache(maxsize=1)
+def aio_wait_keeps_gil() -> bool:
+    """Whether this DeepSpeed's ``aio_handle.wait()`` keeps the GIL while requests run (< 0.18.4).
+
+    Then every Python thread, the caller's compute included, stalls while an NVMe transfer waits
+    for the disk: a non-blocking offload or reload hides nothing (docs/design.md, "No GIL in the
+    background"). The zarr backend's I/O releases it on every version.
+    """
+    import deepspeed
+    from packaging.version import Version
+
+    return Version(deepspeed.__version__) < Version("0.18.4")
+
+
 def aio_wait(handle: Any) -> int:
     """``handle.wait()`` (the number of requests completed), then settle: see the note above.
 

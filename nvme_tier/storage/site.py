@@ -14,6 +14,8 @@ import shutil
 from collections.abc import Callable
 
 from ..config import OffloadStatesConfig
+from ..deepspeed.aio_binding import aio_wait_keeps_gil
+from ..deepspeed.version import installed_version
 from ..errors import ConfigError, TierIOError
 from ..mounts import NOT_A_DISK, log_storage_once, mount_of, storage_kind
 from ..status import human_bytes
@@ -119,6 +121,13 @@ class StorageSite:
                 path,
                 why,
             )
+            if self.backend_name == "aio" and aio_wait_keeps_gil():
+                log.warning(
+                    "nvme_tier: DeepSpeed %s keeps the GIL while aio requests run: a non-blocking "
+                    "offload or reload stalls every other Python thread meanwhile; DeepSpeed >= 0.18.4 "
+                    "(or backend 'zarr') lets compute overlap the transfers",
+                    installed_version(),
+                )
         return self.backend_name
 
     def open(self) -> StorageBackend:
