@@ -40,8 +40,7 @@ at the start of the same run (DeepSpeed's op, one 4 GiB request each way): a loo
 
 Goals (issue 22): generation and scoring within 5 % of resident's in every mode (the work behind
 the transfers does not slow down); the nvme loop <= 1.1 x max(resident loop, disk bound); the
-loops of the cpu modes <= 1.05 x resident's. ``--blocking-transfers`` also times the same
-transfers run blocking after the loop (what they would cost un-overlapped). GB = 1e9 bytes.
+loops of the cpu modes <= 1.05 x resident's. GB = 1e9 bytes.
 
     # tiny, on CPU (a few-M-param Llama, gloo, CPU accelerator), to check it works:
     python benchmarks/rlhf_gpu.py --tiny --path /var/tmp/rlhf --out /tmp/rlhf_cpu.json
@@ -71,7 +70,7 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")
 # zarr imports cupy when installed; on the H100 image that import segfaulted (see offload_gpu.py).
 sys.modules.setdefault("cupy", None)
 
-from measure import GB, machine_info, raw_aio_bandwidth, set_launch_env, sync_device, timed  # noqa: E402  (benchmarks/ is sys.path[0] for a script)
+from measure import GB, machine_info, median, raw_aio_bandwidth, rnd, set_launch_env, sync_device, timed  # noqa: E402  (benchmarks/ is sys.path[0] for a script)
 
 MODES = ("resident", "nvme", "upstream_cpu", "pinned_cpu")
 AUTO_SHARES = {"auto": None, "auto_b50": 0.5, "auto_b25": 0.25}  # host budget: share of offloaded bytes
@@ -88,25 +87,11 @@ PHASES = (
 )
 
 
-def rnd(x: float | None, n: int = 4) -> float | None:
-    return None if x is None else round(x, n)
-
-
-def median(xs: list[float]) -> float | None:
-    return statistics.median(xs) if xs else None
-
-
 def spread(xs: list[float]) -> dict[str, float | None]:
-    """min, quartiles and max of the steady iterations' values."""
-    if len(xs) < 2:
-        return {
-            "min": rnd(min(xs, default=None)),
-            "q1": None,
-            "median": rnd(median(xs)),
-            "q3": None,
-            "max": None,
-        }
-    q1, q2, q3 = statistics.quantiles(xs, n=4, method="inclusive")
+    """min, quartiles and max of the steady iterations' values (quartiles need two or more)."""
+    q1, q2, q3 = (
+        statistics.quantiles(xs, n=4, method="inclusive") if len(xs) > 1 else (None, median(xs), None)
+    )
     return {"min": rnd(min(xs)), "q1": rnd(q1), "median": rnd(q2), "q3": rnd(q3), "max": rnd(max(xs))}
 
 
@@ -328,8 +313,6 @@ class Loop:
             final_wait = timed(lambda: mover.wait(actor))
             mover.reload(critic)  # every state back before the next mode (and detach)
             mover.wait(critic)
-            timed_blocking = self.args.blocking_transfers and mode != "resident"
-            blocking = mover.blocking_transfers() if timed_blocking else {}
         finally:
             if mode in ATTACHED:
                 nvme_tier.detach(actor)
@@ -346,7 +329,6 @@ class Loop:
             "steady_phases_s": {p: rnd(median([r["phases_s"][p] for r in steady])) for p in PHASES},
             "steady_phases_spread_s": {p: spread([r["phases_s"][p] for r in steady]) for p in PHASES},
             "steady_disk_bytes": disk,
-            "blocking_transfers": blocking,
             "bytes_by_tier": mover.placed,
             "losses_finite": all(torch.isfinite(torch.tensor(v)).all().item() for v in self.losses.values()),
         }
@@ -382,7 +364,13 @@ class Transfers:
 
             engine.offload_states(device=OffloadDeviceEnum.cpu, pin_memory=True, non_blocking=True)
         else:
+            import nvme_tier
+
             engine.offload_states(non_blocking=True)
+            name = "actor" if engine is self.engines[0] else "critic"  # where each byte goes, per tier
+            self.placed[name] = {
+                k: dict(e.bytes_by_tier) for k, e in nvme_tier.offload_status(engine).items()
+            }
 
     def reload(self, engine) -> None:
         """A prefetch, issued on a stream of its own: a non-blocking reload orders the stream it is
@@ -424,28 +412,6 @@ class Transfers:
                 "read": sum(s.bytes_read for s in done),
             },
         }
-
-    def blocking_transfers(self) -> dict:
-        """The same offloads and reloads, blocking and one at a time: the time they would cost.
-        Run after the loop, so pinned buffers and files already exist, as in steady iterations."""
-        import nvme_tier
-
-        out: dict[str, Any] = {}
-        for name, engine in zip(("actor", "critic"), self.engines, strict=True):
-            if self.mode == "upstream_cpu":
-                from deepspeed.runtime.zero.offload_config import OffloadDeviceEnum
-
-                off = timed(lambda e=engine: e.offload_states(device=OffloadDeviceEnum.cpu, pin_memory=True))
-                rel = timed(lambda e=engine: e.reload_states())
-            else:
-                nvme_tier.mark_dirty(engine)  # as after training: the states must be written
-                off = timed(lambda e=engine: e.offload_states(non_blocking=False))
-                status = nvme_tier.offload_status(engine).items()  # where each byte went, per tier
-                self.placed[name] = {state: dict(e.bytes_by_tier) for state, e in status}
-                rel = timed(lambda e=engine: e.reload_states(non_blocking=False))
-            out[name] = {"offload_s": rnd(off), "reload_s": rnd(rel)}
-        out["per_iteration_s"] = rnd(sum(v["offload_s"] + v["reload_s"] for v in out.values()))
-        return out
 
 
 def auto_budget_mb(mode: str, engines, args) -> int | None:
@@ -500,9 +466,6 @@ def summarize(out: dict) -> dict:
         )
         limit = 1.1 if disk_bound else 1.05  # a mode that moves bytes through the disk, or host RAM only
         row[f"goal_loop_le_{limit}x_bound"] = row["loop_over_bound"] <= limit
-        transfer = res["blocking_transfers"].get("per_iteration_s")
-        if transfer:
-            row["transfer_s"] = transfer
         summary[mode] = row
     return summary
 
@@ -543,12 +506,6 @@ def plot(out: dict, png: str) -> None:
     plt.close(fig)
 
 
-def machine(path: str) -> dict:
-    import transformers
-
-    return {**machine_info(path), "transformers": transformers.__version__}
-
-
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--path", required=True, help="scratch directory for the NVMe files")
@@ -559,7 +516,6 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--host-budget-mb", type=int, help="host_budget_mb of mode auto (default: auto's own)")
     p.add_argument("--backend", default="auto", choices=("auto", "aio", "zarr"))
     p.add_argument("--iters", type=int, default=9, help="iterations per mode; the first is left out")
-    p.add_argument("--blocking-transfers", action="store_true", help="also time the transfers run blocking")
     p.add_argument("--raw-aio-gb", type=float, default=4.0, help="bytes of the raw aio bandwidth probe")
     p.add_argument("--train-steps", type=int, default=2)
     p.add_argument("--batch", type=int, default=4)
@@ -605,7 +561,7 @@ def main(argv: list[str] | None = None) -> dict:
     loop = Loop(args)
     out: dict[str, Any] = {
         "args": {k: v for k, v in vars(args).items() if k != "kv_gb_bytes"},
-        "machine": machine(args.path),
+        "machine": {**machine_info(args.path), "transformers": sys.modules["transformers"].__version__},
         "params": loop.params,
         "raw_aio": raw_aio_bandwidth(args.path, int(args.raw_aio_gb * GB)),
         "calibration": loop.calibrate(),
