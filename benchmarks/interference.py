@@ -35,30 +35,28 @@ import time
 from collections.abc import Callable
 
 import torch
-from measure import machine_info, rnd, set_launch_env, sync_device, write_json
+from measure import (
+    linear_stack_engine,
+    machine_info,
+    rnd,
+    set_launch_env,
+    sync_device,
+    train_step,
+    write_json,
+)
 
 MODES = ("nvme", "pinned_cpu", "upstream_cpu")
 GOAL = 1.05
 
 
-def make_engine(params: float, hidden: int):
-    """A ZeRO-3 bf16 stack of square Linears with Adam, one step trained (optimizer states exist)."""
-    import deepspeed
-
-    layers = max(1, round(params / (hidden * hidden)))
-    model = torch.nn.Sequential(*[torch.nn.Linear(hidden, hidden, bias=False) for _ in range(layers)])
-    cfg = {
-        "train_micro_batch_size_per_gpu": 1,
-        "zero_optimization": {"stage": 3, "reduce_bucket_size": 1 << 24},
-        "bf16": {"enabled": True},
-        "optimizer": {"type": "Adam", "params": {"lr": 1e-4}},
-    }
-    engine, *_ = deepspeed.initialize(model=model, config=cfg, model_parameters=model.parameters())
-    x = torch.randn(4, hidden, device=engine.device, dtype=torch.bfloat16)
-    engine.backward(engine(x).float().pow(2).mean())
-    engine.step()
+def trained_engine(params: float, hidden: int):
+    """The engine behind the foreground, one step trained (its optimizer states exist)."""
+    engine = linear_stack_engine(params, hidden)
+    train_step(engine, hidden)
     sync_device()
-    return engine, layers * hidden * hidden
+    return engine, sum(
+        p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.parameters()
+    )
 
 
 class Foreground:
@@ -188,7 +186,7 @@ def measure_phase(fg: Foreground, start: Callable[[], Callable[[], None]], args)
 def run(args) -> dict:
     set_launch_env()
     os.makedirs(args.path, exist_ok=True)
-    engine, params = make_engine(args.params_b * 1e9, args.hidden)
+    engine, params = trained_engine(args.params_b * 1e9, args.hidden)
     fg = Foreground(engine.device, args.kernels, args.sync_every, args.fg_size)
     fg.steps_alone(args.alone_steps)  # warm-up
     out: dict = {"args": vars(args), "machine": machine_info(args.path), "params": params, "modes": {}}

@@ -103,6 +103,33 @@ def raw_aio_bandwidth(path: str, nbytes: int, rounds: int = 2) -> dict[str, Any]
     return {"nbytes": nbytes, "write_Bps": nbytes / min(writes), "read_Bps": nbytes / min(reads)}
 
 
+# -- engines ---------------------------------------------------------------------------------------
+def linear_stack_engine(params: float, hidden: int):
+    """A ZeRO-3 bf16 engine of square Linears (about ``params`` parameters) with Adam, untrained."""
+    import deepspeed
+    import torch
+
+    layers = max(1, round(params / (hidden * hidden)))
+    model = torch.nn.Sequential(*[torch.nn.Linear(hidden, hidden, bias=False) for _ in range(layers)])
+    cfg = {
+        "train_micro_batch_size_per_gpu": 1,
+        "zero_optimization": {"stage": 3, "reduce_bucket_size": 1 << 24},
+        "bf16": {"enabled": True},
+        "optimizer": {"type": "Adam", "params": {"lr": 1e-4}},
+    }
+    engine, *_ = deepspeed.initialize(model=model, config=cfg, model_parameters=model.parameters())
+    return engine
+
+
+def train_step(engine, hidden: int) -> None:
+    """One step on random input: the optimizer states exist from here on."""
+    import torch
+
+    x = torch.randn(4, hidden, device=engine.device, dtype=torch.bfloat16)
+    engine.backward(engine(x).float().pow(2).mean())
+    engine.step()
+
+
 # -- reporting -------------------------------------------------------------------------------------
 def write_json(path: str, data: Any) -> None:
     """Write ``data`` to ``path`` atomically (a cut-off run keeps the previous complete file)."""

@@ -22,7 +22,7 @@ import tempfile
 import time
 
 import torch
-from measure import machine_info, set_launch_env
+from measure import linear_stack_engine, machine_info, set_launch_env, train_step
 
 from nvme_tier.types import StateKind
 
@@ -33,27 +33,6 @@ PLACEMENTS = {
     "nvme": {"policy": dict.fromkeys(DATA_STATES, "nvme")},
     "nvme_default_policy": {},
 }
-
-
-def make_engine(params: float, hidden: int):
-    import deepspeed
-
-    layers = max(1, round(params / (hidden * hidden)))
-    model = torch.nn.Sequential(*[torch.nn.Linear(hidden, hidden, bias=False) for _ in range(layers)])
-    cfg = {
-        "train_micro_batch_size_per_gpu": 1,
-        "zero_optimization": {"stage": 3, "reduce_bucket_size": 1 << 24},
-        "bf16": {"enabled": True},
-        "optimizer": {"type": "Adam", "params": {"lr": 1e-4}},
-    }
-    engine, *_ = deepspeed.initialize(model=model, config=cfg, model_parameters=model.parameters())
-    return engine
-
-
-def train_step(engine, hidden: int) -> None:
-    x = torch.randn(4, hidden, device=engine.device, dtype=torch.bfloat16)
-    engine.backward(engine(x).float().pow(2).mean())
-    engine.step()
 
 
 def sync() -> None:
@@ -181,7 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.path is None:
         tmp = tempfile.TemporaryDirectory(prefix="ntier-nbr-", dir="/var/tmp")
         args.path = tmp.name
-    engine = make_engine(args.params_b * 1e9, args.hidden)
+    engine = linear_stack_engine(args.params_b * 1e9, args.hidden)
     result: dict = {
         "machine": machine_info(args.path),
         "args": vars(args),
