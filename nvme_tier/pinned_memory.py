@@ -18,7 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from .storage.staging import PAGE, round_up
+from .storage.staging import round_up
+from .units import PAGE
 
 log = logging.getLogger("nvme_tier")
 

@@ -27,8 +27,8 @@ from nvme_tier.storage import staging
 from nvme_tier.storage.staging import SharedStagingPool
 from nvme_tier.tiers import TierMover
 from nvme_tier.types import StateKind, Tier
+from nvme_tier.units import MiB
 
-MiB = 1 << 20
 HOST_TIERS = ("cpu", "pinned_cpu")
 SCRATCH = "contiguous_grad_buffer"
 

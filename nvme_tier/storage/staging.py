@@ -23,7 +23,6 @@ from ..host_budget import HostMemoryBudget, process_budget
 
 log = logging.getLogger("nvme_tier")
 
-PAGE = 4096
 # How long a backend waits for staging slots another engine holds (one file's write or read each).
 STAGING_WAIT_SECONDS = 600.0
 
