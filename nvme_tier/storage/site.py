@@ -16,7 +16,7 @@ from collections.abc import Callable
 from ..config import OffloadStatesConfig
 from ..errors import ConfigError, TierIOError
 from ..mounts import NOT_A_DISK, log_storage_once, mount_of, storage_kind
-from ..status import human_bytes
+from ..units import human_bytes
 from .base import StorageBackend
 from .manifest import OwnerInfo, WriterDirectory, ensure_root
 from .registry import open_backend, select_backend
