@@ -19,11 +19,13 @@ import psutil
 import torch
 
 from .buffers import Placed, StateBuffer
+from .device_copies import DeviceCopier
 from .errors import TierIOError
 from .host_budget import HostMemoryBudget
 from .pinned_memory import HUGE_PAGE, PinnedHostMemory
-from .storage.staging import DeviceCopier, round_up, staging_pool
+from .storage.staging import staging_pool
 from .types import Tier
+from .units import round_up
 
 log = logging.getLogger("nvme_tier")
 

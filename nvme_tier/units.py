@@ -10,6 +10,14 @@ PAGE = 4096  # bytes of a host memory page (and the O_DIRECT alignment floor)
 MiB = 1 << 20
 
 
+def round_down(value: int, multiple: int) -> int:
+    return value - value % multiple
+
+
+def round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
 def human_bytes(n: float) -> str:
     """``n`` bytes as a person reads them: ``512 B``, ``1.50 MiB``, ``2.00 TiB``."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):

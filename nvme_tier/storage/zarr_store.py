@@ -25,13 +25,14 @@ from typing import Any, Self
 import torch
 
 from ..config import OffloadStatesConfig, ZarrSettings
+from ..device_copies import DeviceCopier
 from ..errors import BackendUnavailableError, IntegrityError, TierIOError
-from ..units import PAGE, MiB
+from ..units import PAGE, MiB, round_up
 from .base import Capabilities, StorageBackend, chunk_ranges, crc32c, host_array
 from .chunk_files import chmod_regular, page_aligned, page_crc, read_file, write_file
 from .manifest import TensorRecord, WriterDirectory
 from .probes import supports_o_direct
-from .staging import DeviceCopier, HostBuffer, round_up, staging_pool
+from .staging import HostBuffer, staging_pool
 
 
 def _settle_zarr_io() -> None:
