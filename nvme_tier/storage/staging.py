@@ -18,7 +18,7 @@ from typing import Protocol
 
 import torch
 
-from ..errors import ConfigError, TierIOError
+from ..errors import HostBudgetError, TierIOError
 from ..host_budget import HostMemoryBudget, process_budget
 
 log = logging.getLogger("nvme_tier")
@@ -151,7 +151,7 @@ class SharedStagingPool:
         if self._allocated + needed > capacity or not self._budget.reserve(needed, staging=True):
             idle.extend((s, slot_bytes) for s in taken)
             if self._checked_out == 0 and self._allocated + needed <= capacity:
-                raise ConfigError(
+                raise HostBudgetError(
                     f"offload_states.host_budget_mb leaves no room for {needed >> 20} MiB of staging "
                     "buffers; raise it or lower staging_budget_mb"
                 )
