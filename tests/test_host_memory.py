@@ -13,7 +13,7 @@ import time
 
 import pytest
 import torch
-from conftest import make_engine, params_of, requires_aio, snapshot, train
+from helpers import make_engine, params_of, requires_aio, snapshot, train
 
 import nvme_tier
 from nvme_tier import errors, host_budget, pinned_memory

@@ -9,8 +9,8 @@ import contextlib
 
 import pytest
 import torch
-from conftest import SCRATCH, assert_same_states, make_engine, params_of, requires_aio, snapshot, train
 from faults import assert_resident, data_entries, install
+from helpers import SCRATCH, assert_same_states, make_engine, params_of, requires_aio, snapshot, train
 
 import nvme_tier
 from nvme_tier import host_budget

@@ -6,7 +6,7 @@ write is still in flight holds its device memory, and the status must not report
 
 from __future__ import annotations
 
-from conftest import make_engine, train
+from helpers import make_engine, train
 from test_nonblocking_release import WriteGate
 
 import nvme_tier
