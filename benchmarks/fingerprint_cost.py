@@ -33,8 +33,8 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")
 
 from nvme_tier.bench.common import machine_info  # noqa: E402
 from nvme_tier.fingerprint import CHUNK_BYTES, fingerprint  # noqa: E402
+from nvme_tier.units import MiB  # noqa: E402
 
-MiB = 1 << 20
 GOAL = 0.02  # fingerprint time / NVMe write time of the same bytes
 
 

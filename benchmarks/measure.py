@@ -34,8 +34,7 @@ from nvme_tier.bench.common import (  # noqa: E402, F401  (after the path is set
 )
 from nvme_tier.demo import set_launch_env  # noqa: E402, F401
 from nvme_tier.tables import format_rows  # noqa: E402, F401
-
-MiB = 1 << 20
+from nvme_tier.units import MiB  # noqa: E402, F401
 
 
 # -- numbers ---------------------------------------------------------------------------------------

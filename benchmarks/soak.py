@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from measure import PROC, ROOT, machine_info, rss, set_launch_env, write_json
 
-sys.path.insert(0, os.path.join(ROOT, "tests"))  # conftest's engine and training helpers
+sys.path.insert(0, os.path.join(ROOT, "tests"))  # the tests' engine and training helpers (helpers.py)
 
 WARMUP = 5  # cycles before the baseline: first-use allocations (handles, staging, caches)
 
@@ -95,7 +95,7 @@ def soak(
     ``train_steps=0`` is the control that isolates nvme_tier: no training, ``mark_dirty`` forces
     every offload to rewrite the states all the same.
     """
-    from conftest import train
+    from helpers import train
 
     import nvme_tier
 
@@ -125,7 +125,7 @@ def soak(
 
 
 def twin_losses(engine_kwargs: dict, cycles: int, seed: int = 1) -> tuple[list[float], list[torch.Tensor]]:
-    from conftest import make_engine, params_of, train
+    from helpers import make_engine, params_of, train
 
     twin = make_engine(**{**engine_kwargs, "path": None})
     losses: list[float] = []
@@ -135,7 +135,7 @@ def twin_losses(engine_kwargs: dict, cycles: int, seed: int = 1) -> tuple[list[f
 
 
 def run_backend(backend: str, cycles: int, base: str) -> dict:
-    from conftest import make_engine, params_of
+    from helpers import make_engine, params_of
 
     import nvme_tier
 

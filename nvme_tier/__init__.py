@@ -24,6 +24,7 @@ from .config import OffloadStatesConfig
 from .errors import (
     BackendUnavailableError,
     ConfigError,
+    HostBudgetError,
     IntegrityError,
     NvmeTierError,
     StatesOffloadedError,
@@ -37,6 +38,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BackendUnavailableError",
     "ConfigError",
+    "HostBudgetError",
     "IntegrityError",
     "NvmeTierError",
     "OffloadPhase",

@@ -13,9 +13,10 @@ from .deepspeed.version import check_deepspeed_version
 from .errors import ConfigError, NvmeTierError, StatesOffloadedError
 from .host_budget import process_budget
 from .policy import decide
-from .status import format_table, human_bytes
+from .status import format_table
 from .storage.site import check_path_at_attach
 from .types import OffloadPhase, StateKind, StateStatus
+from .units import human_bytes
 
 _controllers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 
 from .config import CONFIG_KEY, OffloadStatesConfig
 from .errors import NvmeTierError
+from .units import human_bytes
 
 OK, INFO, WARN, FAIL = "ok", "info", "warn", "fail"
 LOW_FREE_BYTES = 1 << 30
@@ -35,12 +36,6 @@ class Check:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-def human_bytes(n: float) -> str:
-    from .status import human_bytes as _hb
-
-    return _hb(n)
 
 
 # -- software ------------------------------------------------------------------------------------

@@ -20,8 +20,8 @@ from typing import Any, TextIO
 from .config import OffloadStatesConfig, block_of, load_deepspeed_config
 from .config_reference import GENERATED_MARKER, render_config_reference
 from .errors import ConfigError, NvmeTierError
-from .status import human_bytes
 from .tables import format_rows
+from .units import human_bytes
 
 EXIT_OK, EXIT_FAILED, EXIT_ERROR = 0, 1, 2
 

@@ -16,8 +16,8 @@ from pydantic_core import PydanticCustomError
 
 from .errors import ConfigError
 from .types import StateKind, Tier
+from .units import MiB
 
-MiB = 1 << 20
 CONFIG_KEY = "offload_states"
 
 

@@ -2,7 +2,7 @@
 
 Each error subclasses the builtin a Python user would already catch: config problems are
 ``ValueError``, a missing optional backend is ``ImportError`` (with the install command), disk
-problems are ``OSError``.
+problems are ``OSError``, a host budget that cannot hold an offload's bytes is ``MemoryError``.
 """
 
 from __future__ import annotations
@@ -32,6 +32,10 @@ class TierIOError(NvmeTierError, OSError):
 
     def __str__(self) -> str:
         return self.message
+
+
+class HostBudgetError(NvmeTierError, MemoryError):
+    """The process's host budget cannot hold what an offload needs now; the states stay where they were."""
 
 
 class IntegrityError(TierIOError):

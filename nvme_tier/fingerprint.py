@@ -32,6 +32,8 @@ from collections.abc import Sequence
 
 import torch
 
+from .tensor_bytes import as_bytes
+
 ROW_WORDS = 1 << 16  # columns of the layout: the column multiplier table is 2 x 512 KiB
 # Bytes hashed per pass (temporaries stay below 4 x this). On a GPU large passes amortize the kernel
 # launches; on a CPU a pass whose int64 product stays in cache ran 4x faster than a 32 MiB one.
@@ -129,13 +131,6 @@ def _mix(value: int) -> int:
     return z ^ (z >> 31)
 
 
-def _flat_bytes(tensor: torch.Tensor) -> torch.Tensor:
-    if not tensor.is_contiguous():
-        raise ValueError("fingerprint: the tensor must be contiguous")
-    flat = tensor.detach().reshape(-1)
-    return flat if flat.dtype == torch.uint8 else flat.view(torch.uint8)
-
-
 def fingerprints(tensors: Sequence[torch.Tensor], chunk_bytes: int | None = None) -> list[str]:
     """The fingerprint of each tensor's bytes (32 hex digits), with one device synchronization.
 
@@ -143,7 +138,7 @@ def fingerprints(tensors: Sequence[torch.Tensor], chunk_bytes: int | None = None
     and with any ``chunk_bytes`` (default: ``CHUNK_BYTES`` of the device type).
     Callers must keep the tensors unchanged until this returns.
     """
-    flats = [_flat_bytes(t) for t in tensors]
+    flats = [as_bytes(t) for t in tensors]
     on_device = [_lanes(f, chunk_bytes) for f in flats]  # every kernel queued before the first wait
     out = []
     for flat, lanes in zip(flats, on_device, strict=True):

@@ -19,11 +19,13 @@ import psutil
 import torch
 
 from .buffers import Placed, StateBuffer
-from .errors import TierIOError
+from .device_copies import DeviceCopier
+from .errors import HostBudgetError
 from .host_budget import HostMemoryBudget
 from .pinned_memory import HUGE_PAGE, PinnedHostMemory
-from .storage.staging import DeviceCopier, round_up, staging_pool
+from .storage.staging import staging_pool
 from .types import Tier
+from .units import round_up
 
 log = logging.getLogger("nvme_tier")
 
@@ -122,7 +124,7 @@ class HostCopies:
                     elif kept is not None:
                         self._budget.discard(kept)
                 if copy.memory is None and not self._budget.reserve(buf.nbytes):
-                    raise TierIOError(
+                    raise HostBudgetError(
                         f"the host budget cannot hold {buf.name} ({buf.nbytes} B) it had room for a moment ago"
                     )
                 copies.append(copy)

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from .storage.staging import PAGE, round_up
+from .units import PAGE, round_up
 
 log = logging.getLogger("nvme_tier")
 

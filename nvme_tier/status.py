@@ -5,6 +5,7 @@ from __future__ import annotations
 from .buffers import Placed, StateBuffer
 from .tables import format_rows
 from .types import OffloadPhase, StateKind, StateStatus, Tier
+from .units import human_bytes
 
 
 def build_status(
@@ -92,11 +93,3 @@ def format_table(status: dict[str, StateStatus], footer: str = "") -> str:
     )
     table = f"{header}\n{format_rows(('state', 'tier', 'bytes', 'where'), rows)}"
     return f"{table}\n{footer}" if footer else table
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} TiB"

@@ -23,12 +23,12 @@ from dataclasses import dataclass, field
 import torch
 
 from .buffers import Placed, StateBuffer
+from .device_copies import DeviceCopier
 from .errors import TierIOError
 from .host_budget import HostMemoryBudget, process_budget
 from .host_copies import HostCopies, HostCopy
 from .interrupts import DeferredInterrupt
 from .storage.base import StorageBackend
-from .storage.staging import DeviceCopier
 from .stream_order import SubmitStream
 from .types import StateKind, Tier
 

@@ -90,7 +90,7 @@ def assert_resident(engine: Any, before: dict, scratch: bool = True) -> None:
     ``scratch=False`` skips the contents of the contiguous grad buffer, which a successful cycle
     discards (zeroed on reload) by design.
     """
-    from conftest import snapshot
+    from helpers import snapshot
 
     import nvme_tier
     from nvme_tier.types import OffloadPhase
@@ -133,7 +133,7 @@ TWIN_PLAN = ((2, 1), (2, 2), (1, 3))  # (steps, seed) before the fault, after it
 
 def assert_twin(engine_kwargs: dict, losses: list[float], weights: list[torch.Tensor]) -> None:
     """A never-offloaded twin, run afterwards on the same batches, ends bit-identical."""
-    from conftest import make_engine, params_of, train
+    from helpers import make_engine, params_of, train
 
     twin = make_engine(**{**engine_kwargs, "path": None})
     twin_losses: list[float] = []

@@ -14,7 +14,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import requires_aio
+from helpers import requires_aio
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -79,7 +79,7 @@ def test_refused_reservation_fails_before_bytes_move(tmp_path):
 HANDLES_CHILD = r"""
 import json, os, sys
 sys.path.insert(0, os.path.join(os.environ["NVME_TIER_REPO"], "tests"))
-from conftest import make_engine, train
+from helpers import make_engine, train
 import nvme_tier
 
 path = sys.argv[1]

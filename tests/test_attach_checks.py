@@ -10,9 +10,9 @@ import logging
 import os
 
 import pytest
-from conftest import make_engine, snapshot, train
 from deepspeed.runtime.zero.offload_config import OffloadStateTypeEnum
 from faults import assert_resident, mounted, writer_dirs
+from helpers import make_engine, snapshot, train
 
 import nvme_tier
 from nvme_tier import mounts

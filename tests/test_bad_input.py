@@ -16,8 +16,8 @@ import shutil
 
 import pytest
 import torch
-from conftest import make_engine, requires_aio, snapshot, train
 from faults import assert_resident, mounted, writer_dirs
+from helpers import make_engine, requires_aio, snapshot, train
 
 import nvme_tier
 from nvme_tier.errors import ConfigError, NvmeTierError, TierIOError

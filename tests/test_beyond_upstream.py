@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TinyNet, ds_config, make_engine, optimizer_states_freed, params_of, snapshot, train
+from helpers import TinyNet, ds_config, make_engine, optimizer_states_freed, params_of, snapshot, train
 
 import nvme_tier
 

@@ -69,7 +69,7 @@ def test_aio_requests_do_not_deadlock(tmp_path):
     import subprocess
     import sys
 
-    from conftest import AIO_OK, AIO_WHY
+    from helpers import AIO_OK, AIO_WHY
 
     if not AIO_OK:
         pytest.skip(f"aio backend unavailable: {AIO_WHY}")

@@ -22,8 +22,8 @@ import time
 
 import pytest
 import torch
-from conftest import make_engine, requires_aio, snapshot, train
 from faults import assert_resident, data_entries, writer_dirs
+from helpers import make_engine, requires_aio, snapshot, train
 
 import nvme_tier
 from nvme_tier.errors import TierIOError
@@ -72,7 +72,7 @@ def test_two_engines_one_path(backend, offload_dir):
 CHILD = r"""
 import os, sys
 sys.path.insert(0, sys.argv[1])
-from conftest import make_engine, snapshot, train
+from helpers import make_engine, snapshot, train
 import faults, nvme_tier, torch
 
 def say(*words):

@@ -13,8 +13,8 @@ import sys
 
 import pytest
 import torch
-from conftest import make_engine, optimizer_states_freed, requires_aio, train
 from faults import writer_dirs
+from helpers import make_engine, optimizer_states_freed, requires_aio, train
 
 import nvme_tier
 from nvme_tier.errors import IntegrityError, StatesOffloadedError
@@ -299,7 +299,7 @@ def test_skip_unchanged_rewrites_a_damaged_kept_file(backend, damage, offload_di
     """A kept file damaged between cycles is written again, never trusted: the offload rewrites it
     and the reload is bit-exact (before, the offload skipped it, freed the states, and the reload
     raised IntegrityError: every optimizer state lost)."""
-    from conftest import assert_same_states, snapshot
+    from helpers import assert_same_states, snapshot
 
     engine, writer = offloaded(backend, offload_dir)
     engine.reload_states()

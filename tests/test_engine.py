@@ -11,7 +11,8 @@ import os
 
 import pytest
 import torch
-from conftest import (
+from deepspeed.runtime.zero.offload_config import OffloadDeviceEnum, OffloadStateTypeEnum
+from helpers import (
     assert_same_states,
     files_under,
     make_engine,
@@ -21,7 +22,6 @@ from conftest import (
     snapshot,
     train,
 )
-from deepspeed.runtime.zero.offload_config import OffloadDeviceEnum, OffloadStateTypeEnum
 
 import nvme_tier
 from nvme_tier.types import StateKind
@@ -139,7 +139,7 @@ def test_custom_policy(offload_dir):
 
 def test_initialize_attaches_from_config(offload_dir):
     import deepspeed  # noqa: F401
-    from conftest import TinyNet, ds_config
+    from helpers import TinyNet, ds_config
 
     model = TinyNet()
     engine, *_ = nvme_tier.initialize(
@@ -187,7 +187,7 @@ def test_process_exit_removes_files(offload_dir):
     script = textwrap.dedent(
         f"""
         import sys; sys.path.insert(0, {os.path.dirname(__file__)!r})
-        from conftest import make_engine, train
+        from helpers import make_engine, train
         import nvme_tier
         engine = make_engine(3, {str(offload_dir)!r}, backend="zarr")
         nvme_tier.attach(engine)

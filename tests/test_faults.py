@@ -16,7 +16,6 @@ import subprocess
 import sys
 
 import pytest
-from conftest import make_engine, params_of, requires_aio, snapshot, train
 from faults import (
     BALLAST,
     TWIN_PLAN,
@@ -27,6 +26,7 @@ from faults import (
     mounted,
     writer_dirs,
 )
+from helpers import make_engine, params_of, requires_aio, snapshot, train
 
 import nvme_tier
 from nvme_tier.errors import TierIOError
@@ -211,7 +211,7 @@ def test_zarr_metadata_write_failing_late_leaves_no_directory(offload_dir, monke
 CHILD = r"""
 import errno, json, os, resource, signal, sys
 sys.path.insert(0, sys.argv[1])
-from conftest import make_engine, params_of, snapshot, train
+from helpers import make_engine, params_of, snapshot, train
 from faults import BALLAST, TWIN_PLAN, assert_resident, assert_twin, data_entries
 import nvme_tier
 
@@ -247,7 +247,7 @@ print("RESULT " + json.dumps({"error": error, "leftovers": leftovers}))
 
 def child_env() -> dict:
     env = dict(os.environ)
-    env.pop("MASTER_PORT", None)  # the child picks its own free port (conftest)
+    env.pop("MASTER_PORT", None)  # the child picks its own free port (helpers.py)
     env["PYTHONPATH"] = os.pathsep.join([HERE, env.get("PYTHONPATH", "")])
     return env
 

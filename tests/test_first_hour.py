@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import make_engine, requires_aio, train
+from helpers import make_engine, requires_aio, train
 
 import nvme_tier
 from nvme_tier import mounts
@@ -151,7 +151,7 @@ SCRIPT_ONE_AIO_OFFLOAD = """
 import sys
 sys.path.insert(0, {tests!r})
 import nvme_tier
-from conftest import make_engine, train
+from helpers import make_engine, train
 engine = make_engine(2, {path!r}, backend="aio")
 nvme_tier.attach(engine)
 train(engine, 1)

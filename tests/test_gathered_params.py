@@ -13,7 +13,7 @@ import time
 import deepspeed
 import pytest
 import torch
-from conftest import make_engine, train
+from helpers import make_engine, train
 
 import nvme_tier
 from nvme_tier.testing.faults import FaultInjectingBackend, FaultPlan

@@ -16,7 +16,7 @@ import time
 
 import pytest
 import torch
-from conftest import AIO_OK, assert_same_states, make_engine, snapshot, train
+from helpers import AIO_OK, assert_same_states, make_engine, snapshot, train
 
 import nvme_tier
 from nvme_tier.deepspeed.aio_binding import aio_wait_keeps_gil

@@ -13,12 +13,13 @@ import time
 
 import pytest
 import torch
-from conftest import make_engine, params_of, requires_aio, snapshot, train
+from helpers import make_engine, params_of, requires_aio, snapshot, train
 
 import nvme_tier
-from nvme_tier import host_budget, pinned_memory
+from nvme_tier import errors, host_budget, pinned_memory
 from nvme_tier.buffers import StateBuffer
 from nvme_tier.config import OffloadStatesConfig
+from nvme_tier.device_copies import DeviceCopier
 from nvme_tier.errors import ConfigError
 from nvme_tier.host_budget import HostMemoryBudget
 from nvme_tier.host_copies import HostCopies
@@ -27,8 +28,8 @@ from nvme_tier.storage import staging
 from nvme_tier.storage.staging import SharedStagingPool
 from nvme_tier.tiers import TierMover
 from nvme_tier.types import StateKind, Tier
+from nvme_tier.units import MiB
 
-MiB = 1 << 20
 HOST_TIERS = ("cpu", "pinned_cpu")
 SCRATCH = "contiguous_grad_buffer"
 
@@ -141,6 +142,31 @@ def test_staging_pool_is_shared_fair_and_cannot_deadlock():
     pool.leave(user_obj)
     pool.leave(owner)
     assert pool.allocated_bytes == 0 and budget.reserved == 0
+
+
+def test_staging_the_host_budget_cannot_hold_is_a_host_budget_error():
+    """Found mid-offload, when a backend asks for staging: the budget's error, not a config error."""
+    budget = HostMemoryBudget()
+    owner = Entry(0)
+    budget.register(owner, 2 * MiB, 4 * MiB)  # several engines: the smallest limit, the largest staging
+    pool = SharedStagingPool(budget, wait_seconds=1)
+    checkout = pool.checkout(owner, "k", 4, MiB, lambda: Slot(MiB))
+    with pytest.raises(errors.HostBudgetError, match="host_budget_mb") as err, checkout:
+        pass
+    assert not isinstance(err.value, ConfigError) and budget.reserved == 0
+
+
+def test_host_copy_the_budget_refuses_at_claim_is_a_host_budget_error():
+    """claim reserves what the placement was told fits: a refusal is the budget's error, not an I/O error."""
+    budget = HostMemoryBudget()
+    owner = Entry(0)
+    budget.register(owner, MiB, 0)
+    copies = HostCopies(DeviceCopier(), budget)
+    small = StateBuffer.of(StateKind.lp_params, "lp_params.0", torch.zeros(MiB // 2, dtype=torch.uint8))
+    large = StateBuffer.of(StateKind.hp_params, "hp_params.0", torch.zeros(2 * MiB, dtype=torch.uint8))
+    with pytest.raises(errors.HostBudgetError, match="hp_params.0") as err:
+        copies.claim([(small, Tier.cpu), (large, Tier.cpu)])
+    assert not isinstance(err.value, OSError) and budget.reserved == 0  # the small one's returned
 
 
 def test_first_pinned_offload_makes_pieces_while_copying(fresh_budget, monkeypatch):

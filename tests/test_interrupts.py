@@ -16,8 +16,8 @@ import threading
 import time
 
 import pytest
-from conftest import make_engine, params_of, snapshot, train
 from faults import TWIN_PLAN, assert_resident, assert_twin
+from helpers import make_engine, params_of, snapshot, train
 
 import nvme_tier
 from nvme_tier.buffers import StateBuffer
@@ -224,7 +224,7 @@ def test_sigint_tests_skip_where_sigint_is_ignored():
 EXIT_CHILD = r"""
 import os, sys, time
 sys.path.insert(0, os.path.join(os.environ["NVME_TIER_REPO"], "tests"))
-from conftest import make_engine, train
+from helpers import make_engine, train
 import nvme_tier
 from nvme_tier.storage.zarr_store import ZarrBackend
 

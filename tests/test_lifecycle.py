@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 
 import pytest
-from conftest import make_engine, optimizer_states_freed, params_of, snapshot, train
 from faults import assert_resident, writer_dirs
+from helpers import make_engine, optimizer_states_freed, params_of, snapshot, train
 from test_corruption import ZARR_CHUNK, flip
 
 import nvme_tier

@@ -16,7 +16,7 @@ import sys
 import textwrap
 
 import pytest
-from conftest import requires_aio
+from helpers import requires_aio
 
 pytestmark = [
     pytest.mark.aio,

@@ -30,7 +30,7 @@ def _worker(rank: int, world: int, port: int, stage: int, path: str, out: str, o
     )
     sys.path.insert(0, HERE)
     import torch
-    from conftest import make_engine, params_of, snapshot, train
+    from helpers import make_engine, params_of, snapshot, train
 
     import nvme_tier
 

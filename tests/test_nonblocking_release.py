@@ -15,8 +15,8 @@ import time
 
 import pytest
 import torch
-from conftest import make_engine, params_of, requires_aio, snapshot, train
 from faults import TWIN_PLAN, assert_resident, assert_twin, data_entries
+from helpers import make_engine, params_of, requires_aio, snapshot, train
 
 import nvme_tier
 from nvme_tier.deepspeed.locators import discover_buffers

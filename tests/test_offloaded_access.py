@@ -16,8 +16,8 @@ import sys
 import textwrap
 
 import pytest
-from conftest import make_engine, train
 from deepspeed.utils import safe_get_full_fp32_param
+from helpers import make_engine, train
 
 import nvme_tier
 
@@ -28,7 +28,7 @@ CHILD = textwrap.dedent(
     import json, sys
     sys.path.insert(0, {tests!r})
     import torch
-    from conftest import make_engine, train
+    from helpers import make_engine, train
     import deepspeed.utils as du
     import nvme_tier
 
@@ -167,7 +167,7 @@ RELINKED = textwrap.dedent(
     import sys
     sys.path.insert(0, {tests!r})
     import pytest
-    from conftest import make_engine, train
+    from helpers import make_engine, train
     from deepspeed.utils import safe_get_full_optimizer_state
     import nvme_tier
 

@@ -13,7 +13,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import (
+from deepspeed.accelerator import get_accelerator
+from deepspeed.runtime.zero.offload_config import OffloadDeviceEnum, OffloadStateTypeEnum
+from helpers import (
     assert_same_states,
     files_under,
     make_engine,
@@ -22,8 +24,6 @@ from conftest import (
     snapshot,
     train,
 )
-from deepspeed.accelerator import get_accelerator
-from deepspeed.runtime.zero.offload_config import OffloadDeviceEnum, OffloadStateTypeEnum
 
 import nvme_tier
 from nvme_tier.config import OffloadStatesConfig

@@ -14,8 +14,8 @@ import time
 
 import pytest
 import torch
-from conftest import make_engine, train
 from deepspeed.utils import safe_get_full_optimizer_state
+from helpers import make_engine, train
 from test_real_clients import STAGES, openrlhf_offload, openrlhf_reload
 
 import nvme_tier

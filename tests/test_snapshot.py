@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from conftest import make_engine, train
+from helpers import make_engine, train
 
 import nvme_tier
 from nvme_tier.snapshot import copy_states, differing_states, digest_states, state_buffers

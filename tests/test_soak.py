@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import make_engine, params_of, requires_aio
+from helpers import make_engine, params_of, requires_aio
 
 import nvme_tier
 

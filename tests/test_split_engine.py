@@ -9,8 +9,8 @@ import contextlib
 
 import pytest
 import torch
-from conftest import SCRATCH, assert_same_states, make_engine, params_of, requires_aio, snapshot, train
 from faults import assert_resident, data_entries, install
+from helpers import SCRATCH, assert_same_states, make_engine, params_of, requires_aio, snapshot, train
 
 import nvme_tier
 from nvme_tier import host_budget
@@ -20,8 +20,8 @@ from nvme_tier.host_budget import HostMemoryBudget
 from nvme_tier.policy import SPLIT_ALIGN
 from nvme_tier.storage import staging
 from nvme_tier.storage.staging import SharedStagingPool
+from nvme_tier.units import MiB
 
-MiB = 1 << 20
 STAGING_MB = 2
 WIDTH = 2048  # ~4.2 M parameters: states of tens of MiB, so one SPLIT_ALIGN per state is a small error
 BACKENDS = ["zarr", pytest.param("aio", marks=[requires_aio, pytest.mark.aio])]

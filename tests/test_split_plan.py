@@ -15,8 +15,8 @@ from nvme_tier.errors import ConfigError
 from nvme_tier.host_budget import AUTO_SHARE, auto_limit, local_ranks
 from nvme_tier.policy import CPU_DEFAULT, SPLIT_ALIGN, EngineFacts, decide
 from nvme_tier.types import PlanItem, StateKind, Tier
+from nvme_tier.units import MiB
 
-MiB = 1 << 20
 OPTIM, HP, LP, GRADS, SCRATCH = (
     StateKind.optim_states,
     StateKind.hp_params,

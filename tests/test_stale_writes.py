@@ -14,7 +14,7 @@ from collections.abc import Callable
 import deepspeed
 import pytest
 import torch
-from conftest import make_engine, snapshot, train
+from helpers import make_engine, snapshot, train
 
 import nvme_tier
 import nvme_tier.stored_files as stored_files_module

@@ -6,11 +6,11 @@ write is still in flight holds its device memory, and the status must not report
 
 from __future__ import annotations
 
-from conftest import make_engine, train
+from helpers import make_engine, train
 from test_nonblocking_release import WriteGate
 
 import nvme_tier
-from nvme_tier.status import human_bytes
+from nvme_tier.units import human_bytes
 
 
 def test_bytes_in_flight_are_not_reported_freed(offload_dir):

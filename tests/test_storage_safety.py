@@ -23,8 +23,8 @@ import textwrap
 
 import pytest
 import torch
-from conftest import make_engine, requires_aio, snapshot, train
 from faults import assert_resident, data_entries
+from helpers import make_engine, requires_aio, snapshot, train
 
 import nvme_tier
 import nvme_tier.deepspeed.aio_binding as ds

@@ -17,8 +17,8 @@ import threading
 import time
 
 import pytest
-from conftest import make_engine, requires_aio, snapshot, train
 from faults import assert_resident, writer_dirs
+from helpers import make_engine, requires_aio, snapshot, train
 
 import nvme_tier
 import nvme_tier.storage.site as site_mod
@@ -568,7 +568,7 @@ def test_zarr_never_chmods_or_writes_a_hard_linked_file(offload_dir, tmp_path):
 SIGKILL_CHILD = r"""
 import os, sys, time
 sys.path.insert(0, os.path.join(os.environ["NVME_TIER_REPO"], "tests"))
-from conftest import make_engine, train
+from helpers import make_engine, train
 import nvme_tier
 import nvme_tier.deepspeed.aio_binding as ds
 

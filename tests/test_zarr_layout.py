@@ -13,8 +13,8 @@ import zarr
 
 from nvme_tier.config import ZarrSettings
 from nvme_tier.storage import OwnerInfo, WriterDirectory, ZarrBackend
+from nvme_tier.units import MiB
 
-MiB = 1 << 20
 SIZES = [4 * MiB, 3 * MiB + 12_345, 100]  # whole chunks, a padded last chunk, one tiny chunk
 
 

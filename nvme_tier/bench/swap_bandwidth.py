@@ -45,9 +45,9 @@ from nvme_tier.bench.common import (  # noqa: E402
 from nvme_tier.bench.swap_methods import METHOD_CLASSES, Method
 from nvme_tier.deepspeed.ops import aio_compatible  # noqa: E402
 from nvme_tier.storage import supports_o_direct  # noqa: E402
+from nvme_tier.units import MiB
 
 METHODS = ("raw_aio", "aio_backend", "zarr_backend", "pinned_copy", "torch_save")
-MiB = 1 << 20
 ALIGN = 1 * MiB  # sizes are rounded to this so raw O_DIRECT I/O needs no padding
 DEFAULT_SIZE_GB = 0.25  # a few seconds per method on a laptop SSD; pass --size-gb 1+ for real numbers
 

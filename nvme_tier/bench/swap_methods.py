@@ -16,8 +16,7 @@ from nvme_tier.bench.common import dir_bytes
 from nvme_tier.config import AioSettings
 from nvme_tier.deepspeed.ops import load_aio_op
 from nvme_tier.storage import AioBackend, OwnerInfo, WriterDirectory, ZarrBackend
-
-MiB = 1 << 20
+from nvme_tier.units import MiB
 
 
 class BenchInputs(Protocol):

@@ -36,8 +36,8 @@ import torch
 from nvme_tier.bench.common import drop_page_cache, machine_info, methods_table
 from nvme_tier.deepspeed.ops import aio_compatible
 from nvme_tier.storage import AioBackend, OwnerInfo, WriterDirectory, supports_o_direct
+from nvme_tier.units import MiB
 
-MiB = 1 << 20
 CHUNK = 8 * MiB  # per write/read call of the buffered methods (the aio backend sizes its own)
 METHODS = ("aiofiles", "aiofiles_x4", "os_pwrite", "aio_backend")
 

@@ -21,14 +21,14 @@ import torch
 
 from ..config import AioSettings, OffloadStatesConfig
 from ..deepspeed import aio_binding  # the op's calls differ by DeepSpeed version; settled per request
+from ..device_copies import DeviceCopier
 from ..errors import BackendUnavailableError, IntegrityError, TierIOError
+from ..units import PAGE, round_down, round_up
 from . import aio_handles
 from .base import Capabilities, StorageBackend, chunk_ranges, crc32c, crc32c_of_buffer
 from .file_stamps import is_private_file
 from .manifest import TensorRecord, WriterDirectory
-from .staging import DeviceCopier, round_down, round_up, staging_pool
-
-PAGE = 4096
+from .staging import staging_pool
 
 
 def staging_plan(staging_budget_bytes: int, settings: AioSettings) -> tuple[int, int]:

@@ -23,6 +23,7 @@ import torch
 
 from ..config import OffloadStatesConfig
 from ..errors import IntegrityError, TierIOError
+from ..tensor_bytes import as_bytes
 from .file_stamps import spread
 from .manifest import MANIFEST_FILE, TensorRecord, WriterDirectory, check_name
 
@@ -46,14 +47,6 @@ class Capabilities:
     o_direct: bool
     # Its staging slots are page-locked (mlock'ed where CUDA does not pin them): they must fit ulimit -l.
     page_locked_staging: bool
-
-
-def as_bytes(tensor: torch.Tensor) -> torch.Tensor:
-    """A flat uint8 view of a contiguous tensor (any dtype, any device), without copying."""
-    if not tensor.is_contiguous():
-        raise ValueError("nvme_tier stores contiguous tensors only; call .contiguous() first")
-    flat = tensor.detach().reshape(-1)
-    return flat if flat.dtype == torch.uint8 else flat.view(torch.uint8)
 
 
 def host_array(host_bytes: torch.Tensor) -> np.ndarray:

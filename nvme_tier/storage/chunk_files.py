@@ -11,10 +11,9 @@ import os
 import torch
 
 from ..errors import IntegrityError
+from ..units import PAGE
 from .base import crc32c, host_array
 from .file_stamps import is_private_file
-
-PAGE = 4096
 
 
 def page_aligned(buffer: torch.Tensor, size: int) -> torch.Tensor:

@@ -18,7 +18,7 @@ from ..deepspeed.aio_binding import aio_wait_keeps_gil
 from ..deepspeed.version import installed_version
 from ..errors import ConfigError, TierIOError
 from ..mounts import NOT_A_DISK, log_storage_once, mount_of, storage_kind
-from ..status import human_bytes
+from ..units import human_bytes
 from .base import StorageBackend
 from .manifest import OwnerInfo, WriterDirectory, ensure_root
 from .registry import open_backend, select_backend

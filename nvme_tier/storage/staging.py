@@ -1,4 +1,4 @@
-"""Host memory for moving bytes: the process-wide staging pool and device copies.
+"""Host memory for moving bytes: the process-wide staging pool and its buffers.
 
 Staging buffers are one pool per process, shared by every engine's backend and charged to the
 process's host budget (host_budget.py): a backend checks slots out for one file's write or read
@@ -18,22 +18,13 @@ from typing import Protocol
 
 import torch
 
-from ..errors import ConfigError, TierIOError
+from ..errors import HostBudgetError, TierIOError
 from ..host_budget import HostMemoryBudget, process_budget
 
 log = logging.getLogger("nvme_tier")
 
-PAGE = 4096
 # How long a backend waits for staging slots another engine holds (one file's write or read each).
 STAGING_WAIT_SECONDS = 600.0
-
-
-def round_down(value: int, multiple: int) -> int:
-    return value - value % multiple
-
-
-def round_up(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple
 
 
 class StagingSlot(Protocol):
@@ -160,7 +151,7 @@ class SharedStagingPool:
         if self._allocated + needed > capacity or not self._budget.reserve(needed, staging=True):
             idle.extend((s, slot_bytes) for s in taken)
             if self._checked_out == 0 and self._allocated + needed <= capacity:
-                raise ConfigError(
+                raise HostBudgetError(
                     f"offload_states.host_budget_mb leaves no room for {needed >> 20} MiB of staging "
                     "buffers; raise it or lower staging_budget_mb"
                 )
@@ -192,62 +183,3 @@ class HostBuffer:
 
     def free(self) -> None:
         self.buffer = torch.empty(0, dtype=torch.uint8)
-
-
-class DeviceCopier:
-    """Copies between (device) tensors and host staging on a side stream, then waits for it.
-
-    On CPU it is a plain copy. On CUDA it keeps the compute stream free and makes the wait
-    explicit, so a staging buffer is never reused while a DMA still reads or writes it.
-    """
-
-    def __init__(self) -> None:
-        self._stream = None
-
-    def _side_stream(self, device: torch.device):
-        if self._stream is None:
-            self._stream = torch.cuda.Stream(device=device)
-        return self._stream
-
-    def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
-        self.copy_async(dst, src)
-        self.synchronize()
-
-    def copy_async(self, dst: torch.Tensor, src: torch.Tensor) -> None:
-        """Queue the copy on the side stream; ``synchronize()`` before touching or freeing either side."""
-        cuda = dst.device if dst.is_cuda else (src.device if src.is_cuda else None)
-        if cuda is None:
-            dst.copy_(src)
-            return
-        stream = self._side_stream(cuda)
-        stream.wait_stream(torch.cuda.current_stream(cuda))
-        with torch.cuda.stream(stream):
-            dst.copy_(src, non_blocking=True)
-
-    def synchronize(self) -> None:
-        if self._stream is not None:
-            self._stream.synchronize()
-
-    def order_before_callers(self) -> None:
-        """Make the caller's current stream wait for every copy queued so far (no host wait)."""
-        if self._stream is not None:
-            torch.cuda.current_stream(self._stream.device).wait_stream(self._stream)
-
-    def mark(self) -> torch.cuda.Event | None:
-        """An event after every copy queued so far (None: nothing is asynchronous, all are done)."""
-        if self._stream is None:
-            return None
-        event = torch.cuda.Event()
-        event.record(self._stream)
-        return event
-
-    def free_after_copies(self, tensor: torch.Tensor) -> None:
-        """Let ``tensor``'s storage be freed now, its memory reused only after the queued copies.
-
-        The caching allocator then holds the block back from any stream until this side stream
-        has passed the point reached now, so a copy still reading it never sees another tensor's
-        bytes. (Copying on the compute stream instead would order the reuse without this, but
-        would make another engine's compute wait behind the copies.)
-        """
-        if self._stream is not None and tensor.is_cuda:
-            tensor.record_stream(self._stream)

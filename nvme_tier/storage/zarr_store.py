@@ -25,15 +25,14 @@ from typing import Any, Self
 import torch
 
 from ..config import OffloadStatesConfig, ZarrSettings
+from ..device_copies import DeviceCopier
 from ..errors import BackendUnavailableError, IntegrityError, TierIOError
+from ..units import PAGE, MiB, round_up
 from .base import Capabilities, StorageBackend, chunk_ranges, crc32c, host_array
 from .chunk_files import chmod_regular, page_aligned, page_crc, read_file, write_file
 from .manifest import TensorRecord, WriterDirectory
 from .probes import supports_o_direct
-from .staging import DeviceCopier, HostBuffer, round_up, staging_pool
-
-MiB = 1 << 20
-PAGE = 4096
+from .staging import HostBuffer, staging_pool
 
 
 def _settle_zarr_io() -> None:
@@ -118,7 +117,7 @@ class ZarrBackend(StorageBackend):
     @contextlib.contextmanager
     def _host_slice(self) -> Iterator[torch.Tensor]:
         """A host buffer for device sources from the process-wide staging pool (pinned with CUDA)."""
-        size = round_up(self.slice_bytes, 4096)  # one size per backend config: idle buffers get reused
+        size = round_up(self.slice_bytes, PAGE)  # one size per backend config: idle buffers get reused
         with staging_pool().checkout(self, ("zarr", size), 1, size, lambda: HostBuffer(size)) as (slot,):
             self._staging_bytes = size
             yield slot.buffer

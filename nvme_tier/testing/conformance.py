@@ -37,7 +37,8 @@ import torch
 from ..errors import ConfigError, IntegrityError
 from ..fingerprint import fingerprint
 from ..storage.manifest import OwnerInfo, WriterDirectory
-from .contract import ContractCases, MiB, data_files
+from ..units import MiB
+from .contract import ContractCases, data_files
 from .samples import DTYPES, random_bytes, random_tensor, same_bits
 
 

@@ -19,9 +19,8 @@ from ..config import OffloadStatesConfig
 from ..storage.base import Capabilities, StorageBackend
 from ..storage.manifest import OwnerInfo, WriterDirectory
 from ..storage.registry import BACKENDS
+from ..units import MiB
 from .samples import random_bytes
-
-MiB = 1 << 20
 
 
 def data_files(backend: StorageBackend, name: str) -> list[str]:

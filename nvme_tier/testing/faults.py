@@ -35,8 +35,9 @@ from typing import Any, Literal
 import torch
 
 from ..errors import TierIOError
-from ..storage.base import StorageBackend, as_bytes
+from ..storage.base import StorageBackend
 from ..storage.manifest import MANIFEST_FILE, TensorRecord, check_name
+from ..tensor_bytes import as_bytes
 
 BALLAST = "ballast.fill"  # the file ``fill`` mode writes into the offload root
 
