@@ -6,7 +6,10 @@ start (with ``tests/`` on ``sys.path``); conftest.py keeps only the fixtures.
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -140,3 +143,24 @@ def params_of(engine) -> list[torch.Tensor]:
     from deepspeed.utils import safe_get_full_fp32_param
 
     return [safe_get_full_fp32_param(p).clone() for p in engine.module.parameters()]
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_child(script: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``python -c script args`` with this checkout importable (``NVME_TIER_REPO`` names it) and
+    its own rendezvous port (ours may be in use); output captured as text."""
+    env = {**os.environ, "NVME_TIER_REPO": REPO}
+    env["PYTHONPATH"] = os.pathsep.join([REPO, env.get("PYTHONPATH", "")])
+    env.pop("MASTER_PORT", None)
+    return subprocess.run(
+        [sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+def child_result(proc: subprocess.CompletedProcess) -> dict:
+    """The JSON a child printed last on a ``RESULT `` line; fails the test (with its output) without one."""
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(lines[-1][len("RESULT ") :])

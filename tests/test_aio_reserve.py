@@ -8,16 +8,8 @@ staged and checksummed while the reservation fails.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
-from helpers import requires_aio
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
+from helpers import child_result, requires_aio, run_child
 
 CHILD = r"""
 import errno, json, os, resource, signal, sys
@@ -55,18 +47,7 @@ backend.release()
 @pytest.mark.aio
 @pytest.mark.multiproc
 def test_refused_reservation_fails_before_bytes_move(tmp_path):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
-    proc = subprocess.run(
-        [sys.executable, "-c", CHILD, str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
-    result = json.loads(lines[-1][len("RESULT ") :])
+    result = child_result(run_child(CHILD, str(tmp_path)))
     error = result["error"]
     assert error is not None, "the write past RLIMIT_FSIZE succeeded"
     assert error["errno"] == 27 and "cannot reserve" in error["message"], error  # EFBIG
@@ -128,19 +109,7 @@ print("RESULT " + json.dumps(out))
 @pytest.mark.aio
 @pytest.mark.multiproc
 def test_aio_handles_and_threads_go_back_with_the_last_engine(tmp_path):
-    env = {**os.environ, "NVME_TIER_REPO": ROOT}
-    env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
-    env.pop("MASTER_PORT", None)  # the child picks its own rendezvous port (ours may be in use)
-    proc = subprocess.run(
-        [sys.executable, "-c", HANDLES_CHILD, str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
-    c = json.loads(lines[-1][len("RESULT ") :])
+    c = child_result(run_child(HANDLES_CHILD, str(tmp_path), timeout=600))
     assert c["two"]["contexts"] > c["base"]["contexts"] and c["two"]["threads"] > c["base"]["threads"]
     assert c["one"]["contexts"] > c["base"]["contexts"], "released while another engine uses them"
     for after in ("none", "end"):

@@ -17,7 +17,7 @@ import time
 
 import pytest
 from faults import TWIN_PLAN, assert_resident, assert_twin
-from helpers import make_engine, params_of, snapshot, train
+from helpers import make_engine, params_of, run_child, snapshot, train
 
 import nvme_tier
 from nvme_tier.buffers import StateBuffer
@@ -246,23 +246,7 @@ def test_sys_exit_during_a_non_blocking_offload_is_an_ordered_shutdown(tmp_path)
     """Issue 23: sys.exit right after offload_states(non_blocking=True) logged only "cannot schedule
     new futures after shutdown" (the offload failed half-way, its undo too). Now the in-flight
     operation is finished first, with a message saying so, and the writer directory is removed."""
-    import subprocess
-    import sys
-
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {
-        **os.environ,
-        "NVME_TIER_REPO": repo,
-        "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")]),
-    }
-    env.pop("MASTER_PORT", None)  # the child picks its own rendezvous port (ours may be in use)
-    proc = subprocess.run(
-        [sys.executable, "-c", EXIT_CHILD, str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
+    proc = run_child(EXIT_CHILD, str(tmp_path))
     out = proc.stdout + proc.stderr
     assert proc.returncode == 3, out[-3000:]
     assert "cannot schedule new futures" not in out and "Traceback" not in out, out[-3000:]
