@@ -30,6 +30,8 @@ from typing import Protocol
 
 import psutil
 
+from .units import human_bytes
+
 log = logging.getLogger("nvme_tier")
 
 
@@ -180,7 +182,7 @@ def resolve_limit(configured: int | None, auto: bool, held: int = 0) -> tuple[in
     ``held``: bytes nvme_tier already holds in this process, available to it as much as free memory.
     """
     if configured is not None:
-        return configured, f"{_gib(configured)} (host_budget_mb)"
+        return configured, f"{human_bytes(configured)} (host_budget_mb)"
     if not auto:
         return None, "unlimited (no host_budget_mb)"
     available, ranks = psutil.virtual_memory().available + held, local_ranks()
@@ -188,12 +190,8 @@ def resolve_limit(configured: int | None, auto: bool, held: int = 0) -> tuple[in
     per = f" / {ranks} local ranks" if ranks > 1 else ""
     return (
         limit,
-        f"{_gib(limit)} (device 'auto': {AUTO_SHARE:.0%} of {_gib(available)} available at attach{per})",
+        f"{human_bytes(limit)} (device 'auto': {AUTO_SHARE:.0%} of {human_bytes(available)} available at attach{per})",
     )
-
-
-def _gib(nbytes: int) -> str:
-    return f"{nbytes / (1 << 30):.2f} GiB" if nbytes >= 1 << 30 else f"{nbytes / (1 << 20):.1f} MiB"
 
 
 def process_budget() -> HostMemoryBudget:

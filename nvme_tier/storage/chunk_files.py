@@ -12,7 +12,7 @@ import torch
 
 from ..errors import IntegrityError
 from ..units import PAGE
-from .base import crc32c, host_array
+from .base import crc32c_of_buffer, host_array
 from .file_stamps import is_private_file
 
 
@@ -61,7 +61,7 @@ def page_crc(path: str, offset: int, length: int, direct: bool) -> int | None:
             got = os.preadv(fd, [memoryview(page)[:length]], offset)
         finally:
             os.close(fd)
-        return crc32c(torch.frombuffer(page, dtype=torch.uint8)[:length]) if got == length else None
+        return crc32c_of_buffer(memoryview(page)[:length]) if got == length else None
     except OSError:
         return None
     finally:
