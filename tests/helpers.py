@@ -148,12 +148,15 @@ def params_of(engine) -> list[torch.Tensor]:
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_child(script: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run ``python -c script args`` with this checkout importable (``NVME_TIER_REPO`` names it) and
-    its own rendezvous port (ours may be in use); output captured as text."""
-    env = {**os.environ, "NVME_TIER_REPO": REPO}
+def run_child(
+    script: str, *args: str, timeout: float = 300, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Run ``python -c script args`` with this checkout importable (``NVME_TIER_REPO`` names it), its
+    own rendezvous (ours may hold the port) and ``env`` on top; output captured as text."""
+    env = {**os.environ, "NVME_TIER_REPO": REPO, **(env or {})}
     env["PYTHONPATH"] = os.pathsep.join([REPO, env.get("PYTHONPATH", "")])
-    env.pop("MASTER_PORT", None)
+    for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(key, None)
     return subprocess.run(
         [sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=timeout, env=env
     )

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import make_engine, requires_aio, train
+from helpers import make_engine, requires_aio, run_child, train
 
 import nvme_tier
 from nvme_tier import mounts
@@ -168,17 +168,8 @@ def test_no_deepspeed_warning_is_attributed_to_nvme_tier_code(tmp_path):
     Python frame, nvme_tier's aio_async_pwrite (deepspeed/aio_binding.py). A fresh process: the
     advice is once per process."""
     script = SCRIPT_ONE_AIO_OFFLOAD.format(tests=str(Path(__file__).parent), path=str(tmp_path / "off"))
-    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}  # the TBW advice is once per user
-    for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        env.pop(key, None)  # this pytest process may hold the port: the child picks its own
-    proc = subprocess.run(
-        [sys.executable, "-c", script],
-        cwd=Path(__file__).parent.parent,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    # the TBW advice is once per user: a cache of its own
+    proc = run_child(script, timeout=600, env={"XDG_CACHE_HOME": str(tmp_path / "cache")})
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0 and "done" in proc.stdout, out
     ds_lines = re.findall(r"^\[[^]]*\] \[\w+\] \[(\S+?\.py):\d+:(\w+)\].*$", out, re.M)
@@ -214,15 +205,7 @@ def test_first_aio_load_refuses_a_leftover_build_lock(tmp_path):
     for op in ("pin_memory", "async_io"):
         (extensions / op).mkdir(parents=True)
         subprocess.run([sys.executable, "-c", KILLED_BUILD, str(extensions / op / "lock")], timeout=120)
-    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(extensions)}
-    proc = subprocess.run(
-        [sys.executable, "-c", FIRST_AIO_LOAD],
-        cwd=Path(__file__).parent.parent,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_child(FIRST_AIO_LOAD, timeout=120, env={"TORCH_EXTENSIONS_DIR": str(extensions)})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "refused:" in proc.stdout and str(extensions / "pin_memory" / "lock") in proc.stdout
     assert "nvme-tier build-ops --fix" in proc.stdout

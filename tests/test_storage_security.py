@@ -428,6 +428,18 @@ def test_another_writers_deeply_nested_owner_json_does_not_fail_an_offload(offlo
 
 
 # -- issue 23, item 1: never write through a file nvme_tier did not create ----------------------------
+def kept_files(offload_dir, backend: str):
+    """An attached ZeRO-1 engine after one step, one offload and one reload: its files kept on disk
+    (skip_unchanged); returns it and its writer directory."""
+    engine = make_engine(1, offload_dir, backend=backend)
+    nvme_tier.attach(engine)
+    train(engine, 1)
+    engine.offload_states()
+    engine.reload_states()
+    (writer,) = writer_dirs(offload_dir)
+    return engine, writer
+
+
 def _plant_hard_link(kept: str, outside) -> bytes:
     """Replace ``kept`` by a hard link to ``outside``, a file of the same size with other bytes."""
     payload = bytes(range(256)) * (os.path.getsize(kept) // 256 + 1)
@@ -444,12 +456,7 @@ def _plant_hard_link(kept: str, outside) -> bytes:
 def test_hard_link_at_a_kept_file_is_never_written_through(changed, offload_dir, tmp_path):
     """A kept .bin replaced by a hard link to a file outside (same size): the next offload writes a
     new file of its own; the outside file keeps its bytes. (Before: rewritten in place, through it.)"""
-    engine = make_engine(1, offload_dir, backend="aio")
-    nvme_tier.attach(engine)
-    train(engine, 1)
-    engine.offload_states()
-    engine.reload_states()
-    (writer,) = writer_dirs(offload_dir)
+    engine, writer = kept_files(offload_dir, "aio")
     outside = tmp_path / "outside.bin"
     payload = _plant_hard_link(os.path.join(writer, "optim_states.0.bin"), outside)
     if changed:
@@ -543,12 +550,7 @@ def test_manifest_tmp_hard_link_is_never_written_through(tmp_path):
 def test_zarr_never_chmods_or_writes_a_hard_linked_file(offload_dir, tmp_path):
     """The writer directory's zarr.json (zarr's root group) replaced by a hard link to a file outside:
     neither its mode nor its bytes change at the next offload."""
-    engine = make_engine(1, offload_dir, backend="zarr")
-    nvme_tier.attach(engine)
-    train(engine, 1)
-    engine.offload_states()
-    engine.reload_states()
-    (writer,) = writer_dirs(offload_dir)
+    engine, writer = kept_files(offload_dir, "zarr")
     outside = tmp_path / "outside.json"
     outside.write_text('{"zarr_format": 3, "node_type": "group"}')
     os.chmod(outside, 0o644)
