@@ -36,17 +36,22 @@ def shm_path():
     shutil.rmtree(path, ignore_errors=True)
 
 
+def attach_and_cycle_twice(engine) -> None:
+    """Attach, train a step, then offload and reload twice: what a first hour's logs come from."""
+    nvme_tier.attach(engine)
+    train(engine, 1)
+    for _ in range(2):
+        engine.offload_states()
+        engine.reload_states()
+
+
 @requires_shm
 def test_offload_path_on_tmpfs_is_logged_once(shm_path, monkeypatch, caplog):
     monkeypatch.setattr(mounts, "_described_paths", set())
     engines = [make_engine(2, shm_path, backend="zarr") for _ in range(2)]
     with caplog.at_level(logging.WARNING, logger="nvme_tier"):
         for engine in engines:
-            nvme_tier.attach(engine)
-            train(engine, 1)
-            for _ in range(2):
-                engine.offload_states()
-                engine.reload_states()
+            attach_and_cycle_twice(engine)
             nvme_tier.release(engine)
     warned = [r.getMessage() for r in caplog.records if "RAM, not a disk" in r.getMessage()]
     assert len(warned) == 1, warned
@@ -133,11 +138,7 @@ def test_backend_line_per_engine_and_endurance_warning_once_per_user(tmp_path, m
     engines = [make_engine(2, tmp_path / name, backend="zarr") for name in ("a", "b")]
     with caplog.at_level(logging.WARNING, logger="nvme_tier"):
         for engine in engines:
-            nvme_tier.attach(engine)
-            train(engine, 1)
-            for _ in range(2):
-                engine.offload_states()
-                engine.reload_states()
+            attach_and_cycle_twice(engine)
         monkeypatch.setattr(site, "_warned_here", set())  # as a new process would start
         site.warn_write_endurance_once(str(tmp_path / "c"))
     messages = [r.getMessage() for r in caplog.records]
