@@ -25,9 +25,6 @@ class StateBuffer:
     kind: StateKind
     name: str
     view: torch.Tensor
-    # Content fingerprint of the bytes being offloaded (taken when skip_unchanged is on); a write
-    # records it, so a later offload can tell whether the file still holds the live bytes.
-    fingerprint: str | None = None
     # Module parameters viewing this storage (ZeRO-1/2: views into the flat buffer), which user code
     # reads directly; while it is freed each holds a stand-in (see ``free``).
     aliases: tuple[torch.Tensor, ...] = ()

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from .background import BackgroundOperation
-from .buffers import Placed, StateBuffer, cut
+from .buffers import Placed, StateBuffer
 from .config import OffloadStatesConfig
 from .deepspeed.accelerator import accelerator_device, empty_cache, rank_of
 from .deepspeed.hooks import install_hooks
@@ -23,12 +23,13 @@ from .deepspeed.locators import discover_buffers, engine_facts, quiesce
 from .errors import StatesOffloadedError, failed_reload_message, offloaded_message
 from .host_budget import process_budget, resolve_limit
 from .interrupts import DeferredInterrupt
-from .policy import Placement, decide, require_bool
+from .jobs import OffloadJob, ReloadJob, TransferStats
+from .plan import plan_offload
+from .policy import require_bool
 from .progress import Progress
 from .status import build_status
 from .storage.site import StorageSite
-from .stored_files import StoredFiles
-from .tiers import OffloadJob, ReloadJob, TierMover, TransferStats
+from .tiers import TierMover
 from .types import OffloadPhase, StateKind, StateStatus, Tier
 
 log = logging.getLogger("nvme_tier")
@@ -63,8 +64,8 @@ class OffloadController:
             config.host_budget_bytes, config.device == "auto", self._budget.reserved
         )
         self._budget.register(self, self.host_limit, config.staging_budget_bytes if config.path else 0)
-        self._mover = TierMover(self.site.open, progress=self._progress.advance, budget=self._budget)
-        self._files = StoredFiles(self._mover)
+        self._mover = TierMover(self.site.open, self._budget, progress=self._progress.advance)
+        self._rewrite_all = False  # set by mark_dirty: the next offload skips nothing
         guards = (self.guard, self.mark_dirty, self.offload_states, self.reload_states)
         self._undo_hooks = install_hooks(engine, *guards, self.guard_weights, self.guard_states)
         self._finalizer = weakref.finalize(engine, _release_in_owner, self._mover, os.getpid())
@@ -81,12 +82,15 @@ class OffloadController:
 
     def _preallocate(self) -> None:
         """Start page-locking the host copies this config's policy will need (``preallocate``)."""
+        buffers = self._movable()
         try:
-            placement, buffers = self.plan()
+            placement = plan_offload(
+                self.config, buffers, engine_facts(buffers, list(buffers), None), {}
+            ).placement
         except Exception as exc:  # the first offload reports any problem with the plan
             log.debug("nvme_tier: no pinned pre-allocation: %s", exc)
             return
-        self._mover.host.preallocate(
+        self._mover.preallocate(
             [b for kind, tier in placement.tiers.items() if tier is Tier.pinned_cpu for b in buffers[kind]]
         )
 
@@ -152,7 +156,7 @@ class OffloadController:
                 for p in placed:
                     p.buffer.restore()
                     p.buffer.view.zero_()
-                self._mover.host.hand_back(placed)  # their reservations go back to the budget
+                self._mover.drop_host_copies(placed)  # their reservations go back to the budget
                 self._placed.clear()
                 self._failure = None
                 self.phase = OffloadPhase.resident
@@ -162,23 +166,17 @@ class OffloadController:
         """Make the next offload rewrite every state, whatever the fingerprints say.
 
         A hint, never what keeps skipping correct: that is the fingerprint of the live bytes
-        (``StoredFiles.unchanged``). backward/step/load_checkpoint call it too; their states
+        (``TierMover.skip_unchanged``). backward/step/load_checkpoint call it too; their states
         changed anyway.
         """
-        self._files.rewrite_all = True
+        self._rewrite_all = True
 
     # -- offload ---------------------------------------------------------------------------------
-    def plan(
-        self, include=None, device=None, pin_memory=None, budgeted: bool = False
-    ) -> tuple[Placement, dict[StateKind, list[StateBuffer]]]:
-        """Decide each state's tier; ``budgeted`` spills against the host budget (hold its lock)."""
-        buffers = discover_buffers(self.engine)
-        present = [k for k, bufs in buffers.items() if bufs and k not in self._placed]
-        facts = engine_facts(buffers, present, self._budget.available() if budgeted else None)
-        placement = decide(
-            self.config, present, include=include, device=device, pin_memory=pin_memory, facts=facts
-        )
-        return placement, buffers
+    def _movable(self) -> dict[StateKind, list[StateBuffer]]:
+        """The engine's states that are on the device now (not offloaded already)."""
+        return {
+            k: bufs for k, bufs in discover_buffers(self.engine).items() if bufs and k not in self._placed
+        }
 
     def offload_states(self, include=None, device=None, pin_memory=None, non_blocking=None) -> None:
         """Drop-in for ``engine.offload_states``; ``None`` arguments come from the config.
@@ -197,42 +195,33 @@ class OffloadController:
             self._background.finish()
             if self.phase is OffloadPhase.failed:
                 raise StatesOffloadedError(self._after_failure("offload_states()"))
-            self._mover.host.settle_preallocation()
-            with self._budget.lock:  # no other engine reserves between these facts and this claim
-                placement, buffers = self.plan(include, device, pin_memory, budgeted=True)
-                items = [
-                    (b, t)
-                    for k in placement.tiers
-                    for b, t in cut(buffers[k], placement.items(k, [b.nbytes for b in buffers[k]]))
-                    if t is not Tier.device
-                ]
-                if not items:
+            self._mover.settle_preallocation()
+            buffers, stored = self._movable(), self._mover.stored()
+            with self._budget.transaction() as budget:  # no other engine reserves between plan and claim
+                facts = engine_facts(buffers, list(buffers), budget.available)
+                plan = plan_offload(self.config, buffers, facts, stored, include, device, pin_memory)
+                if not plan.items:
                     log.info("nvme_tier: nothing to offload")
                     return
-                host_copies = self._mover.host.claim(items)
+                host_copies = self._mover.claim(plan, budget)
             blocking = not (self.config.non_blocking if non_blocking is None else non_blocking)
             try:
-                # A file of the same size is rewritten in place (or skipped): only new files need space.
-                nvme = [b for b, t in items if t is Tier.nvme and self._files.record_of(b) is None]
-                nvme_bytes = sum(b.nbytes for b in nvme)
-                if nvme_bytes:
+                if plan.new_file_bytes:
                     self.site.choose_backend()
-                    self.site.check_free_space(nvme_bytes, self._files.bytes_of([b.name for b in nvme]))
+                    self.site.check_free_space(plan.new_file_bytes, plan.replaced_bytes)
                 quiesce(self.engine)
                 self.phase = OffloadPhase.offloading
                 if self.config.skip_unchanged:
-                    self._files.take_fingerprints([b for b, t in items if t is Tier.nvme])
+                    plan = self._mover.skip_unchanged(plan, self._rewrite_all)
             except BaseException:
-                self._mover.host.unclaim(host_copies)
+                self._mover.unclaim(host_copies)
                 self.phase = OffloadPhase.resident if not self._placed else OffloadPhase.offloaded
                 raise
             try:
-                job = self._mover.start_offload(items, self._files.unchanged, host_copies)
+                job = self._mover.start_offload(plan, host_copies)
             except BaseException:
                 self.phase = OffloadPhase.resident if not self._placed else OffloadPhase.offloaded
                 raise
-            for p in job.placed:
-                p.spilled = p.buffer.kind in placement.spilled
             # Where each buffer goes is recorded before any of them is freed, Ctrl-C held: whatever
             # stops the frees (an interrupt, an error), no freed state is left undescribed.
             with DeferredInterrupt(), self._status_lock:
@@ -261,7 +250,7 @@ class OffloadController:
                 self.phase = OffloadPhase.offloaded if self._placed else OffloadPhase.resident
             raise
         with self._status_lock:
-            self._files.rewrite_all = False
+            self._rewrite_all = False
             self._in_flight = None
             self.phase = OffloadPhase.offloaded
         if not free_as_written:
@@ -314,14 +303,14 @@ class OffloadController:
 
     def _finish_reload(self, job: ReloadJob, arrived: Callable[[], None] = lambda: None) -> None:
         """Wait for every byte; ``arrived`` (ungates the caller's stream) before the hand-over."""
-
-        def restored() -> None:
+        total = sum(p.buffer.nbytes for p in job.placed if p.tier is Tier.nvme)
+        with (
+            self._reload_failures(),
+            self._progress.task("reload", total),
+            self._mover.reloaded(job, keep_files=self.config.skip_unchanged) as stats,
+        ):
             arrived()
             self._record_reloaded()
-
-        total = sum(p.buffer.nbytes for p in job.placed if p.tier is Tier.nvme)
-        with self._reload_failures(), self._progress.task("reload", total):
-            stats = self._mover.finish_reload(job, self.config.skip_unchanged, restored)
         self.last_stats["reload"] = stats
         log.info("nvme_tier: rank %d %s", self.rank, stats.reload_line())
 
@@ -343,7 +332,7 @@ class OffloadController:
             raise
 
     def _record_reloaded(self) -> None:
-        """Every state is back; called by the mover (Ctrl-C held) before it drops host copies."""
+        """Every state is back; recorded (Ctrl-C held) before the mover drops the host copies."""
         with self._status_lock:
             self._placed.clear()
             self._failure = None
@@ -363,7 +352,7 @@ class OffloadController:
             placed = {k: list(ps) for k, ps in self._placed.items()}
             in_flight = job.bytes_in_flight() if job is not None else {}
             buffers = discover_buffers(self.engine)
-        directory = self._mover.backend.directory.path if self._mover.has_backend else self.config.path
+        directory = self._mover.location or self.config.path
         return build_status(buffers, placed, directory, str(accelerator_device()), phase, in_flight)
 
     def release(self) -> None:

@@ -21,11 +21,13 @@ No torch here: entries only need ``nbytes`` and ``free()``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
 import weakref
 from collections import OrderedDict
+from collections.abc import Iterator
 from typing import Protocol
 
 import psutil
@@ -45,9 +47,8 @@ class HostMemoryBudget:
     """Thread-safe reservations against the process's host-memory limit."""
 
     def __init__(self) -> None:
-        # Re-entrant: a controller holds it across (facts, decide, claim) so no other engine's
-        # reservation slips in between.
-        self.lock = threading.RLock()
+        # Re-entrant: a transaction holds it while its reservations are made one by one.
+        self._lock = threading.RLock()
         self._owners: weakref.WeakKeyDictionary[object, tuple[int | None, int]] = weakref.WeakKeyDictionary()
         self._reserved = 0
         self._staging_reserved = 0
@@ -56,7 +57,7 @@ class HostMemoryBudget:
     # -- who sets the limit ----------------------------------------------------------------------
     def register(self, owner: object, limit_bytes: int | None, staging_bytes: int) -> None:
         """Count ``owner``'s configured limit and staging capacity while it is alive."""
-        with self.lock:
+        with self._lock:
             before = self.limit
             self._owners[owner] = (limit_bytes, staging_bytes)
             after = self.limit
@@ -68,36 +69,36 @@ class HostMemoryBudget:
             )
 
     def unregister(self, owner: object) -> None:
-        with self.lock:
+        with self._lock:
             self._owners.pop(owner, None)
 
     @property
     def limit(self) -> int | None:
         """The smallest configured limit of a live owner (None: unlimited)."""
-        with self.lock:
+        with self._lock:
             limits = [lim for lim, _ in self._owners.values() if lim is not None]
         return min(limits) if limits else None
 
     @property
     def staging_capacity(self) -> int:
-        with self.lock:
+        with self._lock:
             return max((staging for _, staging in self._owners.values()), default=0)
 
     # -- reservations ----------------------------------------------------------------------------
     @property
     def reserved(self) -> int:
         """Host bytes nvme_tier holds now (host copies, parked copies, staging)."""
-        with self.lock:
+        with self._lock:
             return self._reserved
 
     @property
     def parked(self) -> int:
-        with self.lock:
+        with self._lock:
             return sum(e.nbytes for e in self._parked)
 
     def available(self) -> int | None:
         """Bytes a new host copy may still take (evicting parked copies), or None when unlimited."""
-        with self.lock:
+        with self._lock:
             limit = self.limit
             if limit is None:
                 return None
@@ -109,7 +110,7 @@ class HostMemoryBudget:
 
         Host copies leave the staging headroom alone; staging may use it.
         """
-        with self.lock:
+        with self._lock:
             limit = self.limit
             if limit is not None:
                 headroom = 0 if staging else max(0, self.staging_capacity - self._staging_reserved)
@@ -125,7 +126,7 @@ class HostMemoryBudget:
             return True
 
     def release(self, nbytes: int, staging: bool = False) -> None:
-        with self.lock:
+        with self._lock:
             self._reserved -= nbytes
             if staging:
                 self._staging_reserved -= nbytes
@@ -133,12 +134,12 @@ class HostMemoryBudget:
     # -- copies kept for reuse -------------------------------------------------------------------
     def park(self, entry: Evictable) -> None:
         """``entry`` (reserved) is not in use now: it may be evicted to make room."""
-        with self.lock:
+        with self._lock:
             self._parked[entry] = None
 
     def unpark(self, entry: Evictable) -> bool:
         """Take ``entry`` back into use; False when it was evicted (freed, no longer reserved)."""
-        with self.lock:
+        with self._lock:
             return self._parked.pop(entry, False) is None
 
     def discard(self, entry: Evictable) -> None:
@@ -146,6 +147,57 @@ class HostMemoryBudget:
         if self.unpark(entry):
             entry.free()
             self.release(entry.nbytes)
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[BudgetTransaction]:
+        """Reserve several things against one view of the budget: nothing else is reserved between
+        reading ``available`` and the last ``reserve``. Kept when the block ends, every reservation
+        and unpark undone when it raises."""
+        with self._lock:
+            txn = BudgetTransaction(self)
+            try:
+                yield txn
+            except BaseException:
+                txn.roll_back()
+                raise
+
+
+class BudgetTransaction:
+    """The reservations of one ``HostMemoryBudget.transaction`` block, undone together on failure."""
+
+    def __init__(self, budget: HostMemoryBudget) -> None:
+        self._budget = budget
+        self._reserved = 0
+        self._unparked: list[Evictable] = []
+
+    @property
+    def available(self) -> int | None:
+        """What a new host copy may still take now (None: unlimited); stays true until ``reserve``."""
+        return self._budget.available()
+
+    def reserve(self, nbytes: int) -> bool:
+        """``HostMemoryBudget.reserve``, undone if the transaction fails."""
+        if not self._budget.reserve(nbytes):
+            return False
+        self._reserved += nbytes
+        return True
+
+    def unpark(self, entry: Evictable) -> bool:
+        """``HostMemoryBudget.unpark``, parked again if the transaction fails."""
+        if not self._budget.unpark(entry):
+            return False
+        self._unparked.append(entry)
+        return True
+
+    def discard(self, entry: Evictable) -> None:
+        """``HostMemoryBudget.discard`` (a parked copy of the wrong size): freed for good."""
+        self._budget.discard(entry)
+
+    def roll_back(self) -> None:
+        self._budget.release(self._reserved)
+        for entry in self._unparked:
+            self._budget.park(entry)
+        self._reserved, self._unparked = 0, []
 
 
 _BUDGET = HostMemoryBudget()

@@ -21,7 +21,7 @@ import torch
 from .buffers import Placed, StateBuffer
 from .device_copies import DeviceCopier
 from .errors import HostBudgetError
-from .host_budget import HostMemoryBudget
+from .host_budget import BudgetTransaction, HostMemoryBudget
 from .pinned_memory import HUGE_PAGE, PinnedHostMemory
 from .storage.staging import staging_pool
 from .types import Tier
@@ -104,11 +104,11 @@ class HostCopies:
         if self._prealloc is not None:
             self._prealloc.join()
 
-    def claim(self, items: list[tuple[StateBuffer, Tier]]) -> list[HostCopy]:
-        """Reserve the host copies of the cpu/pinned_cpu ``items``; reuses kept pinned copies.
+    def claim(self, items: list[tuple[StateBuffer, Tier]], budget: BudgetTransaction) -> list[HostCopy]:
+        """Reserve the host copies of the cpu/pinned_cpu ``items`` in ``budget``; reuses kept pinned copies.
 
-        Called under the budget's lock right after the placement was decided against
-        ``budget.available()``, so every reservation fits.
+        ``budget`` is the transaction the placement read ``available`` from, so every reservation
+        fits; if one does not, the transaction undoes the others (and kept copies are kept again).
         """
         copies: list[HostCopy] = []
         try:
@@ -119,17 +119,18 @@ class HostCopies:
                 if tier is Tier.pinned_cpu:
                     with self._lock:
                         kept = self._pinned.pop(buf.name, None)
-                    if kept is not None and kept.nbytes == buf.nbytes and self._budget.unpark(kept):
+                    if kept is not None and kept.nbytes == buf.nbytes and budget.unpark(kept):
                         copy.memory = kept
                     elif kept is not None:
-                        self._budget.discard(kept)
-                if copy.memory is None and not self._budget.reserve(buf.nbytes):
+                        budget.discard(kept)
+                if copy.memory is None and not budget.reserve(buf.nbytes):
                     raise HostBudgetError(
                         f"the host budget cannot hold {buf.name} ({buf.nbytes} B) it had room for a moment ago"
                     )
                 copies.append(copy)
         except BaseException:
-            self.unclaim(copies)
+            with self._lock:  # the transaction parks them again
+                self._pinned.update((c.buffer.name, c.memory) for c in copies if c.memory is not None)
             raise
         return copies
 

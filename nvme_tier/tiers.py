@@ -15,97 +15,44 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 
 import torch
 
 from .buffers import Placed, StateBuffer
 from .device_copies import DeviceCopier
 from .errors import TierIOError
-from .host_budget import HostMemoryBudget, process_budget
+from .fingerprint import fingerprints
+from .host_budget import BudgetTransaction, HostMemoryBudget
 from .host_copies import HostCopies, HostCopy
 from .interrupts import DeferredInterrupt
+from .jobs import OffloadJob, ReloadJob, TransferStats
+from .plan import OffloadPlan, StoredFile
 from .storage.base import StorageBackend
 from .stream_order import SubmitStream
-from .types import StateKind, Tier
+from .types import Tier
 
 log = logging.getLogger("nvme_tier")
 
 
-@dataclass
-class TransferStats:
-    bytes_written: int = 0
-    bytes_skipped: int = 0
-    bytes_to_host: int = 0
-    bytes_read: int = 0
-    bytes_from_host: int = 0
-    seconds: float = 0.0
-
-    def offload_line(self, moved: int, backend: str | None) -> str:
-        return (
-            f"offloaded {moved / 1e9:.3f} GB ({self.bytes_written / 1e9:.3f} GB to {backend or '-'}, "
-            f"{self.bytes_skipped / 1e9:.3f} GB unchanged on disk, {self.bytes_to_host / 1e9:.3f} GB to host) "
-            f"in {self.seconds:.2f} s"
-        )
-
-    def reload_line(self) -> str:
-        return (
-            f"reloaded {self.bytes_read / 1e9:.3f} GB from nvme and {self.bytes_from_host / 1e9:.3f} GB "
-            f"from host in {self.seconds:.2f} s"
-        )
-
-
-@dataclass(eq=False)
-class OffloadJob:
-    """One offload from its start (every move queued) to its end (every byte safe elsewhere)."""
-
-    placed: list[Placed] = field(default_factory=list)
-    writes: list[tuple[Placed, Future]] = field(default_factory=list)  # NVMe writes, in order
-    copies: torch.cuda.Event | None = None  # after the last host copy; None: copies are done
-    stats: TransferStats = field(default_factory=TransferStats)
-    started: float = field(default_factory=time.perf_counter)
-    stranded: list[Placed] = field(default_factory=list)  # freed, and restoring them failed
-    host_copies: list[HostCopy] = field(default_factory=list)  # reserved by HostCopies.claim
-    safe: bool = False  # every byte is elsewhere (manifest committed): only the frees are left
-
-    def bytes_in_flight(self) -> dict[StateKind, int]:
-        """Bytes per state not yet known safe elsewhere (a copy or a write still running)."""
-        copying = self.copies is not None and not self.copies.query()
-        out: dict[StateKind, int] = {}
-        pending = [p for p, fut in self.writes if not fut.done()]
-        pending += [p for p in self.placed if p.host is not None and copying]
-        for p in pending:
-            out[p.buffer.kind] = out.get(p.buffer.kind, 0) + p.buffer.nbytes
-        return out
-
-
-@dataclass(eq=False)
-class ReloadJob:
-    """One reload from its start (every buffer restored, every move back queued) to its hand-over."""
-
-    placed: list[Placed]
-    reads: list[tuple[Placed, Future]] = field(default_factory=list)  # NVMe reads, in order
-    stats: TransferStats = field(default_factory=TransferStats)
-    started: float = field(default_factory=time.perf_counter)
-
-
 class TierMover:
-    """Executes placements: NVMe writes and reads through the backend, host copies through ``host``."""
+    """Executes offload plans and reloads: the one owner of this engine's backend (opened at its first
+    use) and host copies (reserved against ``budget``)."""
 
     def __init__(
         self,
         backend: Callable[[], StorageBackend],
-        progress: Callable | None = None,
-        budget: HostMemoryBudget | None = None,
+        budget: HostMemoryBudget,
+        progress: Callable[[int], None] | None = None,
     ):
         self._backend_factory = backend
         self._backend: StorageBackend | None = None
         self._copier = DeviceCopier()
         self._submit = SubmitStream()
-        self.host = HostCopies(self._copier, budget or process_budget())
+        self.host = HostCopies(self._copier, budget)
         self._progress = progress
 
     @property
@@ -113,10 +60,6 @@ class TierMover:
         if self._backend is None:
             self._backend = self._backend_factory()
         return self._backend
-
-    @property
-    def has_backend(self) -> bool:
-        return self._backend is not None
 
     def wrap_backend(self, wrap: Callable[[StorageBackend], StorageBackend]) -> Callable[[], None]:
         """Serve ``wrap(backend)`` for the open backend and any opened later (fault injection:
@@ -137,36 +80,88 @@ class TierMover:
 
         return undo
 
-    def start_offload(
-        self,
-        items: list[tuple[StateBuffer, Tier]],
-        unchanged: Callable[[StateBuffer], bool],
-        host_copies: list[HostCopy],
-    ) -> OffloadJob:
+    @property
+    def location(self) -> str | None:
+        """Where the NVMe tier's files are (None before the backend is opened)."""
+        return self._backend.directory.path if self._backend is not None else None
+
+    # -- what planning needs ---------------------------------------------------------------------
+    def stored(self) -> dict[str, StoredFile]:
+        """What earlier offloads left on disk, by name (nothing before the backend is opened)."""
+        if self._backend is None:
+            return {}
+        backend, out = self._backend, {}
+        for name in backend.names():
+            record = backend.record(name)
+            present = bool(record.file) and os.path.exists(backend.directory.file_path(record.file))
+            out[name] = StoredFile(record.nbytes, record.fingerprint, present)
+        return out
+
+    def preallocate(self, buffers: list[StateBuffer]) -> None:
+        self.host.preallocate(buffers)
+
+    def settle_preallocation(self) -> None:
+        """Let a background pre-allocation finish (its copies parked) before the budget is read."""
+        self.host.settle_preallocation()
+
+    def claim(self, plan: OffloadPlan, budget: BudgetTransaction) -> list[HostCopy]:
+        """Reserve the plan's host copies in the transaction its placement was decided in."""
+        return self.host.claim(plan.host_items, budget)
+
+    def unclaim(self, copies: list[HostCopy]) -> None:
+        """Undo ``claim``: the offload stopped before anything was copied."""
+        self.host.unclaim(copies)
+
+    def skip_unchanged(self, plan: OffloadPlan, rewrite_all: bool) -> OffloadPlan:
+        """The plan with the live bytes' fingerprints, skipping each file that still holds them.
+
+        Taken on the bytes' device before any write is queued: the engine is quiesced and its
+        compute refused until the offload ends, so each record gets the fingerprint of exactly the
+        bytes its file holds. Without one (no device memory for the fingerprint's temporaries) a
+        state is written, never skipped. A kept file counts only while it is the one written, as
+        written (``holds_written_bytes``): truncated, edited or replaced since, it is written again
+        (skipping it would free the only good copy).
+        """
+        nvme = [i.buffer for i in plan.nvme_items]
+        try:
+            prints = dict(zip((b.name for b in nvme), fingerprints([b.view for b in nvme]), strict=True))
+        except torch.cuda.OutOfMemoryError as exc:
+            log.warning("nvme_tier: no memory to fingerprint the states, rewriting them all: %s", exc)
+            return plan
+        candidates = plan.skip_candidates(prints, rewrite_all)
+        if candidates:
+            backend = self.backend
+            candidates = [n for n in candidates if backend.holds_written_bytes(backend.record(n))]
+        return plan.skipping(prints, candidates)
+
+    # -- offload ---------------------------------------------------------------------------------
+    def start_offload(self, plan: OffloadPlan, host_copies: list[HostCopy]) -> OffloadJob:
         """Queue every move: NVMe writes on the backend's thread, host copies on the copy stream.
 
-        ``host_copies`` (from ``HostCopies.claim``) are the cpu/pinned_cpu items' host copies. Nothing is
-        freed here. If queuing anything fails, what was queued is waited for and undone and the
-        error raised: the states stay where they were.
+        ``host_copies`` (from ``claim``) are the plan's cpu/pinned_cpu copies. Nothing is freed
+        here. If queuing anything fails, what was queued is waited for and undone and the error
+        raised: the states stay where they were.
         """
         job = OffloadJob(host_copies=host_copies)
         try:
-            for buf, tier in items:
-                if tier is Tier.nvme:
-                    placed = Placed(buf, tier)
-                    if unchanged(buf):
-                        job.stats.bytes_skipped += buf.nbytes
-                    else:
-                        with self._submit.apart_from_caller():
-                            write = self.backend.write(buf.name, buf.view, fingerprint=buf.fingerprint)
-                        job.writes.append((placed, write))
-                    job.placed.append(placed)
+            for item in plan.nvme_items:
+                buf = item.buffer
+                placed = Placed(buf, Tier.nvme)
+                if item.skip:
+                    job.stats.bytes_skipped += buf.nbytes
+                else:
+                    with self._submit.apart_from_caller():
+                        write = self.backend.write(buf.name, buf.view, fingerprint=item.fingerprint)
+                    job.writes.append((placed, write))
+                job.placed.append(placed)
             # Back to back on the copy stream; into pageable memory ('cpu') CUDA returns only
             # once the copy is done, as upstream's pin_memory=False path does.
             to_host = self.host.copy_to_host(host_copies)
             job.stats.bytes_to_host += sum(p.buffer.nbytes for p in to_host)
             job.placed.extend(to_host)
-            job.placed.extend(Placed(buf, tier) for buf, tier in items if tier is Tier.discard)
+            job.placed.extend(Placed(i.buffer, i.tier) for i in plan.items if i.tier is Tier.discard)
+            for p in job.placed:
+                p.spilled = p.buffer.kind in plan.placement.spilled
             job.copies = self._copier.mark()
         except BaseException as exc:
             self._abandon(job)
@@ -278,7 +273,7 @@ class TierMover:
                 p.buffer.free()
         job.stranded = freed
         self.host.keep(job.host_copies)
-        path = self._backend.directory.path if self._backend else "host memory"
+        path = self.location or "host memory"
         with contextlib.suppress(Exception):
             if self._backend is not None:
                 self._backend.commit()
@@ -304,7 +299,7 @@ class TierMover:
         """An OSError becomes a ``TierIOError`` naming the path; everything else stays as it is."""
         if isinstance(exc, (TierIOError, KeyboardInterrupt)) or not isinstance(exc, OSError):
             return exc
-        path = exc.filename or (self._backend.directory.path if self._backend else "?")
+        path = exc.filename or self.location or "?"
         return TierIOError(f"offload to {path} failed: {exc}; nothing was freed", path, exc.errno)
 
     def _undo_writes(self, names: list[str]) -> None:
@@ -347,15 +342,16 @@ class TierMover:
             raise
         return job
 
-    def finish_reload(self, job: ReloadJob, keep_files: bool, restored: Callable[[], None]) -> TransferStats:
-        """Wait for every byte, then call ``restored``; on any failure free them again and raise.
+    @contextlib.contextmanager
+    def reloaded(self, job: ReloadJob, keep_files: bool) -> Iterator[TransferStats]:
+        """Wait for every byte, then run the ``with`` body (the caller's "resident" bookkeeping) and
+        hand the host copies back, Ctrl-C held; on any failure before that, free them again and raise.
 
-        ``restored`` (the caller's "resident" bookkeeping) runs under a held Ctrl-C once every byte
-        has arrived: an interrupt lands either before it (all freed again, still offloaded) or
-        after it (all back, recorded as such), never between.
+        An interrupt lands either before the body (all freed again, still offloaded) or after it
+        (all back, recorded as such), never between. ``keep_files``: leave the NVMe files for the
+        next offload to skip (``skip_unchanged``), else remove them once every state is back.
         """
         stats = job.stats
-        handed_over = False
         try:
             self._copier.synchronize()
             for p, fut in job.reads:
@@ -363,20 +359,24 @@ class TierMover:
                 stats.bytes_read += p.buffer.nbytes
                 if self._progress:
                     self._progress(p.buffer.nbytes)
-            with DeferredInterrupt():
-                restored()
-                handed_over = True
-                self.host.hand_back(job.placed)
         except BaseException:
-            if handed_over:  # a Ctrl-C held through the hand-over: every state is back and recorded
-                raise
             self._free_again(job)
             raise
+        with DeferredInterrupt():
+            try:
+                yield stats
+            except BaseException:
+                self._free_again(job)
+                raise
+            self.host.hand_back(job.placed)
         if not keep_files:
             # Every state is back: a file that cannot be removed is a leftover, not a failed reload.
             self._undo_writes([p.buffer.name for p in job.placed if p.tier is Tier.nvme])
         stats.seconds = time.perf_counter() - job.started
-        return stats
+
+    def drop_host_copies(self, placed: list[Placed]) -> None:
+        """The states are on the device again (or given up): their host copies go back to the budget."""
+        self.host.hand_back(placed)
 
     def _free_again(self, job: ReloadJob) -> None:
         """A failed reload: wait for every queued copy and read, then free every buffer again."""
@@ -397,4 +397,4 @@ class TierMover:
             self._backend = None
 
 
-__all__ = ["OffloadJob", "ReloadJob", "TierMover", "TransferStats"]
+__all__ = ["TierMover"]

@@ -23,7 +23,8 @@ from nvme_tier.device_copies import DeviceCopier
 from nvme_tier.errors import ConfigError
 from nvme_tier.host_budget import HostMemoryBudget
 from nvme_tier.host_copies import HostCopies
-from nvme_tier.policy import EngineFacts, decide
+from nvme_tier.plan import OffloadItem, OffloadPlan
+from nvme_tier.policy import EngineFacts, Placement, decide
 from nvme_tier.storage import staging
 from nvme_tier.storage.staging import SharedStagingPool
 from nvme_tier.tiers import TierMover
@@ -164,8 +165,8 @@ def test_host_copy_the_budget_refuses_at_claim_is_a_host_budget_error():
     copies = HostCopies(DeviceCopier(), budget)
     small = StateBuffer.of(StateKind.lp_params, "lp_params.0", torch.zeros(MiB // 2, dtype=torch.uint8))
     large = StateBuffer.of(StateKind.hp_params, "hp_params.0", torch.zeros(2 * MiB, dtype=torch.uint8))
-    with pytest.raises(errors.HostBudgetError, match="hp_params.0") as err:
-        copies.claim([(small, Tier.cpu), (large, Tier.cpu)])
+    with pytest.raises(errors.HostBudgetError, match="hp_params.0") as err, budget.transaction() as txn:
+        copies.claim([(small, Tier.cpu), (large, Tier.cpu)], txn)
     assert not isinstance(err.value, OSError) and budget.reserved == 0  # the small one's returned
 
 
@@ -180,9 +181,12 @@ def test_first_pinned_offload_makes_pieces_while_copying(fresh_budget, monkeypat
     src = torch.arange(5 * MiB + 123, dtype=torch.int64).to(torch.uint8)
     buf = StateBuffer.of(StateKind.hp_params, "hp_params.0", src)
     expected = src.clone()
-    mover = TierMover(lambda: None, budget=budget)
-    items = [(buf, Tier.pinned_cpu)]
-    copies = mover.host.claim(items)
+    mover = TierMover(lambda: None, budget)
+    plan = OffloadPlan(
+        Placement({StateKind.hp_params: Tier.pinned_cpu}), (OffloadItem(buf, Tier.pinned_cpu),)
+    )
+    with budget.transaction() as txn:
+        copies = mover.claim(plan, txn)
     assert budget.reserved == buf.nbytes and copies[0].memory is None
     stages: list[tuple[str, int, str]] = []
     for stage in ("populate_piece", "register_piece"):
@@ -193,7 +197,7 @@ def test_first_pinned_offload_makes_pieces_while_copying(fresh_budget, monkeypat
             return real(self, index, *pool)
 
         monkeypatch.setattr(pinned_memory.PinnedHostMemory, stage, spy)
-    job = mover.start_offload(items, lambda b: False, copies)
+    job = mover.start_offload(plan, copies)
     placed, stats = mover.finish_offload(job, free_as_written=False)
     assert len(copies[0].memory.pieces) == 3 and copies[0].memory.fully_locked
     for stage, thread in (("populate_piece", "nvme_tier-fault"), ("register_piece", "nvme_tier-lock")):
@@ -203,14 +207,14 @@ def test_first_pinned_offload_makes_pieces_while_copying(fresh_budget, monkeypat
     assert all(order.index(("populate_piece", i)) < order.index(("register_piece", i)) for i in range(3))
     assert buf.is_freed and stats.bytes_to_host == buf.nbytes
     assert torch.equal(placed[0].host, expected)
-    mover.finish_reload(
-        mover.start_reload(placed, order_callers=True), keep_files=False, restored=lambda: None
-    )
+    with mover.reloaded(mover.start_reload(placed, order_callers=True), keep_files=False):
+        pass
     assert torch.equal(buf.view, expected)
     assert budget.parked == buf.nbytes  # kept for reuse, evictable
-    again = mover.host.claim(items)
+    with budget.transaction() as txn:
+        again = mover.claim(plan, txn)
     assert again[0].memory is not None and budget.parked == 0  # the kept copy is reused
-    mover.host.unclaim(again)
+    mover.unclaim(again)
     mover.release()
     assert budget.reserved == 0
 

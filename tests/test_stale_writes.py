@@ -17,7 +17,7 @@ import torch
 from helpers import make_engine, snapshot, train
 
 import nvme_tier
-import nvme_tier.stored_files as stored_files_module
+import nvme_tier.tiers as tiers_module
 from nvme_tier.deepspeed.locators import discover_buffers
 from nvme_tier.fingerprint import fingerprint
 
@@ -167,7 +167,7 @@ def test_no_fingerprint_means_no_skip(offload_dir, monkeypatch):
     def out_of_memory(tensors, chunk_bytes=None):
         raise torch.cuda.OutOfMemoryError("injected")
 
-    monkeypatch.setattr(stored_files_module, "fingerprints", out_of_memory)
+    monkeypatch.setattr(tiers_module, "fingerprints", out_of_memory)
     edit_copy(engine)
     edited = data_states(snapshot(engine))
     engine.offload_states()
@@ -186,6 +186,6 @@ def test_skip_unchanged_off_takes_no_fingerprint(offload_dir, monkeypatch):
         3, offload_dir, optimizer=None, backend="zarr", policy={"lp_params": "nvme"}, skip_unchanged=False
     )
     nvme_tier.attach(engine)
-    monkeypatch.setattr(stored_files_module, "fingerprints", lambda *a, **k: pytest.fail("fingerprinted"))
+    monkeypatch.setattr(tiers_module, "fingerprints", lambda *a, **k: pytest.fail("fingerprinted"))
     engine.offload_states()
     engine.reload_states()
