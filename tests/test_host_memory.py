@@ -145,6 +145,43 @@ def test_staging_pool_is_shared_fair_and_cannot_deadlock():
     assert pool.allocated_bytes == 0 and budget.reserved == 0
 
 
+def test_staging_pool_serves_a_waiting_read_before_waiting_writes():
+    """A read is on the caller's critical path (a reload someone will wait for); a write is the
+    background half of an offload: when slots free up, the read goes first."""
+    budget = HostMemoryBudget()
+    owner = Entry(0)
+    budget.register(owner, 8 * MiB, 4 * MiB)
+    pool = SharedStagingPool(budget, wait_seconds=30)
+    served: list[str] = []
+    release_first = threading.Event()
+    queued = threading.Semaphore(0)
+
+    def first() -> None:
+        with pool.checkout(owner, "k", 4, MiB, lambda: Slot(MiB)):
+            queued.release()
+            release_first.wait(30)
+
+    def user(name: str, reading: bool) -> None:
+        queued.release()
+        with pool.checkout(owner, "k", 4, MiB, lambda: Slot(MiB), reading=reading):
+            served.append(name)
+
+    threads = [threading.Thread(target=first)]
+    threads[0].start()
+    queued.acquire(timeout=30)
+    for name, reading in (("write-1", False), ("write-2", False), ("read-1", True), ("read-2", True)):
+        t = threading.Thread(target=user, args=(name, reading))
+        t.start()
+        threads.append(t)
+        queued.acquire(timeout=30)
+        time.sleep(0.05)  # queued (waiting on the pool's condition) before the next one arrives
+    release_first.set()
+    for t in threads:
+        t.join(60)
+    assert served == ["read-1", "read-2", "write-1", "write-2"]
+    pool.leave(owner)
+
+
 def test_staging_the_host_budget_cannot_hold_is_a_host_budget_error():
     """Found mid-offload, when a backend asks for staging: the budget's error, not a config error."""
     budget = HostMemoryBudget()

@@ -149,10 +149,13 @@ class AioBackend(StorageBackend):
 
     # -- staging slots: checked out of the process-wide pool for one file's write or read ----------
     @contextlib.contextmanager
-    def _checked_out_slots(self) -> Iterator[list[_Slot]]:
+    def _checked_out_slots(self, reading: bool) -> Iterator[list[_Slot]]:
         key = ("aio", aio_handles.handle_key(self.settings), self.chunk_bytes)
         aio_handles.use_handles(self.settings, self)
-        with staging_pool().checkout(self, key, self.slot_count, self.chunk_bytes, self._new_slot) as slots:
+        pool = staging_pool()
+        with pool.checkout(
+            self, key, self.slot_count, self.chunk_bytes, self._new_slot, reading=reading
+        ) as slots:
             self._staging_bytes = sum(slot.buffer.numel() for slot in slots)
             yield slots
 
@@ -188,7 +191,7 @@ class AioBackend(StorageBackend):
 
     # -- hooks -----------------------------------------------------------------------------------
     def _write_bytes(self, name: str, src: torch.Tensor) -> tuple[str, int, list[int] | None]:
-        with self._checked_out_slots() as slots:
+        with self._checked_out_slots(reading=False) as slots:
             return self._write_chunks(slots, name, src)
 
     def _write_chunks(
@@ -287,7 +290,7 @@ class AioBackend(StorageBackend):
             os.close(check)
 
     def _read_bytes(self, record: TensorRecord, dst: torch.Tensor) -> None:
-        with self._checked_out_slots() as slots:
+        with self._checked_out_slots(reading=True) as slots:
             self._read_chunks(slots, record, dst)
 
     def _read_chunks(self, slots: list[_Slot], record: TensorRecord, dst: torch.Tensor) -> None:

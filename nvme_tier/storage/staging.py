@@ -33,15 +33,25 @@ class StagingSlot(Protocol):
     def free(self) -> None: ...
 
 
+class _Ticket:
+    """One waiting request's place in the pool's queue."""
+
+    __slots__ = ("reading",)
+
+    def __init__(self, reading: bool):
+        self.reading = reading
+
+
 class SharedStagingPool:
     """Staging slots of every backend in the process, reused across engines and calls.
 
     Slots are grouped by ``key`` (a backend kind with its buffer size and handle settings: an aio
     buffer stays paired with the handle that allocated it). The pool's bytes stay within the
     staging capacity (the largest staging_budget_mb of a live engine, or the largest request):
-    idle slots of other keys are freed to make room, else the request waits. Waiters are served
-    first come, first served, and a request takes all its slots at once or none (no hold-and-wait,
-    so engines offloading at the same time cannot deadlock).
+    idle slots of other keys are freed to make room, else the request waits. Waiting reads are
+    served before waiting writes (a reload is what a caller will wait for; a write is an offload's
+    background half), each kind first come, first served; a request takes all its slots at once
+    or none (no hold-and-wait, so engines offloading at the same time cannot deadlock).
     """
 
     def __init__(self, budget: HostMemoryBudget, wait_seconds: float = STAGING_WAIT_SECONDS):
@@ -49,7 +59,7 @@ class SharedStagingPool:
         self._wait_seconds = wait_seconds
         self._cond = threading.Condition()
         self._idle: dict[Hashable, list[tuple[StagingSlot, int]]] = {}
-        self._queue: deque[object] = deque()
+        self._queue: deque[_Ticket] = deque()
         self._allocated = 0
         self._checked_out = 0
         self._largest_request = 0
@@ -67,10 +77,18 @@ class SharedStagingPool:
 
     @contextlib.contextmanager
     def checkout(
-        self, user: object, key: Hashable, count: int, slot_bytes: int, make: Callable[[], StagingSlot]
+        self,
+        user: object,
+        key: Hashable,
+        count: int,
+        slot_bytes: int,
+        make: Callable[[], StagingSlot],
+        *,
+        reading: bool = False,
     ) -> Iterator[list[StagingSlot]]:
-        """``count`` slots of ``slot_bytes`` for the duration of the block (made by ``make`` if none idle)."""
-        slots = self._acquire(user, key, count, slot_bytes, make)
+        """``count`` slots of ``slot_bytes`` for the duration of the block (made by ``make`` if none
+        idle); ``reading`` queues the request ahead of waiting writes."""
+        slots = self._acquire(user, key, count, slot_bytes, make, reading)
         try:
             yield slots
         finally:
@@ -99,14 +117,20 @@ class SharedStagingPool:
                         torch._C._host_emptyCache()
 
     def _acquire(
-        self, user: object, key: Hashable, count: int, slot_bytes: int, make: Callable[[], StagingSlot]
+        self,
+        user: object,
+        key: Hashable,
+        count: int,
+        slot_bytes: int,
+        make: Callable[[], StagingSlot],
+        reading: bool,
     ) -> list[StagingSlot]:
-        ticket = object()
+        ticket = _Ticket(reading)
         deadline = time.monotonic() + self._wait_seconds
         with self._cond:
             self._users.add(user)
             self._largest_request = max(self._largest_request, count * slot_bytes)
-            self._queue.append(ticket)
+            self._enqueue(ticket)
             try:
                 while True:
                     taken = self._take(key, count, slot_bytes) if self._queue[0] is ticket else None
@@ -137,6 +161,15 @@ class SharedStagingPool:
                 self._cond.notify_all()
             raise
         return taken + made
+
+    def _enqueue(self, ticket: _Ticket) -> None:
+        """A read goes behind the waiting reads, ahead of every waiting write."""
+        if ticket.reading:
+            writes = [i for i, t in enumerate(self._queue) if not t.reading]
+            if writes:
+                self._queue.insert(writes[0], ticket)
+                return
+        self._queue.append(ticket)
 
     def _take(self, key: Hashable, count: int, slot_bytes: int) -> list[StagingSlot] | None:
         """Under the lock: idle slots of ``key`` plus room (counted, reserved) for the rest, or None."""

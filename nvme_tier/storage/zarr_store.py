@@ -273,13 +273,14 @@ class ZarrBackend(StorageBackend):
 
     # -- raw chunk files ---------------------------------------------------------------------------
     @contextlib.contextmanager
-    def _ring(self, chunk: int) -> Iterator[list[torch.Tensor]]:
+    def _ring(self, chunk: int, reading: bool) -> Iterator[list[torch.Tensor]]:
         """Page-aligned staging, one buffer per chunk file in flight, from the process-wide pool
         (pinned when CUDA is present; charged to the host budget) for the duration of one file."""
         size = round_up(max(chunk, self.chunk_bytes), PAGE)
         count = max(1, self.slice_bytes // self.chunk_bytes)
         key = ("zarr-ring", size)
-        with staging_pool().checkout(self, key, count, size + PAGE, lambda: HostBuffer(size + PAGE)) as slots:
+        make = lambda: HostBuffer(size + PAGE)  # noqa: E731
+        with staging_pool().checkout(self, key, count, size + PAGE, make, reading=reading) as slots:
             self._staging_bytes = count * size  # (+ up to a page each for alignment, charged to the pool)
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(max_workers=count, thread_name_prefix="nvme_tier-zarr")
@@ -299,7 +300,7 @@ class ZarrBackend(StorageBackend):
         os.makedirs(chunk_dir, mode=0o700, exist_ok=True)
         if os.path.islink(chunk_dir):
             raise TierIOError(f"refusing to follow a symlink: {chunk_dir}", chunk_dir, errno.ELOOP)
-        with self._ring(chunk) as ring:
+        with self._ring(chunk, reading=False) as ring:
             return self._write_chunks_through(ring, chunk_dir, target, src, chunk)
 
     def _write_chunks_through(
@@ -336,7 +337,7 @@ class ZarrBackend(StorageBackend):
 
     def _read_chunk_files(self, root: str, record: TensorRecord, dst: torch.Tensor) -> None:
         """Several chunk files read ahead into staging; each verified, then copied to ``dst``."""
-        with self._ring(record.chunk_bytes) as ring:
+        with self._ring(record.chunk_bytes, reading=True) as ring:
             self._read_chunks_through(ring, root, record, dst)
 
     def _read_chunks_through(
