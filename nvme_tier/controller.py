@@ -14,7 +14,6 @@ import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from .background import BackgroundOperation
 from .buffers import Placed, StateBuffer
 from .config import OffloadStatesConfig
 from .deepspeed.accelerator import accelerator_device, empty_cache, rank_of
@@ -23,7 +22,7 @@ from .deepspeed.locators import discover_buffers, engine_facts, quiesce
 from .errors import StatesOffloadedError, failed_reload_message, offloaded_message
 from .host_budget import process_budget, resolve_limit
 from .interrupts import DeferredInterrupt
-from .jobs import OffloadJob, ReloadJob, TransferStats
+from .jobs import BackgroundOperation, OffloadJob, ReloadJob, TransferStats
 from .plan import plan_offload
 from .policy import require_bool
 from .progress import Progress

@@ -1,19 +1,28 @@
-"""The records of one offload or one reload as the executor (tiers.py) runs it: what was queued,
-what is still in flight, what it moved and how fast; the controller keeps the job in flight to
-report on it (``offload_status``) and to finish it.
+"""One offload or one reload as it runs: the executor's record of it (tiers.py: what was queued,
+what is still in flight, what it moved and how fast), and the engine's worker thread a non-blocking
+one finishes on (``BackgroundOperation``), which the controller waits for before its next call.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
-from concurrent.futures import Future
+import weakref
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 
 from .buffers import Placed
 from .host_copies import HostCopy
+from .storage.base import on_callers_device
+from .stream_order import StreamGate
 from .types import StateKind
+
+log = logging.getLogger("nvme_tier")
+_LIVE: weakref.WeakSet[BackgroundOperation] = weakref.WeakSet()  # for the exit hook below
 
 
 @dataclass
@@ -73,4 +82,101 @@ class ReloadJob:
     started: float = field(default_factory=time.perf_counter)
 
 
-__all__ = ["OffloadJob", "ReloadJob", "TransferStats"]
+class BackgroundOperation:
+    """At most one non-blocking operation at a time, on one worker thread bound to the caller's
+    device; the next call waits for it (and gets its error) before doing anything."""
+
+    def __init__(self) -> None:
+        self._executor: ThreadPoolExecutor | None = None
+        self._pending: Future | None = None
+        _LIVE.add(self)
+        self._gate = StreamGate()
+
+    def _worker(self) -> ThreadPoolExecutor:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nvme_tier")
+        return self._executor
+
+    def start(self, operation: Callable[[], None]) -> None:
+        """Run ``operation`` on the worker (call ``finish`` first: nothing may be pending)."""
+        self._pending = self._worker().submit(on_callers_device(operation))
+
+    def start_ordered(self, finish: Callable[[Callable[[], None]], None], device: torch.device) -> None:
+        """Run ``finish(arrived)`` on the worker, ``device``'s current stream made to wait until it
+        calls ``arrived()`` (or ends, failed too: the stream is never left waiting). Where no stream
+        can wait (the CPU accelerator), it runs here, on the caller's thread, instead."""
+        ticket = self._gate.close(device) if device.type == "cuda" else None
+        if ticket is None:
+            self._run_here(lambda: finish(lambda: None))
+            return
+
+        def run() -> None:
+            try:
+                finish(lambda: self._gate.open(ticket))
+            finally:
+                self._gate.open(ticket)
+
+        self.start(run)
+
+    def _run_here(self, operation: Callable[[], None]) -> None:
+        """Run ``operation`` now, its error kept for ``finish`` as if it had run on the worker."""
+        done: Future = Future()
+        try:
+            operation()
+        except Exception as exc:
+            done.set_exception(exc)
+        else:
+            done.set_result(None)
+        self._pending = done
+
+    @property
+    def pending(self) -> bool:
+        """An operation started and not yet finished (or its error not yet raised by ``finish``)."""
+        return self._pending is not None
+
+    def finish(self) -> None:
+        """Wait for the pending operation, re-raising its error; forget it only once it has ended.
+
+        A Ctrl-C while waiting leaves it pending (it runs on), so the next call waits again
+        instead of starting an operation beside it.
+        """
+        fut = self._pending
+        if fut is None:
+            return
+        try:
+            fut.result()
+        finally:
+            if fut.done():
+                self._pending = None
+
+    def shutdown(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+
+def _finish_all_at_exit() -> None:
+    """The interpreter is exiting (``sys.exit``, the end of the script) while a non-blocking
+    operation runs: let it finish first. Python stops every thread pool from taking work at exit,
+    and the operation still has I/O to queue (its writes, the manifest, or its undo); cut off
+    half-way it failed with "cannot schedule new futures after shutdown"."""
+    for op in list(_LIVE):
+        fut = op._pending
+        if fut is None or fut.done():
+            continue
+        log.warning(
+            "nvme_tier: exiting while a non-blocking offload or reload is in flight; finishing it first "
+            "(call nvme_tier.wait(engine) before exiting to wait for it yourself)"
+        )
+        error = fut.exception()
+        if error is not None:
+            log.warning("nvme_tier: the operation in flight at exit failed: %s", error)
+
+
+# Runs before concurrent.futures' own exit hook (threading runs them in reverse order of
+# registration; concurrent.futures.thread registered its hook when imported above), which would
+# refuse the operation's remaining I/O.
+threading._register_atexit(_finish_all_at_exit)
+
+
+__all__ = ["BackgroundOperation", "OffloadJob", "ReloadJob", "TransferStats"]
