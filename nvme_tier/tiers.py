@@ -1,9 +1,7 @@
-"""Move a set of state buffers to their tiers and back, all-or-nothing.
+"""The executor: runs an offload plan (plan.py) and the reload back, all-or-nothing.
 
-A *state buffer* is one tensor storage (the unit memory is allocated in). Freeing the storage
-frees it for every view that shares it (params that are views into a flat buffer, optimizer
-fragments...), and restoring it in place brings every view back with its identity intact, so the
-engine's own bookkeeping needs no re-pointing.
+It moves state buffers (buffers.py): one tensor storage each, freed and restored in place, so
+every view of it keeps its identity and the engine's own bookkeeping needs no re-pointing.
 
 Offload order: queue every copy and write, wait, verify, commit the manifest, then free device
 memory; a failure before that removes what this call wrote, every state stays where it was. A
@@ -198,14 +196,10 @@ class TierMover:
         """
         stats = job.stats
         try:
-            self._copier.synchronize()
-            for p, fut in job.writes:
-                fut.result()
+            for p in self._completed(job.writes):
                 stats.bytes_written += p.buffer.nbytes
                 if free_as_written:
                     p.buffer.free()
-                if self._progress:
-                    self._progress(p.buffer.nbytes)
             if job.writes:
                 self.backend.commit()
         except BaseException as exc:
@@ -238,6 +232,15 @@ class TierMover:
                 p.buffer.show_host_copy(p.host)  # complete now: parameters may read it meanwhile
         stats.seconds = time.perf_counter() - job.started
         return job.placed, stats
+
+    def _completed(self, moves: list[tuple[Placed, Future]]) -> Iterator[Placed]:
+        """Once the host copies are done, each NVMe write's or read's buffer as it completes, in order."""
+        self._copier.synchronize()
+        for p, fut in moves:
+            fut.result()
+            if self._progress:
+                self._progress(p.buffer.nbytes)
+            yield p
 
     def _restore_freed(self, freed: list[Placed]) -> int:
         """Bring back the buffers this offload already freed, with their old bytes; how many.
@@ -353,12 +356,8 @@ class TierMover:
         """
         stats = job.stats
         try:
-            self._copier.synchronize()
-            for p, fut in job.reads:
-                fut.result()
+            for p in self._completed(job.reads):
                 stats.bytes_read += p.buffer.nbytes
-                if self._progress:
-                    self._progress(p.buffer.nbytes)
         except BaseException:
             self._free_again(job)
             raise
