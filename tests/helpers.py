@@ -17,6 +17,7 @@ import torch
 from nvme_tier.deepspeed.ops import aio_compatible
 from nvme_tier.demo import set_launch_env
 from nvme_tier.snapshot import copy_states
+from nvme_tier.storage import aio_handle_pool, staging_pool
 
 set_launch_env()  # single-process rendezvous, a free port
 
@@ -167,3 +168,10 @@ def child_result(proc: subprocess.CompletedProcess) -> dict:
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(lines[-1][len("RESULT ") :])
+
+
+def renew_storage_defaults() -> None:
+    """Build the process's default staging pool and aio handle pool anew at their next use (over
+    the process budget as it is then): a test sees no idle slots or handles of earlier tests."""
+    staging_pool.cache_clear()
+    aio_handle_pool.cache_clear()

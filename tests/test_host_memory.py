@@ -13,7 +13,7 @@ import time
 
 import pytest
 import torch
-from helpers import make_engine, params_of, requires_aio, snapshot, train
+from helpers import make_engine, params_of, renew_storage_defaults, requires_aio, snapshot, train
 
 import nvme_tier
 from nvme_tier import errors, host_budget, pinned_memory
@@ -24,7 +24,7 @@ from nvme_tier.errors import ConfigError
 from nvme_tier.host_budget import HostMemoryBudget
 from nvme_tier.host_copies import HostCopies
 from nvme_tier.policy import EngineFacts, decide
-from nvme_tier.storage import staging
+from nvme_tier.storage import staging_pool
 from nvme_tier.storage.staging import SharedStagingPool
 from nvme_tier.tiers import TierMover
 from nvme_tier.types import StateKind, Tier
@@ -37,14 +37,14 @@ SCRATCH = "contiguous_grad_buffer"
 @pytest.fixture
 def fresh_budget(monkeypatch):
     budget = HostMemoryBudget()
-    pool = SharedStagingPool(budget)
     monkeypatch.setattr(host_budget, "_BUDGET", budget)
-    monkeypatch.setattr(staging, "_POOL", pool)
+    renew_storage_defaults()  # the default pool is built over ``budget`` at its next use
     engines: list = []
-    yield budget, pool, engines
+    yield budget, staging_pool(), engines
     for engine in engines:
         with contextlib.suppress(nvme_tier.StatesOffloadedError):  # a failed test left it offloaded
             nvme_tier.detach(engine)
+    renew_storage_defaults()
 
 
 # -- the pure parts ----------------------------------------------------------------------------------

@@ -10,7 +10,16 @@ import contextlib
 import pytest
 import torch
 from faults import assert_resident, data_entries, install
-from helpers import SCRATCH, assert_same_states, make_engine, params_of, requires_aio, snapshot, train
+from helpers import (
+    SCRATCH,
+    assert_same_states,
+    make_engine,
+    params_of,
+    renew_storage_defaults,
+    requires_aio,
+    snapshot,
+    train,
+)
 
 import nvme_tier
 from nvme_tier import host_budget
@@ -18,8 +27,6 @@ from nvme_tier.deepspeed.locators import buffers_present
 from nvme_tier.errors import ConfigError, TierIOError
 from nvme_tier.host_budget import HostMemoryBudget
 from nvme_tier.policy import SPLIT_ALIGN
-from nvme_tier.storage import staging
-from nvme_tier.storage.staging import SharedStagingPool
 from nvme_tier.units import MiB
 
 STAGING_MB = 2
@@ -32,12 +39,13 @@ def fresh_budget(monkeypatch):
     """A process budget and staging pool of this test only (engines of other tests do not count)."""
     budget = HostMemoryBudget()
     monkeypatch.setattr(host_budget, "_BUDGET", budget)
-    monkeypatch.setattr(staging, "_POOL", SharedStagingPool(budget))
+    renew_storage_defaults()  # the default pool is built over ``budget`` at its next use
     engines: list = []
     yield budget, engines
     for engine in engines:
         with contextlib.suppress(nvme_tier.StatesOffloadedError):
             nvme_tier.detach(engine)
+    renew_storage_defaults()
 
 
 def by_tier(engine, tier: str) -> int:
