@@ -7,16 +7,15 @@ host budget below their combined host copies; each gets a fresh process budget a
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 
 import pytest
 import torch
-from helpers import make_engine, params_of, renew_storage_defaults, requires_aio, snapshot, train
+from helpers import budget_of_its_own, make_engine, params_of, requires_aio, snapshot, train
 
 import nvme_tier
-from nvme_tier import errors, host_budget, pinned_memory
+from nvme_tier import errors, pinned_memory
 from nvme_tier.buffers import StateBuffer
 from nvme_tier.config import OffloadStatesConfig
 from nvme_tier.device_copies import DeviceCopier
@@ -36,15 +35,8 @@ SCRATCH = "contiguous_grad_buffer"
 
 @pytest.fixture
 def fresh_budget(monkeypatch):
-    budget = HostMemoryBudget()
-    monkeypatch.setattr(host_budget, "_BUDGET", budget)
-    renew_storage_defaults()  # the default pool is built over ``budget`` at its next use
-    engines: list = []
-    yield budget, staging_pool(), engines
-    for engine in engines:
-        with contextlib.suppress(nvme_tier.StatesOffloadedError):  # a failed test left it offloaded
-            nvme_tier.detach(engine)
-    renew_storage_defaults()
+    with budget_of_its_own(monkeypatch) as (budget, engines):
+        yield budget, staging_pool(), engines
 
 
 # -- the pure parts ----------------------------------------------------------------------------------

@@ -35,6 +35,9 @@ class StagingSlot(Protocol):
     def free(self) -> None: ...
 
 
+MakeSlot = Callable[[], StagingSlot]  # makes a new slot when none of its key is idle
+
+
 class _Ticket:
     """One waiting request's place in the pool's queue."""
 
@@ -84,7 +87,7 @@ class SharedStagingPool:
         key: Hashable,
         count: int,
         slot_bytes: int,
-        make: Callable[[], StagingSlot],
+        make: MakeSlot,
         *,
         reading: bool = False,
     ) -> Iterator[list[StagingSlot]]:
@@ -119,13 +122,7 @@ class SharedStagingPool:
                         torch._C._host_emptyCache()
 
     def _acquire(
-        self,
-        user: object,
-        key: Hashable,
-        count: int,
-        slot_bytes: int,
-        make: Callable[[], StagingSlot],
-        reading: bool,
+        self, user: object, key: Hashable, count: int, slot_bytes: int, make: MakeSlot, reading: bool
     ) -> list[StagingSlot]:
         ticket = _Ticket(reading)
         deadline = time.monotonic() + self._wait_seconds
