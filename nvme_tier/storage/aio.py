@@ -22,7 +22,8 @@ from ..config import AioSettings
 from ..deepspeed import aio_binding  # the op's calls differ by DeepSpeed version; settled per request
 from ..errors import BackendUnavailableError, IntegrityError, TierIOError
 from ..units import PAGE, MiB, round_down, round_up
-from .aio_handles import MEMLOCK_HINT, AioHandlePool, aio_handle_pool, handle_key, memlock_shortfall
+from . import aio_handles  # handle_key read at each use: a test makes handles of other settings
+from .aio_handles import MEMLOCK_HINT, AioHandlePool, aio_handle_pool, memlock_shortfall
 from .blocks import BlockFile, BlockStore, Capabilities
 from .checksums import crc32c_of_buffer
 from .file_stamps import is_private_file
@@ -213,7 +214,7 @@ class AioStore(BlockStore):
                 f"chunks of {chunk_bytes} B are larger than this staging buffer ({self.chunk_bytes} B); "
                 "raise staging_budget_mb",
             )
-        key = ("aio", handle_key(self.settings), self.chunk_bytes)
+        key = ("aio", aio_handles.handle_key(self.settings), self.chunk_bytes)
         self.handles.use(self.settings, self)
         with self.checked_out(key, self.slot_count, self.chunk_bytes, self._new_slot, reading) as slots:
             yield slots
