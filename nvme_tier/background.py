@@ -15,7 +15,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from .storage.base import on_callers_device
-from .stream_order import StreamGate
 
 log = logging.getLogger("nvme_tier")
 _LIVE: weakref.WeakSet[BackgroundOperation] = weakref.WeakSet()
@@ -26,7 +25,6 @@ class BackgroundOperation:
         self._executor: ThreadPoolExecutor | None = None
         self._pending: Future | None = None
         _LIVE.add(self)
-        self._gate = StreamGate()
 
     def _worker(self) -> ThreadPoolExecutor:
         if self._executor is None:
@@ -37,22 +35,14 @@ class BackgroundOperation:
         """Run ``operation`` on the worker (call ``finish`` first: nothing may be pending)."""
         self._pending = self._worker().submit(on_callers_device(operation))
 
-    def start_ordered(self, finish: Callable[[Callable[[], None]], None], device: torch.device) -> None:
-        """Run ``finish(arrived)`` on the worker, ``device``'s current stream made to wait until it
-        calls ``arrived()`` (or ends, failed too: the stream is never left waiting). Where no stream
-        can wait (the CPU accelerator), it runs here, on the caller's thread, instead."""
-        ticket = self._gate.close(device) if device.type == "cuda" else None
-        if ticket is None:
-            self._run_here(lambda: finish(lambda: None))
-            return
-
-        def run() -> None:
-            try:
-                finish(lambda: self._gate.open(ticket))
-            finally:
-                self._gate.open(ticket)
-
-        self.start(run)
+    def start_reads(self, finish: Callable[[], None], device: torch.device) -> None:
+        """Finish a non-blocking reload's NVMe reads: on the worker where a device has streams of
+        its own (the CPU stays free), here on the CPU accelerator (no stream orders a direct read
+        after them there, so the call waits: docs/design.md, "Non-blocking reloads")."""
+        if device.type == "cuda":
+            self.start(finish)
+        else:
+            self._run_here(finish)
 
     def _run_here(self, operation: Callable[[], None]) -> None:
         """Run ``operation`` now, its error kept for ``finish`` as if it had run on the worker."""

@@ -11,7 +11,7 @@ import logging
 import os
 import threading
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 from .background import BackgroundOperation
@@ -308,20 +308,14 @@ class OffloadController:
                 self._finish_reload(job)
             elif not job.reads:  # host copies only: the caller's stream already waits for them
                 self._background.start(lambda: self._finish_reload(job))
-            else:  # NVMe reads end on the worker: the caller's stream is made to wait for them too
-                finish = lambda arrived: self._finish_reload(job, arrived)  # noqa: E731
-                self._background.start_ordered(finish, accelerator_device())
+            else:  # NVMe reads: the engine's own use and its accessors wait for them (hooks)
+                self._background.start_reads(lambda: self._finish_reload(job), accelerator_device())
 
-    def _finish_reload(self, job: ReloadJob, arrived: Callable[[], None] = lambda: None) -> None:
-        """Wait for every byte; ``arrived`` (ungates the caller's stream) before the hand-over."""
-
-        def restored() -> None:
-            arrived()
-            self._record_reloaded()
-
+    def _finish_reload(self, job: ReloadJob) -> None:
+        """Wait for every byte, then record the states resident."""
         total = sum(p.buffer.nbytes for p in job.placed if p.tier is Tier.nvme)
         with self._reload_failures(), self._progress.task("reload", total):
-            stats = self._mover.finish_reload(job, self.config.skip_unchanged, restored)
+            stats = self._mover.finish_reload(job, self.config.skip_unchanged, self._record_reloaded)
         self.last_stats["reload"] = stats
         log.info("nvme_tier: rank %d %s", self.rank, stats.reload_line())
 

@@ -317,9 +317,9 @@ class TierMover:
                 log.warning("nvme_tier: could not remove the file of %s: %s", name, exc)
 
     def start_reload(self, placed: list[Placed], order_callers: bool) -> ReloadJob:
-        """Restore every buffer, queue every move back: NVMe reads on the backend's thread (apart from
-        the caller's stream: it may be gated on them), host copies on the copy stream (``order_callers``:
-        the caller's stream waits for those, as upstream's). On failure all is freed again and raised."""
+        """Restore every buffer, queue every move back: NVMe reads on the backend's thread (submitted
+        apart from the caller's stream), host copies on the copy stream (``order_callers``: the
+        caller's stream waits for those, as upstream's). On failure all is freed again and raised."""
         job = ReloadJob(placed)
         try:
             if any(p.tier is Tier.nvme for p in placed) and self.backend.names():

@@ -1,10 +1,11 @@
-"""A non-blocking reload is ordered before the caller's later work, as upstream's stream-ordered one.
+"""What a caller may do right after a non-blocking reload (docs/design.md, "Non-blocking reloads").
 
 The NVMe reads finish on nvme_tier's threads. Read right after ``reload_states(non_blocking=True)``
 (OpenRLHF's ``reload_deepspeed_states``), 74-86 % of the optimizer-state elements were still
-unread, and an edit made then was overwritten by the read. On a GPU the caller's stream now waits
-for the reads (the CPU stays free); on the CPU accelerator, where no stream can order them, the
-reads of NVMe-placed states finish before the call returns.
+unread, and an edit made then was overwritten by the read. The engine's own use and DeepSpeed's
+accessors wait for the reads everywhere; on the CPU accelerator the reads finish before the call
+returns; on a GPU the call returns at once and the caller's own CUDA work (even a copy to pageable
+memory, which blocks every thread's CUDA calls while it waits) never waits for the disk.
 """
 
 from __future__ import annotations
@@ -51,6 +52,12 @@ def optimizer_states(engine) -> list[torch.Tensor]:
     ]
 
 
+@pytest.mark.xfail(
+    torch.cuda.is_available(),
+    strict=True,
+    reason="on a GPU a raw read right after a non-blocking NVMe reload is not ordered after the reads "
+    "(docs/design.md, Non-blocking reloads): call nvme_tier.wait first",
+)
 @pytest.mark.parametrize("stage", STAGES)
 def test_states_read_and_edited_right_after_openrlhf_reload(stage, offload_dir):
     engine = make_engine(stage, offload_dir, backend="zarr", honor_call_device=False)
@@ -58,8 +65,6 @@ def test_states_read_and_edited_right_after_openrlhf_reload(stage, offload_dir):
     train(engine, 2)
     states = optimizer_states(engine)
     before = [t.clone() for t in states]
-    p = engine.module.l2.weight
-    moment = safe_get_full_optimizer_state(p, "exp_avg").clone()
     openrlhf_offload(engine)
     nvme_tier.wait(engine)
     assert nvme_tier.offload_status(engine)["optim_states"].tier == "nvme"
@@ -72,11 +77,22 @@ def test_states_read_and_edited_right_after_openrlhf_reload(stage, offload_dir):
         assert torch.equal(a, b), f"{(a != b).float().mean():.0%} of the elements not reloaded yet"
     nvme_tier.wait(engine)
     assert torch.equal(states[0], before[0] + 1.0), "the edit was overwritten by the reload"
-    states[0].copy_(before[0])
+    train(engine, 1)
+    nvme_tier.detach(engine)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_accessor_right_after_openrlhf_reload_waits_for_the_reads(stage, offload_dir):
+    engine = make_engine(stage, offload_dir, backend="zarr", honor_call_device=False)
+    controller = nvme_tier.attach(engine)
+    train(engine, 2)
+    p = engine.module.l2.weight
+    moment = safe_get_full_optimizer_state(p, "exp_avg").clone()
     openrlhf_offload(engine)
+    nvme_tier.wait(engine)
     slow = SlowReads(controller)
     openrlhf_reload(engine)
-    assert torch.equal(safe_get_full_optimizer_state(p, "exp_avg"), moment)  # through the accessor
+    assert torch.equal(safe_get_full_optimizer_state(p, "exp_avg"), moment)
     slow.remove()
     train(engine, 1)
     nvme_tier.detach(engine)
@@ -106,33 +122,37 @@ def test_failed_non_blocking_reload_raises_at_the_next_call_on_cpu(offload_dir):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_gpu_caller_stream_waits_for_nvme_reads_cpu_stays_free(offload_dir):
-    """The call returns while the reads are still held back; a kernel queued after it, .cpu() and
-    .item() see the reloaded bytes; no nvme_tier.wait."""
+def test_gpu_caller_work_right_after_a_non_blocking_reload_never_waits_for_the_disk(offload_dir):
+    """The call returns while the reads are held back; the caller's own work then, down to copies
+    to pageable memory (``.item()``, ``.cpu()``), finishes meanwhile: making the caller's stream
+    wait for the reads deadlocked here (the waiting copy blocks the I/O threads' CUDA calls)."""
     engine = make_engine(2, offload_dir, backend="zarr", width=512)
     controller = nvme_tier.attach(engine)
     train(engine, 2)
     states = optimizer_states(engine)
     before = [t.clone() for t in states]
     engine.offload_states()
-    engine.reload_states()  # warm-up: backend, staging, the gate's flag
-    engine.offload_states()
-    t = time.perf_counter()
-    engine.reload_states(non_blocking=True)
-    plain = time.perf_counter() - t
-    nvme_tier.wait(engine)
-    engine.offload_states()
     slow = SlowReads(controller, delay=2.0)
     t = time.perf_counter()
     engine.reload_states(non_blocking=True)
     returned = time.perf_counter() - t
-    copies = [s.clone() for s in states]  # kernels on the current stream, queued behind the reads
-    sums = [s.double().sum() for s in states]
-    assert controller.phase is OffloadPhase.reloading, "the reads had finished: nothing was ordered"
-    assert returned < 1.0 and returned < plain + 0.5, (returned, plain)  # the CPU was not blocked
-    for a, b, total in zip(before, copies, sums, strict=True):
-        assert torch.equal(a, b.cpu())
-        assert total.item() == a.double().sum().item()
+    seen: dict[str, object] = {}
+    done = threading.Event()
+
+    def caller_work() -> None:
+        x = torch.arange(1 << 20, device="cuda", dtype=torch.float64)
+        seen["item"] = x.sum().item()
+        seen["cpu"] = x[:4].cpu()
+        seen["phase"] = controller.phase
+        done.set()
+
+    threading.Thread(target=caller_work, daemon=True).start()
+    assert done.wait(60), "the caller's copy to pageable memory waited for the NVMe reads"
+    assert returned < 1.0, returned  # the CPU was not blocked
+    assert seen["phase"] is OffloadPhase.reloading, "the reads had finished: nothing was tested"
+    nvme_tier.wait(engine)
+    for a, b in zip(before, states, strict=True):
+        assert torch.equal(a, b)
     slow.remove()
     train(engine, 1)
     nvme_tier.detach(engine)
@@ -141,9 +161,8 @@ def test_gpu_caller_stream_waits_for_nvme_reads_cpu_stays_free(offload_dir):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_one_engine_offloads_while_another_reloads_on_the_same_stream(tmp_path):
-    """Engine A's non-blocking reload gates the stream; engine B's offload queued behind it on that
-    stream waits for A, and A's reads (queued chunk by chunk on A's own submit stream) never wait
-    for B: both finish (a submit stream shared by the engines deadlocked here)."""
+    """Engine A's reads (queued chunk by chunk on A's own submit stream) and engine B's offload
+    issued meanwhile on the caller's stream never wait for each other: both finish."""
     a_dir, b_dir = tmp_path / "a", tmp_path / "b"
     a_dir.mkdir(), b_dir.mkdir()
     a = make_engine(2, a_dir, backend="zarr", width=512)

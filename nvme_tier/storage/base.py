@@ -313,7 +313,7 @@ def _check_size(name: str, dst: torch.Tensor, nbytes: int, dtype: str, shape: tu
 def on_callers_device(fn: Callable) -> Callable:
     """Run ``fn`` on the caller's CUDA device and current stream (worker threads start on device 0
     and its default stream): the copies it queues wait for that stream, not the default one, which
-    may be gated meanwhile by a non-blocking reload (stream_order.py)."""
+    may be busy meanwhile with the caller's other work (stream_order.py)."""
     cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
     device = torch.cuda.current_device() if cuda else None
     stream = torch.cuda.current_stream(device) if cuda else None
