@@ -15,6 +15,7 @@ import mmap
 import os
 from collections.abc import Iterator
 from concurrent import futures
+from typing import Any
 
 import torch
 
@@ -28,7 +29,6 @@ from .blocks import BlockFile, BlockStore, Capabilities
 from .checksums import crc32c_of_buffer
 from .file_stamps import is_private_file
 from .manifest import WriterDirectory
-from .staging import SharedStagingPool
 
 
 def staging_plan(staging_budget_bytes: int, settings: AioSettings) -> tuple[int, int]:
@@ -183,15 +183,15 @@ class AioStore(BlockStore):
         directory: WriterDirectory,
         *,
         settings: AioSettings | None = None,
-        staging_budget_bytes: int = 512 * MiB,
-        staging: SharedStagingPool | None = None,
         handles: AioHandlePool | None = None,
+        **base: Any,
     ):
-        super().__init__(directory, staging_budget_bytes=staging_budget_bytes, staging=staging)
+        """``base``: ``BlockStore``'s own arguments (``staging_budget_bytes``, ``staging``)."""
+        super().__init__(directory, **base)
         self.settings = settings or AioSettings()
         self.handles = handles if handles is not None else aio_handle_pool()
         self.alignment = self.settings.intra_op_parallelism * PAGE
-        self.slot_count, self.chunk_bytes = staging_plan(staging_budget_bytes, self.settings)
+        self.slot_count, self.chunk_bytes = staging_plan(self.staging_budget_bytes, self.settings)
 
     @classmethod
     def staging_slots(cls, staging_budget_bytes: int, settings: AioSettings | None = None) -> tuple[int, int]:

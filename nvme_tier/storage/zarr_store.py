@@ -33,7 +33,7 @@ from .checksums import chunk_ranges, host_array
 from .chunk_files import chmod_regular, page_aligned, page_crc, read_file, write_file
 from .manifest import WriterDirectory
 from .probes import supports_o_direct
-from .staging import HostBuffer, SharedStagingPool
+from .staging import HostBuffer
 
 
 def _settle_zarr_io() -> None:
@@ -137,20 +137,14 @@ class ZarrStore(BlockStore):
     suffix = ".zarr"
     settings_key = "zarr"
 
-    def __init__(
-        self,
-        directory: WriterDirectory,
-        *,
-        settings: ZarrSettings | None = None,
-        staging_budget_bytes: int = 512 * MiB,
-        staging: SharedStagingPool | None = None,
-    ):
-        super().__init__(directory, staging_budget_bytes=staging_budget_bytes, staging=staging)
+    def __init__(self, directory: WriterDirectory, *, settings: ZarrSettings | None = None, **base: Any):
+        """``base``: ``BlockStore``'s own arguments (``staging_budget_bytes``, ``staging``)."""
+        super().__init__(directory, **base)
         self.settings = settings or ZarrSettings()
         # A chunk never exceeds the staging budget: staging holds whole chunks.
-        self.chunk_bytes = max(1, min(self.settings.chunk_mb * MiB, staging_budget_bytes))
+        self.chunk_bytes = max(1, min(self.settings.chunk_mb * MiB, self.staging_budget_bytes))
         # Chunks in flight at once (a staging slot each), within the staging budget.
-        self.in_flight = max(1, min(self.settings.concurrency, staging_budget_bytes // self.chunk_bytes))
+        self.in_flight = max(1, min(self.settings.concurrency, self.staging_budget_bytes // self.chunk_bytes))
         self._store = None
         self._pool: ThreadPoolExecutor | None = None  # chunk requests in flight
         self._direct: bool | None = None  # O_DIRECT accepted by the directory's filesystem
