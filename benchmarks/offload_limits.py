@@ -1,5 +1,5 @@
 """offload_gpu's phases without an engine: the ceilings (pinned PCIe copies, raw DeepSpeed aio on
-the disk under test) and two explorations (disk write patterns and AioBackend chunkings; how fast
+the disk under test) and two explorations (disk write patterns and AioStore chunkings; how fast
 page-locked host memory can be had)."""
 
 from __future__ import annotations
@@ -86,10 +86,10 @@ def phase_limits(run: OffloadRun) -> dict[str, Any]:
 
 
 def phase_disk(run: OffloadRun) -> dict[str, Any]:
-    """Exploration: fresh file vs in-place overwrite vs delete-then-write; AioBackend chunkings (A/B, alternated)."""
+    """Exploration: fresh file vs in-place overwrite vs delete-then-write; AioStore chunkings (A/B, alternated)."""
     from nvme_tier.config import AioSettings
     from nvme_tier.deepspeed.ops import load_aio_op
-    from nvme_tier.storage import AioBackend, OwnerInfo, WriterDirectory
+    from nvme_tier.storage import AioStore, OwnerInfo, StorageBackend, WriterDirectory
 
     args = run.args
     n = int(args.raw_gb * GB) // MiB * MiB
@@ -139,26 +139,19 @@ def phase_disk(run: OffloadRun) -> dict[str, Any]:
     src = torch.empty(n, dtype=torch.uint8, device=DEV).random_(0, 256)
     dst = torch.empty_like(src)
     rows = []
-    from nvme_tier.storage.aio import _Slot, _take_handle
-
     for rep in range(2):
         for chunk_mb, slots in args.sweep:
             for variant in args.disk_variants:
-                in_place = variant != "fresh"
-                be = AioBackend(
-                    WriterDirectory(d, OwnerInfo.current(label="disk")),
-                    staging_budget_bytes=chunk_mb * slots * MiB,
+                be = StorageBackend(
+                    AioStore(
+                        WriterDirectory(d, OwnerInfo.current(label="disk")),
+                        staging_budget_bytes=chunk_mb * slots * MiB,
+                    )
                 )
-                be.chunk_bytes, be.slot_count, be.rewrite_in_place = chunk_mb * MiB, slots, in_place
-                if variant == "inplace_torch_pinned":  # staging from torch's pinned allocator instead
-                    be._slots = [
-                        _Slot(
-                            _take_handle(be.settings),
-                            torch.empty(be.chunk_bytes, dtype=torch.uint8, pin_memory=CUDA),
-                        )
-                        for _ in range(slots)
-                    ]
+                be.store.chunk_bytes, be.store.slot_count = chunk_mb * MiB, slots
                 be.write("s", src).result()  # the first write: a fresh file
+                if variant == "fresh":  # delete-then-write instead of the in-place rewrite
+                    be.delete("s")
                 w = timed(lambda be=be: be.write("s", src).result())  # the rewrite under test
                 r = timed(lambda be=be: be.read_into("s", dst).result())
                 rows.append(

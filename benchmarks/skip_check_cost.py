@@ -28,15 +28,14 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")
 
 from nvme_tier.bench.common import machine_info  # noqa: E402
 from nvme_tier.deepspeed.ops import aio_compatible  # noqa: E402
-from nvme_tier.storage import AioBackend, OwnerInfo, WriterDirectory  # noqa: E402
-from nvme_tier.storage.zarr_store import ZarrBackend  # noqa: E402
+from nvme_tier.storage import AioStore, OwnerInfo, StorageBackend, WriterDirectory, ZarrStore  # noqa: E402
 
 GOAL = 0.02  # check seconds / write seconds of the same bytes
 
 
 def measure(kind: str, root: str, size_mib: int, writes: int, checks: int) -> dict:
-    cls = AioBackend if kind == "aio" else ZarrBackend
-    backend = cls(WriterDirectory(root, OwnerInfo.current(label="bench")))
+    cls = AioStore if kind == "aio" else ZarrStore
+    backend = StorageBackend(cls(WriterDirectory(root, OwnerInfo.current(label="bench"))))
     data = torch.randint(0, 255, (size_mib << 20,), dtype=torch.uint8)
     try:
         backend.write("x", data).result()  # the first write makes the file and the staging

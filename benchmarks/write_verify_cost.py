@@ -2,7 +2,7 @@
 O_DIRECT read-back of (intra_op_parallelism + 1) pages per chunk, against the whole write.
 
 DeepSpeed's async_io op drops per-request errors, so every aio write is read back in a few pages
-before its state may be freed. This times ``AioBackend._verify_written`` inside real writes
+before its state may be freed. This times ``StorageBackend._verify_written`` inside real writes
 (first write: new files; later ones: in-place rewrites) from a CUDA tensor when there is one.
 
     python benchmarks/write_verify_cost.py --path /local_nvme --size-mb 1024 --json out.json
@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from nvme_tier.storage import AioBackend, OwnerInfo, WriterDirectory
+from nvme_tier.storage import AioStore, OwnerInfo, StorageBackend, WriterDirectory
 from nvme_tier.storage import aio as aio_mod
 
 
@@ -33,20 +33,22 @@ def main() -> None:
     args = parser.parse_args()
 
     spent: list[float] = []
-    verify = aio_mod.AioBackend._verify_written
+    verify = StorageBackend._verify_written
 
     def timed(self, *a):
         start = time.perf_counter()
         verify(self, *a)
         spent.append(time.perf_counter() - start)
 
-    aio_mod.AioBackend._verify_written = timed
+    StorageBackend._verify_written = timed
     root = args.path or tempfile.mkdtemp(prefix="ntier-verify-")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     data = torch.randn(args.size_mb << 18, device=device)  # float32: size_mb MiB
-    backend = AioBackend(
-        WriterDirectory(root, OwnerInfo.current(rank=0, label="bench")),
-        staging_budget_bytes=args.staging_mb << 20,
+    backend = StorageBackend(
+        AioStore(
+            WriterDirectory(root, OwnerInfo.current(rank=0, label="bench")),
+            staging_budget_bytes=args.staging_mb << 20,
+        )
     )
     runs = []
     try:

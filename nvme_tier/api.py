@@ -14,6 +14,7 @@ from .errors import ConfigError, NvmeTierError, StatesOffloadedError
 from .host_budget import process_budget
 from .policy import decide
 from .status import format_table
+from .storage.registry import default_registry
 from .storage.site import check_path_at_attach
 from .types import OffloadPhase, StateKind, StateStatus
 from .units import human_bytes
@@ -87,9 +88,11 @@ def refuse_early(engine: Any, config: OffloadStatesConfig) -> None:
 def check_placement(config: OffloadStatesConfig, planned: list[StateKind]) -> None:
     """The attach checks that need no engine, shared with ``nvme-tier check`` (one verdict for both).
 
-    When the policy puts one of ``planned`` on nvme: a path is required (ConfigError from decide)
-    and must be usable (``check_path_at_attach``: creates only its last level).
+    ``backend`` must name a registered store. When the policy puts one of ``planned`` on nvme: a
+    path is required (ConfigError from decide) and must be usable (``check_path_at_attach``:
+    creates only its last level).
     """
+    default_registry().check_name(config.backend)
     if decide(config, planned).uses_nvme:
         check_path_at_attach(config)
 

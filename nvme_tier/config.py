@@ -77,9 +77,14 @@ class OffloadStatesConfig(_Strict):
     path: str | None = Field(
         None, description="Directory for NVMe files; required when any state goes to nvme."
     )
-    backend: Literal["auto", "aio", "zarr"] = Field(
+    # Any registered store's name: which ones exist is the registry's to say, checked at attach.
+    backend: str = Field(
         "auto",
-        description="'aio' (DeepSpeed async_io, O_DIRECT), 'zarr', or 'auto' (aio when usable, else zarr).",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+        description=(
+            "'aio' (DeepSpeed async_io, O_DIRECT), 'zarr', 'auto' (aio when usable, else zarr), or "
+            "the name of a registered third-party store (entry point group nvme_tier.backends)."
+        ),
     )
     policy: dict[StateKind, Tier] = Field(
         default_factory=dict, description='Per-state tier overrides, e.g. {"hp_params": "nvme"}.'

@@ -15,7 +15,7 @@ import torch
 
 from .buffers import StateBuffer
 from .deepspeed.locators import discover_buffers, quiesce
-from .storage.base import crc32c
+from .storage.checksums import crc32c
 
 DIGEST_CHUNK_BYTES = 64 << 20  # the one host buffer a digest reads through
 

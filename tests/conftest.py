@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from helpers import renew_storage_defaults
 
 from nvme_tier.demo import set_launch_env
 
@@ -14,3 +15,11 @@ def offload_dir(tmp_path):
     d = tmp_path / "nvme dir é"
     d.mkdir()
     return d
+
+
+@pytest.fixture
+def fresh_storage():
+    """The process's default staging and aio handle pools of this test only (and anew after it)."""
+    renew_storage_defaults()
+    yield
+    renew_storage_defaults()

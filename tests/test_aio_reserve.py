@@ -15,13 +15,13 @@ CHILD = r"""
 import errno, json, os, resource, signal, sys
 import torch
 from nvme_tier.errors import TierIOError
-from nvme_tier.storage import AioBackend, OwnerInfo, WriterDirectory
+from nvme_tier.storage import AioStore, OwnerInfo, StorageBackend, WriterDirectory
 from nvme_tier.deepspeed.ops import load_aio_op
 
 load_aio_op()  # JIT-loading the op writes to ~/.cache: do it before the limit
 root = sys.argv[1]
-backend = AioBackend(WriterDirectory(root, OwnerInfo.current(label="reserve")), staging_budget_bytes=64 << 20)
-chunk = backend._chunk_for(96 << 20)
+backend = StorageBackend(AioStore(WriterDirectory(root, OwnerInfo.current(label="reserve")), staging_budget_bytes=64 << 20))
+chunk = backend.store.chunk_for(96 << 20)
 src = torch.arange(96 << 20, dtype=torch.int64).to(torch.uint8)
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (2 * chunk + chunk // 2, resource.RLIM_INFINITY))

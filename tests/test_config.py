@@ -16,7 +16,7 @@ def test_defaults():
     [
         ({"devise": "nvme"}, "offload_states.devise: unknown key"),
         ({"device": "gpu"}, "offload_states.device"),
-        ({"backend": "spdk"}, "offload_states.backend"),
+        ({"backend": "no/such store"}, "offload_states.backend"),  # a registered name: checked at attach
         ({"policy": {"hp_params": "tape"}}, "offload_states.policy.hp_params"),
         ({"policy": {"moments": "nvme"}}, "moments"),
         ({"aio": {"queue_depth": 0}}, "offload_states.aio.queue_depth"),

@@ -11,24 +11,24 @@ import pytest
 import torch
 
 from nvme_tier.errors import TierIOError
-from nvme_tier.storage import OwnerInfo, StorageBackend, WriterDirectory, ZarrBackend
-from nvme_tier.testing.conformance import BackendConformance, data_files
+from nvme_tier.storage import OwnerInfo, StorageBackend, WriterDirectory, ZarrStore
+from nvme_tier.testing.conformance import StoreConformance, data_files
 from nvme_tier.testing.faults import FaultPlan
 from nvme_tier.testing.samples import random_bytes
 
 
-class TestFaultWrapperWithoutFaults(BackendConformance):
+class TestFaultWrapperWithoutFaults(StoreConformance):
     """With nothing planned, the wrapper passes every conformance case of the backend it wraps."""
 
-    backend_cls = ZarrBackend
+    store_cls = ZarrStore
 
-    def make_backend(self, directory, **kw):
-        return FaultPlan().wrap(ZarrBackend(directory, **kw))
+    def make_backend(self, directory, checksum=True, **kw):
+        return FaultPlan().wrap(StorageBackend(ZarrStore(directory, **kw), checksum=checksum))
 
 
 @pytest.fixture
 def zarr_backend(tmp_path):
-    backend = ZarrBackend(WriterDirectory(str(tmp_path / "offload"), OwnerInfo.current()))
+    backend = StorageBackend(ZarrStore(WriterDirectory(str(tmp_path / "offload"), OwnerInfo.current())))
     yield backend
     backend.release()
 
@@ -36,7 +36,8 @@ def zarr_backend(tmp_path):
 def test_kth_write_fails_after_a_torn_half(zarr_backend):
     plan = FaultPlan(fail_at=2, errno=errno.EIO)
     faulty = plan.wrap(zarr_backend)
-    assert isinstance(faulty, StorageBackend)
+    public = [m for m in vars(StorageBackend) if not m.startswith("_")]
+    assert all(hasattr(faulty, m) for m in public)  # usable wherever a backend is
     faulty.write("a", random_bytes(10_000, 1)).result()
     with pytest.raises(TierIOError) as err:
         faulty.write("b", random_bytes(10_000, 2)).result()

@@ -189,9 +189,9 @@ os.kill(os.getpid(), signal.SIGKILL)
 FIRST_AIO_LOAD = """
 from nvme_tier.config import AioSettings
 from nvme_tier.errors import BuildLockError
-from nvme_tier.storage.aio_handles import take_handle
+from nvme_tier.storage.aio_handles import aio_handle_pool
 try:
-    take_handle(AioSettings())
+    aio_handle_pool().take(AioSettings())
 except BuildLockError as exc:
     print("refused:", exc)
 """
@@ -199,7 +199,7 @@ except BuildLockError as exc:
 
 @requires_aio
 def test_first_aio_load_refuses_a_leftover_build_lock(tmp_path):
-    """The first NVMe offload loads async_io (take_handle -> load_aio_op); a killed build's lock
+    """The first NVMe offload loads async_io (the handle pool's take -> load_aio_op); a killed build's lock
     (torch's FileBaton) would make it wait forever: a typed error names the file and the fix.
     Both op directories DeepSpeed's CPU builder loads hold one, so nothing compiles either way."""
     extensions = tmp_path / "torch_extensions"

@@ -7,16 +7,15 @@ host budget below their combined host copies; each gets a fresh process budget a
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 
 import pytest
 import torch
-from helpers import make_engine, params_of, requires_aio, snapshot, train
+from helpers import budget_of_its_own, make_engine, params_of, requires_aio, snapshot, train
 
 import nvme_tier
-from nvme_tier import errors, host_budget, pinned_memory
+from nvme_tier import errors, pinned_memory
 from nvme_tier.buffers import StateBuffer
 from nvme_tier.config import OffloadStatesConfig
 from nvme_tier.device_copies import DeviceCopier
@@ -25,7 +24,7 @@ from nvme_tier.host_budget import HostMemoryBudget
 from nvme_tier.host_copies import HostCopies
 from nvme_tier.plan import OffloadItem, OffloadPlan
 from nvme_tier.policy import EngineFacts, Placement, decide
-from nvme_tier.storage import staging
+from nvme_tier.storage import staging_pool
 from nvme_tier.storage.staging import SharedStagingPool
 from nvme_tier.tiers import TierMover
 from nvme_tier.types import StateKind, Tier
@@ -37,15 +36,8 @@ SCRATCH = "contiguous_grad_buffer"
 
 @pytest.fixture
 def fresh_budget(monkeypatch):
-    budget = HostMemoryBudget()
-    pool = SharedStagingPool(budget)
-    monkeypatch.setattr(host_budget, "_BUDGET", budget)
-    monkeypatch.setattr(staging, "_POOL", pool)
-    engines: list = []
-    yield budget, pool, engines
-    for engine in engines:
-        with contextlib.suppress(nvme_tier.StatesOffloadedError):  # a failed test left it offloaded
-            nvme_tier.detach(engine)
+    with budget_of_its_own(monkeypatch) as (budget, engines):
+        yield budget, staging_pool(), engines
 
 
 # -- the pure parts ----------------------------------------------------------------------------------

@@ -226,13 +226,13 @@ import os, sys, time
 sys.path.insert(0, os.path.join(os.environ["NVME_TIER_REPO"], "tests"))
 from helpers import make_engine, train
 import nvme_tier
-from nvme_tier.storage.zarr_store import ZarrBackend
+from nvme_tier.storage.base import StorageBackend
 
-real_write = ZarrBackend._write_bytes
-def slow_write(self, name, src):  # the offload is surely still in flight at sys.exit
+real_write = StorageBackend._write_bytes
+def slow_write(self, *args):  # the offload is surely still in flight at sys.exit
     time.sleep(0.5)
-    return real_write(self, name, src)
-ZarrBackend._write_bytes = slow_write
+    return real_write(self, *args)
+StorageBackend._write_bytes = slow_write
 
 engine = make_engine(1, sys.argv[1], backend="zarr")
 nvme_tier.attach(engine)

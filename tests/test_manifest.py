@@ -382,10 +382,10 @@ def test_status_tells_when_files_no_longer_match_the_manifest(tmp_path, damage, 
     import torch
 
     from nvme_tier import cli
-    from nvme_tier.storage.zarr_store import ZarrBackend
+    from nvme_tier.storage import StorageBackend, ZarrStore
 
     root = str(tmp_path / "root")
-    backend = ZarrBackend(WriterDirectory(root, OwnerInfo.current()))
+    backend = StorageBackend(ZarrStore(WriterDirectory(root, OwnerInfo.current())))
     backend.write("a", torch.arange(50_000, dtype=torch.int32)).result()
     backend.commit()
     (info,) = scan_writers(root)

@@ -33,7 +33,7 @@ CHILD = textwrap.dedent(
     import torch
     from nvme_tier.config import OffloadStatesConfig
     from nvme_tier.errors import BackendUnavailableError
-    from nvme_tier.storage import AioBackend, OwnerInfo, WriterDirectory, select_backend
+    from nvme_tier.storage import AioStore, OwnerInfo, StorageBackend, WriterDirectory, select_backend
     from nvme_tier.storage.aio_handles import has_cap_ipc_lock
 
     path = sys.argv[1]
@@ -43,7 +43,7 @@ CHILD = textwrap.dedent(
         select_backend("aio", path)
     except BackendUnavailableError as exc:
         out["aio"] = ["BackendUnavailableError", isinstance(exc, ImportError), str(exc)]
-    backend = AioBackend(WriterDirectory(path, OwnerInfo.current(rank=0, label="t")), staging_budget_bytes=8 << 20)
+    backend = StorageBackend(AioStore(WriterDirectory(path, OwnerInfo.current(rank=0, label="t")), staging_budget_bytes=8 << 20))
     try:
         backend.write("x", torch.arange(1000, dtype=torch.float32)).result()
     except BackendUnavailableError as exc:

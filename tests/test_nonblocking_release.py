@@ -51,16 +51,18 @@ class WriteGate:
             # released aio backend collected later by the cyclic GC was seen to abort the process.
             self._undo.append(lambda: backend.__dict__.pop("_write_bytes", None))
 
-            def write_bytes(name, src):
+            def write_bytes(key, src, chunk, reuse):
+                name = key.removesuffix(backend.store.suffix)
                 self.names.append(name)
                 if len(self.names) == self.hold_at:
                     self.reached.set()
                     self.go.wait(60)
                 if len(self.names) == self.fail_at:
                     self.before_fault()
-                    real(name, src[: src.numel() // 2])  # a real, partial file to clean up
+                    half = src[: src.numel() // 2]
+                    real(key, half, backend.store.chunk_for(half.numel()), reuse)  # a real, partial file
                     raise OSError(errno.EIO, os.strerror(errno.EIO), name)
-                return real(name, src)
+                return real(key, src, chunk, reuse)
 
             backend._write_bytes = write_bytes
             return backend

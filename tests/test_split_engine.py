@@ -5,21 +5,24 @@ a never-offloaded twin; faults and Ctrl-C in a split offload leave every byte wh
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 from faults import assert_resident, data_entries, install
-from helpers import SCRATCH, assert_same_states, make_engine, params_of, requires_aio, snapshot, train
+from helpers import (
+    SCRATCH,
+    assert_same_states,
+    budget_of_its_own,
+    make_engine,
+    params_of,
+    requires_aio,
+    snapshot,
+    train,
+)
 
 import nvme_tier
-from nvme_tier import host_budget
 from nvme_tier.deepspeed.locators import buffers_present
 from nvme_tier.errors import ConfigError, TierIOError
-from nvme_tier.host_budget import HostMemoryBudget
 from nvme_tier.policy import SPLIT_ALIGN
-from nvme_tier.storage import staging
-from nvme_tier.storage.staging import SharedStagingPool
 from nvme_tier.units import MiB
 
 STAGING_MB = 2
@@ -30,14 +33,8 @@ BACKENDS = ["zarr", pytest.param("aio", marks=[requires_aio, pytest.mark.aio])]
 @pytest.fixture
 def fresh_budget(monkeypatch):
     """A process budget and staging pool of this test only (engines of other tests do not count)."""
-    budget = HostMemoryBudget()
-    monkeypatch.setattr(host_budget, "_BUDGET", budget)
-    monkeypatch.setattr(staging, "_POOL", SharedStagingPool(budget))
-    engines: list = []
-    yield budget, engines
-    for engine in engines:
-        with contextlib.suppress(nvme_tier.StatesOffloadedError):
-            nvme_tier.detach(engine)
+    with budget_of_its_own(monkeypatch) as pair:
+        yield pair
 
 
 def by_tier(engine, tier: str) -> int:

@@ -1,5 +1,5 @@
-"""The storage conformance suite (nvme_tier.testing.conformance) run against the shipped backends,
-plus the cases that hold for one backend only."""
+"""The storage conformance suite (nvme_tier.testing.conformance) run against the shipped stores,
+plus the cases that hold for one store only."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch
 
 from nvme_tier.config import AioSettings
 from nvme_tier.deepspeed.ops import aio_compatible
-from nvme_tier.storage import AioBackend, ZarrBackend, supports_o_direct
-from nvme_tier.testing.conformance import BackendConformance, data_files
+from nvme_tier.storage import AioStore, ZarrStore, supports_o_direct
+from nvme_tier.testing.conformance import StoreConformance, data_files
 from nvme_tier.testing.samples import random_bytes
 
 AIO_OK, AIO_WHY = aio_compatible()
@@ -19,18 +19,18 @@ AIO_OK, AIO_WHY = aio_compatible()
 
 @pytest.mark.aio
 @pytest.mark.skipif(not AIO_OK, reason=f"aio backend unavailable: {AIO_WHY} (apt-get install -y libaio-dev)")
-class TestAioBackend(BackendConformance):
+class TestAioStore(StoreConformance):
     @pytest.fixture(autouse=True)
     def _needs_o_direct(self, tmp_path):
         if not supports_o_direct(str(tmp_path)):
             pytest.skip(f"{tmp_path} does not support O_DIRECT (tmpfs?)")
 
-    backend_cls = AioBackend
+    store_cls = AioStore
 
     def test_on_disk_length_is_padded_to_the_alignment(self, backend):
         backend.write("p", random_bytes(4097)).result()
         (path,) = data_files(backend, "p")
-        assert os.path.getsize(path) % backend.alignment == 0
+        assert os.path.getsize(path) % backend.store.alignment == 0
         assert os.path.getsize(path) >= 4097
 
     def test_thousands_of_requests_complete(self, new_backend):
@@ -38,7 +38,7 @@ class TestAioBackend(BackendConformance):
         (deepspeed.aio_binding.aio_wait) deadlocked within a few hundred requests. 2 x 1024 requests here; a hang
         fails CI's time limit."""
         backend = new_backend(staging_budget_bytes=2 * 4096, settings=AioSettings(intra_op_parallelism=1))
-        assert backend.chunk_bytes == 4096
+        assert backend.store.chunk_bytes == 4096
         src = random_bytes(4096 * 1024 - 100, seed=7)
         record = backend.write("many", src).result()
         assert len(record.crc32c) == 1024
@@ -47,5 +47,5 @@ class TestAioBackend(BackendConformance):
         assert torch.equal(out, src)
 
 
-class TestZarrBackend(BackendConformance):
-    backend_cls = ZarrBackend
+class TestZarrStore(StoreConformance):
+    store_cls = ZarrStore

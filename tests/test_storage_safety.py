@@ -28,11 +28,10 @@ from helpers import make_engine, requires_aio, snapshot, train
 
 import nvme_tier
 import nvme_tier.deepspeed.aio_binding as ds
-from nvme_tier import host_budget
 from nvme_tier.config import AioSettings, OffloadStatesConfig
 from nvme_tier.deepspeed.ops import aio_compatible
 from nvme_tier.errors import BackendUnavailableError, ConfigError, TierIOError
-from nvme_tier.storage import AioBackend, OwnerInfo, WriterDirectory, select_backend, staging
+from nvme_tier.storage import AioStore, OwnerInfo, StorageBackend, WriterDirectory, select_backend
 from nvme_tier.storage import aio_handles as aio_mod
 
 AIO = [requires_aio, pytest.mark.aio]
@@ -69,7 +68,7 @@ def _misaligned_op(monkeypatch) -> None:
     """Handles made with block_size 5000: the real op, whose O_DIRECT requests all fail (EINVAL)."""
     real_key = aio_mod.handle_key
     monkeypatch.setattr(aio_mod, "handle_key", lambda s: (5000, *real_key(s)[1:]))
-    aio_mod._IDLE_HANDLES.clear()
+    aio_mod.aio_handle_pool().drop_idle()
 
 
 def _op_that_writes_nothing(monkeypatch) -> None:
@@ -105,8 +104,8 @@ def test_silently_dropped_writes_free_nothing(fault, rewrite, offload_dir, monke
         engine.offload_states()
         engine.reload_states()
         train(engine, 1, seed=2)
-        controller._mover.backend._release_resources()  # the next write makes new handles
-        aio_mod._IDLE_HANDLES.clear()
+        controller._mover.backend.store.close()  # the next write makes new handles
+        aio_mod.aio_handle_pool().drop_idle()
     before = snapshot(engine)
     with monkeypatch.context() as patch:
         fault(patch)
@@ -115,8 +114,8 @@ def test_silently_dropped_writes_free_nothing(fault, rewrite, offload_dir, monke
     assert str(offload_dir) in str(err.value)
     assert_resident(engine, before)
     assert data_entries(offload_dir) == [] or rewrite
-    controller._mover.backend._release_resources()  # drop the misaligned handles: the fault is gone
-    aio_mod._IDLE_HANDLES.clear()
+    controller._mover.backend.store.close()  # drop the misaligned handles: the fault is gone
+    aio_mod.aio_handle_pool().drop_idle()
     engine.offload_states()  # the fault is gone: a normal cycle works and restores every byte
     engine.reload_states()
     assert_resident(engine, before, scratch=False)
@@ -128,10 +127,12 @@ def test_silently_dropped_writes_free_nothing(fault, rewrite, offload_dir, monke
 def test_backend_write_with_a_misaligned_block_size_raises(tmp_path):
     """The backend alone, the real op: a block size the device refuses is never reported stored."""
     settings = AioSettings.model_construct(**{**AioSettings().model_dump(), "block_size": 5000})
-    backend = AioBackend(
-        WriterDirectory(str(tmp_path), OwnerInfo.current(rank=0, label="t")),
-        settings=settings,
-        staging_budget_bytes=2 << 20,
+    backend = StorageBackend(
+        AioStore(
+            WriterDirectory(str(tmp_path), OwnerInfo.current(rank=0, label="t")),
+            settings=settings,
+            staging_budget_bytes=2 << 20,
+        )
     )
     try:
         with pytest.raises(TierIOError, match="offset 0"):
@@ -139,7 +140,7 @@ def test_backend_write_with_a_misaligned_block_size_raises(tmp_path):
         assert backend.names() == []
     finally:
         backend.release()
-        aio_mod._IDLE_HANDLES.clear()
+        aio_mod.aio_handle_pool().drop_idle()
 
 
 @pytest.mark.aio
@@ -154,8 +155,11 @@ def test_verification_cost_is_a_few_pages_per_chunk(tmp_path, monkeypatch):
         return real(fd, buffers, offset, *args)
 
     monkeypatch.setattr(aio_mod.os, "preadv", counting)
-    backend = AioBackend(
-        WriterDirectory(str(tmp_path), OwnerInfo.current(rank=0, label="t")), staging_budget_bytes=32 << 20
+    backend = StorageBackend(
+        AioStore(
+            WriterDirectory(str(tmp_path), OwnerInfo.current(rank=0, label="t")),
+            staging_budget_bytes=32 << 20,
+        )
     )
     try:
         data = torch.randn(8 << 20)  # 32 MiB: 2 chunks of 16 MiB
@@ -206,8 +210,8 @@ def shrunk_ext4(tmp_path, size_mb: int = 96, keep_mb: int = 40):
 @requires_aio
 def test_real_device_eio_is_never_reported_stored(tmp_path):
     with shrunk_ext4(tmp_path) as mnt:
-        backend = AioBackend(
-            WriterDirectory(mnt, OwnerInfo.current(rank=0, label="t")), staging_budget_bytes=8 << 20
+        backend = StorageBackend(
+            AioStore(WriterDirectory(mnt, OwnerInfo.current(rank=0, label="t")), staging_budget_bytes=8 << 20)
         )
         try:
             data = torch.randn(16 << 20)  # 64 MiB: its blocks run past the device's new end
@@ -225,7 +229,7 @@ BUDGET_CHILD = textwrap.dedent(
     import torch
     from nvme_tier.config import OffloadStatesConfig
     from nvme_tier.errors import BackendUnavailableError
-    from nvme_tier.storage import AioBackend, OwnerInfo, WriterDirectory, select_backend
+    from nvme_tier.storage import AioStore, OwnerInfo, StorageBackend, WriterDirectory, select_backend
     from nvme_tier.storage import aio_handles as aio
 
     path, mode = sys.argv[1], sys.argv[2]
@@ -254,7 +258,7 @@ BUDGET_CHILD = textwrap.dedent(
         select_backend("aio", path, config)
     except BackendUnavailableError as exc:
         out["aio"] = str(exc)
-    backend = AioBackend(WriterDirectory(path, OwnerInfo.current(rank=0, label="t")), staging_budget_bytes=8 << 20)
+    backend = StorageBackend(AioStore(WriterDirectory(path, OwnerInfo.current(rank=0, label="t")), staging_budget_bytes=8 << 20))
     try:
         exhaust()
         backend.write("x", torch.arange(1000, dtype=torch.float32)).result()
@@ -344,7 +348,7 @@ class _CountingOp:
 
 @pytest.mark.aio
 @requires_aio
-def test_engines_beyond_the_aio_budget_fall_back_or_refuse(tmp_path, monkeypatch):
+def test_engines_beyond_the_aio_budget_fall_back_or_refuse(tmp_path, monkeypatch, fresh_storage):
     """Room for 2 handles: two aio engines of one process share them (one staging pool); an
     engine with other aio settings needs handles of its own: under 'auto' it uses zarr, under
     'aio' its offload is a typed error with every state in place; another engine with the shared
@@ -353,9 +357,7 @@ def test_engines_beyond_the_aio_budget_fall_back_or_refuse(tmp_path, monkeypatch
     per_handle = aio_mod.aio_events_per_handle(settings)
     counting = _CountingOp(aio_mod.load_aio_op())
     limit = 1 << 20
-    aio_mod._IDLE_HANDLES.clear()
-    # A pool of its own: idle slots of earlier tests hold handles this count must not see.
-    monkeypatch.setattr(staging, "_POOL", staging.SharedStagingPool(host_budget.process_budget()))
+    # Pools of its own (fresh_storage): idle slots of earlier tests hold handles this count must not see.
     monkeypatch.setattr(aio_mod, "load_aio_op", lambda: counting)
     monkeypatch.setattr(
         aio_mod, "read_aio_budget", lambda: (limit - 2 * per_handle + counting.made * per_handle, limit)

@@ -473,9 +473,9 @@ def test_hard_link_at_a_kept_file_is_never_written_through(changed, offload_dir,
 def _aio_backend_with_a_kept_file(tmp_path):
     import torch
 
-    from nvme_tier.storage import AioBackend
+    from nvme_tier.storage import AioStore, StorageBackend
 
-    backend = AioBackend(WriterDirectory(str(tmp_path / "root"), OwnerInfo.current()))
+    backend = StorageBackend(AioStore(WriterDirectory(str(tmp_path / "root"), OwnerInfo.current())))
     data = torch.arange(300_000, dtype=torch.int32)
     backend.write("a", data).result()
     return backend, data
@@ -490,14 +490,14 @@ def test_a_file_swapped_between_the_check_and_the_open_is_not_written_through(tm
     backend, data = _aio_backend_with_a_kept_file(tmp_path)
     kept = backend.directory.file_path("a.bin")
     outside = tmp_path / "outside.bin"
-    real_open = backend._open_for_rewrite
+    real_open = backend.store._open_for_rewrite
     planted: list[bytes] = []
 
-    def swap_then_open(*args):  # the race: after _reuses_file's check, before the open
+    def swap_then_open(*args):  # the race: after _reusable's check, before the open
         planted.append(_plant_hard_link(kept, outside))
         return real_open(*args)
 
-    backend._open_for_rewrite = swap_then_open
+    backend.store._open_for_rewrite = swap_then_open
     backend.write("a", data + 1).result()
     assert planted and outside.read_bytes() == planted[0]
     out = torch.empty_like(data)
@@ -529,9 +529,8 @@ def test_a_record_without_stamps_is_never_rewritten_in_place(tmp_path):
     backend, data = _aio_backend_with_a_kept_file(tmp_path)
     record = backend.record("a")
     assert record.stamps
-    assert backend._reuses_file(record, data.numel() * 4)
-    backend._rewrite.clear()
-    assert not backend._reuses_file(dataclasses.replace(record, stamps=None), data.numel() * 4)
+    assert backend._reusable(record, data.numel() * 4) is not None
+    assert backend._reusable(dataclasses.replace(record, stamps=None), data.numel() * 4) is None
     backend.release()
 
 

@@ -12,7 +12,7 @@ import torch
 import zarr
 
 from nvme_tier.config import ZarrSettings
-from nvme_tier.storage import OwnerInfo, WriterDirectory, ZarrBackend
+from nvme_tier.storage import OwnerInfo, StorageBackend, WriterDirectory, ZarrStore
 from nvme_tier.units import MiB
 
 SIZES = [4 * MiB, 3 * MiB + 12_345, 100]  # whole chunks, a padded last chunk, one tiny chunk
@@ -22,10 +22,12 @@ SIZES = [4 * MiB, 3 * MiB + 12_345, 100]  # whole chunks, a padded last chunk, o
 def test_zarr_reads_what_the_backend_wrote(tmp_path, codec):
     root = str(tmp_path)
     settings = ZarrSettings(chunk_mb=1, codec=codec, concurrency=3)
-    backend = ZarrBackend(
-        WriterDirectory(root, OwnerInfo.current(label="layout")),
-        settings=settings,
-        staging_budget_bytes=2 * MiB,
+    backend = StorageBackend(
+        ZarrStore(
+            WriterDirectory(root, OwnerInfo.current(label="layout")),
+            settings=settings,
+            staging_budget_bytes=2 * MiB,
+        )
     )
     try:
         gen = torch.Generator().manual_seed(0)

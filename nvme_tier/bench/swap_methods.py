@@ -15,7 +15,7 @@ import torch
 from nvme_tier.bench.common import dir_bytes
 from nvme_tier.config import AioSettings
 from nvme_tier.deepspeed.ops import load_aio_op
-from nvme_tier.storage import AioBackend, OwnerInfo, WriterDirectory, ZarrBackend
+from nvme_tier.storage import AioStore, OwnerInfo, StorageBackend, WriterDirectory, ZarrStore
 from nvme_tier.units import MiB
 
 
@@ -105,23 +105,26 @@ class RawAio(Method):
 
 
 class BackendMethod(Method):
-    backend_cls: type = AioBackend
+    store_cls: type = AioStore
 
     def setup(self) -> None:
-        self.backend = self.backend_cls(
-            WriterDirectory(self.workdir, OwnerInfo.current(label="bench")),
-            staging_budget_bytes=self.bench.staging,
+        self.backend = StorageBackend(
+            self.store_cls(
+                WriterDirectory(self.workdir, OwnerInfo.current(label="bench")),
+                staging_budget_bytes=self.bench.staging,
+            )
         )
         # Warm-up: open the handles and allocate staging once, as a long-lived engine does.
         self.backend.write("warmup", torch.zeros(4096, dtype=torch.uint8, device=self.src.device)).result()
         self.backend.delete("warmup")
-        if hasattr(self.backend, "slot_count"):
+        store = self.backend.store
+        if isinstance(store, AioStore):
             self.notes = (
                 *self.notes,
-                f"{self.backend.slot_count} requests in flight x {self.backend.chunk_bytes / MiB:g} MiB chunks",
+                f"{store.slot_count} requests in flight x {store.chunk_bytes / MiB:g} MiB chunks",
             )
-        elif isinstance(self.backend, ZarrBackend):
-            self.notes = (*self.notes, f"zarr chunks of {self.backend.chunk_bytes / MiB:g} MiB")
+        elif isinstance(store, ZarrStore):
+            self.notes = (*self.notes, f"zarr chunks of {store.chunk_bytes / MiB:g} MiB")
 
     def prepare_write(self) -> None:
         self.backend.delete("state")  # a fresh file each round, like raw_aio
@@ -140,12 +143,12 @@ class BackendMethod(Method):
 
 
 class AioBackendMethod(BackendMethod):
-    backend_cls = AioBackend
+    store_cls = AioStore
     notes = ("from device memory through pinned staging; crc32c on",)
 
 
 class ZarrBackendMethod(BackendMethod):
-    backend_cls = ZarrBackend
+    store_cls = ZarrStore
     page_cache = True
     notes = ("crc32c on; codec none; zarr allocates its read slices (not pinned)",)
 

@@ -35,7 +35,7 @@ import torch
 
 from nvme_tier.bench.common import drop_page_cache, machine_info, methods_table
 from nvme_tier.deepspeed.ops import aio_compatible
-from nvme_tier.storage import AioBackend, OwnerInfo, WriterDirectory, supports_o_direct
+from nvme_tier.storage import AioStore, OwnerInfo, StorageBackend, WriterDirectory, supports_o_direct
 from nvme_tier.units import MiB
 
 CHUNK = 8 * MiB  # per write/read call of the buffered methods (the aio backend sizes its own)
@@ -140,9 +140,11 @@ def run(args: argparse.Namespace) -> dict:
             continue
         path = os.path.join(args.path, f"{name}.bin")
         if name == "aio_backend":
-            backend = AioBackend(
-                WriterDirectory(os.path.join(args.path, name), OwnerInfo.current(label="bench")),
-                staging_budget_bytes=args.staging_mb * MiB,
+            backend = StorageBackend(
+                AioStore(
+                    WriterDirectory(os.path.join(args.path, name), OwnerInfo.current(label="bench")),
+                    staging_budget_bytes=args.staging_mb * MiB,
+                )
             )
             backend.write("warmup", torch.zeros(4096, dtype=torch.uint8)).result()  # open handles once
             backend.delete("warmup")

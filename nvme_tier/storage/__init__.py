@@ -1,32 +1,52 @@
-"""Storage: backends that move named tensors to files and back, and the registry that picks one.
+"""Storage: named tensors over block stores, the stores, and the registry that picks one.
 
-base.py is the interface every backend implements; registry.py chooses and builds backends from
-their declared capabilities; nvme_tier.testing ships the suite a backend must pass.
+blocks.py is the interface a store implements (bytes by key); base.py keeps named tensors
+(records, checksums, manifest, skip checks) over any store, moved by pipeline.py; registry.py
+chooses and builds stores from their declared capabilities; nvme_tier.testing ships the suite a
+store must pass.
 """
 
-from .aio import AioBackend
-from .base import Capabilities, StorageBackend
+from .aio import AioStore
+from .aio_handles import AioHandlePool, aio_handle_pool
+from .base import StorageBackend
+from .blocks import BlockFile, BlockStore, Capabilities, FutureSlot
 from .manifest import OwnerInfo, TensorRecord, WriterDirectory
 from .probes import logical_block_size, supports_o_direct
-from .registry import BACKENDS, check_block_alignment, open_backend, register_backend, select_backend
+from .registry import (
+    ENTRY_POINT_GROUP,
+    StoreRegistry,
+    check_block_alignment,
+    default_registry,
+    register_backend,
+    select_backend,
+)
+from .staging import SharedStagingPool, staging_pool
 from .stale_writers import clean_writers, scan_writers
-from .zarr_store import ZarrBackend
+from .zarr_store import ZarrStore
 
 __all__ = [
-    "check_block_alignment",
-    "logical_block_size",
-    "BACKENDS",
-    "AioBackend",
+    "ENTRY_POINT_GROUP",
+    "AioHandlePool",
+    "AioStore",
+    "BlockFile",
+    "BlockStore",
     "Capabilities",
+    "FutureSlot",
     "OwnerInfo",
+    "SharedStagingPool",
     "StorageBackend",
+    "StoreRegistry",
     "TensorRecord",
     "WriterDirectory",
-    "ZarrBackend",
+    "ZarrStore",
+    "aio_handle_pool",
+    "check_block_alignment",
     "clean_writers",
-    "open_backend",
+    "default_registry",
+    "logical_block_size",
     "register_backend",
     "scan_writers",
     "select_backend",
+    "staging_pool",
     "supports_o_direct",
 ]

@@ -1,12 +1,13 @@
-"""What the aio backend takes from the host, asked before DeepSpeed's op would abort the process.
+"""What the aio store takes from the host, asked before DeepSpeed's op would abort the process.
 
 Page-locked memory (``ulimit -l``, for the staging slots), kernel aio events (``fs.aio-max-nr``,
-for each handle's contexts) and the process's idle handles, reused across backends.
+for each handle's contexts) and the idle handles (``AioHandlePool``), reused across stores.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import resource
 import threading
@@ -18,7 +19,7 @@ import torch
 from ..config import AioSettings
 from ..deepspeed.ops import load_aio_op
 from ..errors import BackendUnavailableError
-from .staging import staging_pool
+from .staging import SharedStagingPool, staging_pool
 
 MEMLOCK_HINT = (
     "raise the limit (`ulimit -l unlimited`, `memlock unlimited` in /etc/security/limits.conf, "
@@ -63,16 +64,6 @@ def memlock_shortfall(locked_bytes: int, cuda: bool | None = None) -> str | None
         f"ulimit -l is {soft} B, below the {locked_bytes} B of page-locked staging the aio backend "
         "needs (DeepSpeed's mlock allocator would abort the process)"
     )
-
-
-# Idle aio handles, reused across backends. Creating a handle starts intra_op_parallelism threads
-# and io_setup()s as many kernel aio contexts; destroying one io_destroy()s them, which waits for an
-# RCU grace period each (~0.3 s per handle here). A backend takes its handles on first I/O and gives
-# them back (idle, nothing in flight, buffers freed) on release(); the last backend of a settings
-# key to be released destroys them (stop_using_handles).
-_IDLE_HANDLES: dict[tuple, list] = {}
-_IDLE_LOCK = threading.Lock()
-_MAX_IDLE_PER_KIND = 8
 
 
 def handle_key(settings: AioSettings) -> tuple:
@@ -126,73 +117,101 @@ def aio_budget_shortfall(new_handles: int, settings: AioSettings) -> str | None:
     )
 
 
-def idle_handle_count(settings: AioSettings) -> int:
-    """Handles a new backend can reuse: idle ones, and those paired with idle staging slots."""
-    key = handle_key(settings)
-    with _IDLE_LOCK:
-        idle = len(_IDLE_HANDLES.get(key, ()))
-    return idle + staging_pool().idle_slots(lambda k: isinstance(k, tuple) and k[:2] == ("aio", key))
+class AioHandlePool:
+    """Idle aio handles of the process, reused across stores, and the thread reserving file space.
+
+    Creating a handle starts intra_op_parallelism threads and io_setup()s as many kernel aio
+    contexts; destroying one io_destroy()s them, which waits for an RCU grace period each (~0.3 s
+    per handle here). A store takes its handles on first I/O and gives them back (idle, nothing in
+    flight, buffers freed) when it closes; the last store of a settings key to close destroys them
+    (``stop_using``): their threads are joined and their kernel aio contexts freed (fs.aio-nr is
+    host-wide: another process may need those events). Staging slots keep their handle paired
+    with their buffer, so the pool asks ``staging`` about those too.
+    """
+
+    max_idle_per_kind = 8
+
+    def __init__(self, staging: SharedStagingPool):
+        self.staging = staging
+        self._lock = threading.Lock()
+        self._idle: dict[tuple, list] = {}
+        self._users: dict[tuple, weakref.WeakSet] = {}  # stores that may still use each key's handles
+        self._reserver: ThreadPoolExecutor | None = None  # while any aio store is in use
+
+    def idle_count(self, settings: AioSettings) -> int:
+        """Handles a new store can reuse: idle ones, and those paired with idle staging slots."""
+        key = handle_key(settings)
+        with self._lock:
+            idle = len(self._idle.get(key, ()))
+        return idle + self.staging.idle_slots(lambda k: _holds_handles_of(k, key))
+
+    def use(self, settings: AioSettings, user: object) -> None:
+        """``user`` (a store) may use handles of ``settings`` (registered at each I/O)."""
+        with self._lock:
+            self._users.setdefault(handle_key(settings), weakref.WeakSet()).add(user)
+
+    def stop_using(self, settings: AioSettings, user: object) -> None:
+        """``user`` (a closed store) is done: the last user of these settings takes their handles."""
+        key = handle_key(settings)
+        with self._lock:
+            users = self._users.get(key)
+            if users is not None:
+                users.discard(user)
+            if users:
+                return
+            self._users.pop(key, None)
+        # Its slots' free() gives their handles back here, where (no user left) they are not kept.
+        self.staging.drop_idle(lambda k: _holds_handles_of(k, key))
+        with self._lock:
+            doomed = self._idle.pop(key, [])
+            reserver = None
+            if not any(self._users.values()):
+                reserver, self._reserver = self._reserver, None
+        doomed.clear()  # the last references: each destructor joins its threads and frees its contexts
+        if reserver is not None:
+            reserver.shutdown(wait=True)
+
+    def reserver(self) -> ThreadPoolExecutor:
+        """The helper thread that reserves new files' space (aio.py), made on first use."""
+        with self._lock:
+            if self._reserver is None:
+                self._reserver = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nvme_tier-reserve")
+            return self._reserver
+
+    def take(self, settings: AioSettings):
+        """An idle handle of ``settings``, else a new one (refused before the kernel's budget is out)."""
+        key = handle_key(settings)
+        with self._lock:
+            idle = self._idle.get(key)
+            if idle:
+                return idle.pop()
+        op = load_aio_op()
+        shortfall = aio_budget_shortfall(1, settings)
+        if shortfall:  # refuse in Python: past the limit DeepSpeed's op aborts the process
+            raise BackendUnavailableError(f"aio backend: {shortfall}; {AIO_MAX_NR_HINT}")
+        return op.aio_handle(*key)
+
+    def give_back(self, settings: AioSettings, handle) -> None:
+        """Keep ``handle`` idle for reuse while a store uses its settings; else it is destroyed
+        (with the caller's last reference to it)."""
+        key = handle_key(settings)
+        with self._lock:
+            idle = self._idle.setdefault(key, [])
+            if self._users.get(key) and len(idle) < self.max_idle_per_kind:
+                idle.append(handle)
+
+    def drop_idle(self) -> None:
+        """Destroy every idle handle (a test that changes how handles are made)."""
+        with self._lock:
+            self._idle.clear()
 
 
-# Backends that may still use the handles of each settings key. When the last one is released,
-# the idle handles of that key, and the idle staging slots holding them, are destroyed: their
-# threads are joined and their kernel aio contexts io_destroy()ed (fs.aio-nr is host-wide: another
-# process may need those events). A backend registers at each I/O, before checking slots out.
-_USERS: dict[tuple, weakref.WeakSet] = {}
-_RESERVER: list[ThreadPoolExecutor] = []  # the posix_fallocate thread, while any aio backend is in use
+def _holds_handles_of(slot_key: object, key: tuple) -> bool:
+    """Whether a staging slot key is an aio slot's whose handle has settings ``key``."""
+    return isinstance(slot_key, tuple) and slot_key[:2] == ("aio", key)
 
 
-def use_handles(settings: AioSettings, user: object) -> None:
-    with _IDLE_LOCK:
-        _USERS.setdefault(handle_key(settings), weakref.WeakSet()).add(user)
-
-
-def stop_using_handles(settings: AioSettings, user: object) -> None:
-    """``user`` (a released backend) is done: the last user of these settings takes their handles."""
-    key = handle_key(settings)
-    with _IDLE_LOCK:
-        users = _USERS.get(key)
-        if users is not None:
-            users.discard(user)
-        if users:
-            return
-        _USERS.pop(key, None)
-    # Its slots' free() gives their handles back here, where (no user left) they are not kept.
-    staging_pool().drop_idle(lambda k: isinstance(k, tuple) and k[:2] == ("aio", key))
-    with _IDLE_LOCK:
-        doomed = _IDLE_HANDLES.pop(key, [])
-        reserver = _RESERVER.pop() if _RESERVER and not any(_USERS.values()) else None
-    doomed.clear()  # the last references: each destructor joins its threads and frees its contexts
-    if reserver is not None:
-        reserver.shutdown(wait=True)
-
-
-def reserver() -> ThreadPoolExecutor:
-    """The helper thread that reserves new files' space (aio.py), made on first use."""
-    with _IDLE_LOCK:
-        if not _RESERVER:
-            _RESERVER.append(ThreadPoolExecutor(max_workers=1, thread_name_prefix="nvme_tier-reserve"))
-        return _RESERVER[0]
-
-
-def take_handle(settings: AioSettings):
-    key = handle_key(settings)
-    with _IDLE_LOCK:
-        idle = _IDLE_HANDLES.get(key)
-        if idle:
-            return idle.pop()
-    op = load_aio_op()
-    shortfall = aio_budget_shortfall(1, settings)
-    if shortfall:  # refuse in Python: past the limit DeepSpeed's op aborts the process
-        raise BackendUnavailableError(f"aio backend: {shortfall}; {AIO_MAX_NR_HINT}")
-    return op.aio_handle(*key)
-
-
-def give_back_handle(settings: AioSettings, handle) -> None:
-    """Keep ``handle`` idle for reuse while a backend uses its settings; else it is destroyed
-    (with the caller's last reference to it)."""
-    key = handle_key(settings)
-    with _IDLE_LOCK:
-        idle = _IDLE_HANDLES.setdefault(key, [])
-        if _USERS.get(key) and len(idle) < _MAX_IDLE_PER_KIND:
-            idle.append(handle)
+@functools.cache
+def aio_handle_pool() -> AioHandlePool:
+    """The process's default aio handle pool (over the default staging pool)."""
+    return AioHandlePool(staging_pool())

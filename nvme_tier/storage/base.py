@@ -1,108 +1,63 @@
-"""The storage backend interface: write named tensors to a private directory, read them back in place.
+"""Named tensors over a block store: records, checksums, the manifest, verification and skip checks.
 
-Every backend moves raw bytes (so bf16/fp16/bool are lossless), returns futures (I/O runs on the
-backend's own worker thread), checksums each chunk with crc32c and commits a manifest last.
-Subclasses declare their capabilities and file names and implement three small hooks;
-nvme_tier.testing.conformance is the suite every backend passes.
+``StorageBackend`` is what the core uses: it writes a tensor's raw bytes (so bf16/fp16/bool are
+lossless) through the chunk pipeline into any ``BlockStore`` (blocks.py), returns futures (I/O
+runs on its own worker thread, in order), checksums each chunk with crc32c, keeps a record per
+name (size, dtype, shape, checksums, file stamps, sampled pages) and commits the manifest last.
+Stores know none of this: they move bytes by key.
 """
 
 from __future__ import annotations
 
-import abc
-import ctypes
+import errno
 import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any, ClassVar, Self
 
-import crc32c as crc32c_lib
-import numpy as np
 import torch
 
-from ..config import OffloadStatesConfig
 from ..errors import IntegrityError, TierIOError
 from ..tensor_bytes import as_bytes
+from ..units import PAGE
+from .blocks import BlockStore, Capabilities
 from .file_stamps import spread
 from .manifest import MANIFEST_FILE, TensorRecord, WriterDirectory, check_name
+from .pipeline import ChunkPipeline, Samples
 
 log = logging.getLogger("nvme_tier")
 
 
-@dataclass(frozen=True)
-class Capabilities:
-    """What a backend needs from the host and the path, and what it promises on disk.
+class StorageBackend:
+    """Named tensors in one writer directory, over ``store``. Constructing it does no I/O."""
 
-    Selection decides from these alone, never from a class or its name (nvme_tier.storage.registry):
-    each need is a check the host and the path must pass before ``auto`` takes the backend.
-    """
-
-    name: str  # its key in the registry
-    alignment: int  # on-disk lengths and offsets are multiples of this many bytes
-    # Runs on DeepSpeed's async_io op (``offload_states.aio``), one aio handle per staging slot: the
-    # op must load, and the kernel's aio budget hold those handles.
-    needs_libaio: bool
-    # Bypasses the page cache: the path must take O_DIRECT, its device's logical block divide alignment.
-    o_direct: bool
-    # Its staging slots are page-locked (mlock'ed where CUDA does not pin them): they must fit ulimit -l.
-    page_locked_staging: bool
-
-
-def host_array(host_bytes: torch.Tensor) -> np.ndarray:
-    """A numpy view of a contiguous CPU uint8 tensor that leaves the tensor's storage resizable.
-
-    ``Tensor.numpy()`` permanently marks the storage non-resizable, and nvme_tier frees engine
-    storages in place with ``resize_(0)``; so the view is built from the raw address instead.
-    The caller keeps the tensor alive while the array is in use.
-    """
-    n = host_bytes.numel()
-    if n == 0:
-        return np.empty(0, dtype=np.uint8)
-    return np.ctypeslib.as_array((ctypes.c_uint8 * n).from_address(host_bytes.data_ptr()))
-
-
-def crc32c(host_bytes: torch.Tensor) -> int:
-    """crc32c of a CPU uint8 tensor, computed with the GIL released (see ``crc32c_of_buffer``)."""
-    return crc32c_of_buffer(host_array(host_bytes)) if host_bytes.numel() else 0
-
-
-def crc32c_of_buffer(data: Any) -> int:
-    """crc32c of any contiguous buffer (numpy array, mmap, bytes), hardware-accelerated.
-
-    Always with the GIL released: backend workers checksum 128 MiB staging chunks while the
-    caller's thread runs another model, and PyTorch takes the GIL back after every op, so a
-    checksum that kept it (google-crc32c does, for anything but ``bytes`` of >= 1 MiB) would
-    stall each of the caller's ops for the whole chunk (docs/design.md, "No GIL in the background").
-    """
-    return crc32c_lib.crc32c(data, gil_release_mode=1)
-
-
-def chunk_ranges(nbytes: int, chunk: int) -> list[tuple[int, int]]:
-    return [(start, min(start + chunk, nbytes)) for start in range(0, nbytes, chunk)]
-
-
-class StorageBackend(abc.ABC):
-    """Base of every backend. Constructors do no I/O; the directory is created on first write.
-
-    A backend declares its ``capabilities``, names the file of each tensor (``file_name``) and
-    implements three I/O hooks. Its constructor takes ``(directory, *, checksum, staging_budget_bytes)``
-    (and keywords of its own): ``from_config``, how the registry opens it, passes those.
-    """
-
-    capabilities: ClassVar[Capabilities]
-
-    def __init__(self, directory: WriterDirectory, *, checksum: bool = True):
-        self.directory = directory
+    def __init__(self, store: BlockStore, *, checksum: bool = True):
+        self.store = store
         self.checksum = checksum
+        self.pipeline = ChunkPipeline(checksum)
         self._records: dict[str, TensorRecord] = {}
         # (nbytes, dtype, shape) of the newest write queued per name but not finished yet, so that a
         # read_into queued behind it is checked against, and reads, what that write stores.
         self._queued: dict[str, tuple[int, str, tuple[int, ...]]] = {}
         self._lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
-        self._closed = False
-        self._samples: dict[str, tuple[tuple[int, int], ...]] = {}  # per file, noted by the last write
+
+    @property
+    def directory(self) -> WriterDirectory:
+        return self.store.directory
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return self.store.capabilities
+
+    @property
+    def pinned_bytes(self) -> int:
+        """Staging bytes the store checks out of the shared pool per file (0 before its first I/O)."""
+        return self.store.pinned_bytes
+
+    def file_name(self, name: str) -> str:
+        """The file (or directory) under the writer directory that holds ``name``'s bytes."""
+        return self.store.key(name)
 
     # -- the public, future-returning API ------------------------------------------------------
     def write(self, name: str, tensor: torch.Tensor, fingerprint: str | None = None) -> Future[TensorRecord]:
@@ -200,72 +155,21 @@ class StorageBackend(abc.ABC):
         return False
 
     def release(self) -> None:
-        """Wait for queued I/O, free staging memory and delete every file this writer owns."""
+        """Wait for queued I/O, give staging back and delete every file this writer owns."""
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
-        self._release_resources()
+        self.store.close()
         with self._lock:
             self._records.clear()
             self._queued.clear()
         self.directory.remove()
 
-    # -- what every backend declares -------------------------------------------------------------
-    @classmethod
-    def from_config(cls, config: OffloadStatesConfig, directory: WriterDirectory, **knobs: Any) -> Self:
-        """A backend writing into ``directory`` with the config's knobs, doing no I/O: how the
-        registry opens it. A backend with a block of its own in the config passes it in ``knobs``."""
-        return cls(
-            directory, checksum=config.checksum, staging_budget_bytes=config.staging_budget_bytes, **knobs
-        )
-
-    @abc.abstractmethod
-    def file_name(self, name: str) -> str:
-        """The file (or directory) under the writer directory that holds ``name``'s bytes."""
-
-    @classmethod
-    def staging_slots(cls, config: OffloadStatesConfig) -> tuple[int, int]:
-        """(count, bytes each) of the staging slots a backend built from ``config`` holds at once;
-        selection sizes the page-locked memory and aio handles it needs from them. By default one
-        slot of the whole staging budget, the most a backend may hold."""
-        return 1, config.staging_budget_bytes
-
-    # -- hooks for subclasses --------------------------------------------------------------------
-    @abc.abstractmethod
-    def _write_bytes(self, name: str, src: torch.Tensor) -> tuple[str, int, list[int] | None]:
-        """Write ``src`` (flat uint8, any device); return (file, chunk_bytes, crcs)."""
-
-    @abc.abstractmethod
-    def _read_bytes(self, record: TensorRecord, dst: torch.Tensor) -> None:
-        """Fill ``dst`` (flat uint8, any device) from ``record``, verifying checksums."""
-
-    @abc.abstractmethod
-    def _remove(self, record: TensorRecord) -> None:
-        """Delete ``record``'s files."""
-
-    def _reuses_file(self, old: TensorRecord, nbytes: int) -> bool:
-        """True when the next ``_write_bytes`` overwrites ``old``'s file in place (kept, not removed)."""
-        return False
-
-    def _release_resources(self) -> None:  # noqa: B027 - optional hook, a no-op by default
-        """Free pinned buffers and handles (subclasses override)."""
-
-    def _data_files(self, file: str, chunk_bytes: int, nbytes: int) -> list[str]:
-        """The files (relative to the directory) holding a tensor written to ``file``: stamped."""
-        return [file]
-
-    def _note_samples(self, file: str, samples: list[tuple[int, int]], nbytes: int) -> None:
-        """Keep some of a write's (offset, crc32c) page samples for its record (a spread of them)."""
-        self._samples[file] = spread(samples, nbytes)
-
-    def _samples_hold(self, record: TensorRecord) -> bool:
-        """Whether the pages sampled at write still read back as written (hook; True: none sampled)."""
-        return True
-
-    # -- internals -------------------------------------------------------------------------------
+    # -- the jobs, on the worker thread, in order ------------------------------------------------
     def _submit(self, fn: Callable):
         if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=type(self).__name__)
+            prefix = f"nvme_tier-{self.capabilities.name}"
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=prefix)
         return self._executor.submit(on_callers_device(fn))
 
     def _forget_queued(self, name: str, queued: tuple | None) -> None:
@@ -278,33 +182,35 @@ class StorageBackend(abc.ABC):
         name: str,
         src: torch.Tensor,
         meta: tuple[str, tuple[int, ...]],
-        fingerprint: str | None = None,
-        queued: tuple | None = None,
+        fingerprint: str | None,
+        queued: tuple,
     ) -> TensorRecord:
         try:
-            return self._write_job_inner(name, src, meta, fingerprint)
+            return self._write_record(name, src, meta, fingerprint)
         finally:
             self._forget_queued(name, queued)
 
-    def _write_job_inner(
+    def _write_record(
         self, name: str, src: torch.Tensor, meta: tuple[str, tuple[int, ...]], fingerprint: str | None
     ) -> TensorRecord:
         self.directory.create()
         with self._lock:
             old = self._records.pop(name, None)
-        if old is not None and not self._reuses_file(old, src.numel()):
-            self._remove(old)
+        reuse = self._reusable(old, src.numel()) if old is not None else None
+        if old is not None and reuse is None and old.file:
+            self.store.delete(old.file)
+        key = self.store.key(name)
         try:
             stamps = samples = None
             if src.numel() == 0:
                 file, chunk, crcs = "", 0, [] if self.checksum else None
             else:
-                self._samples.pop(self.file_name(name), None)
-                file, chunk, crcs = self._write_bytes(name, src)
-                stamps = self.directory.stamps(self._data_files(file, chunk, src.numel()))
-                samples = self._samples.pop(file, None)
+                file, chunk = key, self.store.chunk_for(src.numel())
+                crcs, sampled = self._write_bytes(key, src, chunk, reuse)
+                stamps = self.directory.stamps(self.store.files(key, chunk, src.numel()))
+                samples = spread(sampled, src.numel())  # re-read before a skip (_samples_hold)
         except OSError as exc:
-            self._remove(TensorRecord(name, self.file_name(name), 0, "", (), 0))
+            self.store.delete(key)
             if isinstance(exc, TierIOError):
                 raise
             path = exc.filename or self.directory.path
@@ -314,6 +220,59 @@ class StorageBackend(abc.ABC):
         with self._lock:
             self._records[name] = record
         return record
+
+    def _write_bytes(
+        self, key: str, src: torch.Tensor, chunk: int, reuse: tuple[int, int] | None
+    ) -> tuple[list[int] | None, Samples]:
+        """Write ``src`` (flat uint8, any device) as object ``key``; (crcs, sampled pages)."""
+        with (
+            self.store.slots(chunk, reading=False) as slots,
+            self.store.open_write(key, src.numel(), chunk, reuse) as file,
+        ):
+            crcs, samples = self.pipeline.write(slots, file, src, chunk)
+            file.finish(src.numel())
+        if self.capabilities.drops_write_errors:
+            self._verify_written(key, chunk, samples)
+        return crcs, samples
+
+    def _verify_written(self, key: str, chunk: int, samples: Samples) -> None:
+        """Prove the writes reached the file where the store's engine may drop per-request errors
+        (DeepSpeed's op reports every request done regardless): the sampled pages, read back from
+        the device, must hold what was staged. Cost: a few 4 KiB reads per chunk."""
+        got = self.store.page_crcs(key, chunk, [offset for offset, _ in samples])
+        for (offset, expected), crc in zip(samples, got, strict=True):
+            if crc != expected:
+                path = self.directory.file_path(key)
+                raise TierIOError(
+                    f"{path}: the {self.capabilities.name} store reported the write done, but the "
+                    f"{PAGE} B at offset {offset} do not hold what was written "
+                    f"({self.store.dropped_writes})",
+                    path,
+                    errno.EIO,
+                )
+
+    def _reusable(self, old: TensorRecord, nbytes: int) -> tuple[int, int] | None:
+        """(st_dev, st_ino) of ``old``'s file when the store may rewrite it in place: exactly the
+        stored size, and still the file written: nvme_tier's own (regular, one link, our uid), same
+        inode, unchanged since (its stamp). Anything else is replaced by a new file, never written
+        through."""
+        if not self.capabilities.rewrite_in_place or not old.file or old.file != self.store.key(old.name):
+            return None
+        if not old.stamps or len(old.stamps) != 1 or old.stamps[0].size != self.store.stored_size(nbytes):
+            return None
+        try:
+            if self.directory.first_change(old.stamps) is not None:
+                return None
+        except OSError:
+            return None
+        return old.stamps[0].dev, old.stamps[0].ino
+
+    def _samples_hold(self, record: TensorRecord) -> bool:
+        """Whether the pages sampled at write still read back as written (True: none sampled)."""
+        if not record.samples:
+            return True
+        got = self.store.page_crcs(record.file, record.chunk_bytes, [offset for offset, _ in record.samples])
+        return all(crc == expected for (_, expected), crc in zip(record.samples, got, strict=True))
 
     def _read_job(self, record: TensorRecord, dst: torch.Tensor) -> None:
         if not record.nbytes:
@@ -326,19 +285,21 @@ class StorageBackend(abc.ABC):
             path = exc.filename or self.directory.file_path(record.file)
             raise TierIOError(f"reading {path} failed: {exc.strerror or exc}", path, exc.errno) from exc
 
+    def _read_bytes(self, record: TensorRecord, dst: torch.Tensor) -> None:
+        """Fill ``dst`` (flat uint8, any device) from ``record``'s object, verifying checksums."""
+        chunk = record.chunk_bytes
+        with (
+            self.store.slots(chunk, reading=True) as slots,
+            self.store.open_read(record.file, record.nbytes, chunk) as file,
+        ):
+            self.pipeline.read(slots, file, dst, chunk, record.crc32c)
+
     def _delete_job(self, name: str) -> None:
         with self._lock:
             self._queued.pop(name, None)
             rec = self._records.pop(name, None)
         if rec is not None and rec.file:
-            self._remove(rec)
-
-    def _check_crc(self, record: TensorRecord, index: int, host: torch.Tensor) -> None:
-        if record.crc32c is None or not self.checksum:
-            return
-        if crc32c(host) != record.crc32c[index]:
-            path = self.directory.file_path(record.file)
-            raise IntegrityError(f"checksum mismatch in {path} (chunk {index})", path)
+            self.store.delete(rec.file)
 
 
 def _check_size(name: str, dst: torch.Tensor, nbytes: int, dtype: str, shape: tuple[int, ...]) -> None:

@@ -12,7 +12,7 @@ import torch
 
 from ..errors import IntegrityError
 from ..units import PAGE
-from .base import crc32c_of_buffer, host_array
+from .checksums import crc32c_of_buffer, host_array
 from .file_stamps import is_private_file
 
 

@@ -16,10 +16,12 @@ import os
 import stat
 from dataclasses import dataclass
 
+from ..units import MiB
+
 # Sampled pages recorded per file: the first, one more per SAMPLE_SPACING bytes (the last page
 # among them), at most MAX_SAMPLES: the manifest stays small, and the check (one 4 KiB read each)
 # stays below 2 % of the write it saves down to 1 MiB files (benchmarks/skip_check_cost.py).
-SAMPLE_SPACING = 64 << 20
+SAMPLE_SPACING = 64 * MiB
 MAX_SAMPLES = 64
 
 

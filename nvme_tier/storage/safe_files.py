@@ -10,8 +10,9 @@ import os
 import stat
 
 from ..errors import IntegrityError, TierIOError
+from ..units import MiB
 
-_MAX_METADATA_BYTES = 1 << 20  # owner.json / manifest.json are a few KiB; anything larger is planted
+_MAX_METADATA_BYTES = MiB  # owner.json / manifest.json are a few KiB; anything larger is planted
 
 
 def open_flags(write: bool, direct: bool, *, create: bool = True, exclusive: bool = False) -> int:

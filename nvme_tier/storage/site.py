@@ -18,14 +18,14 @@ from ..deepspeed.aio_binding import aio_wait_keeps_gil
 from ..deepspeed.version import installed_version
 from ..errors import ConfigError, TierIOError
 from ..mounts import NOT_A_DISK, log_storage_once, mount_of, storage_kind
-from ..units import human_bytes
+from ..units import MiB, human_bytes
 from .base import StorageBackend
 from .manifest import OwnerInfo, WriterDirectory, ensure_root
-from .registry import open_backend, select_backend
+from .registry import StoreRegistry, default_registry
 from .stale_writers import clean_writers
 
 log = logging.getLogger("nvme_tier")
-FREE_SPACE_MARGIN = 64 << 20
+FREE_SPACE_MARGIN = 64 * MiB
 
 
 def _path_of(config: OffloadStatesConfig) -> str:
@@ -94,8 +94,15 @@ def warn_write_endurance_once(path: str) -> None:
 class StorageSite:
     """Where one engine's NVMe-tier files go, and with which backend."""
 
-    def __init__(self, config: OffloadStatesConfig, rank: int, label: Callable[[], str]):
+    def __init__(
+        self,
+        config: OffloadStatesConfig,
+        rank: int,
+        label: Callable[[], str],
+        registry: StoreRegistry | None = None,
+    ):
         self.config = config
+        self.registry = registry if registry is not None else default_registry()
         self.rank = rank
         self._label = label  # the engine's model class, read when the directory is made
         self.backend_name: str | None = None
@@ -109,7 +116,7 @@ class StorageSite:
         if self.backend_name is None:
             path = self.path
             ensure_root(path)
-            self.backend_name, why = select_backend(self.config.backend, path, self.config)
+            self.backend_name, why = self.registry.select(self.config.backend, path, self.config)
             # Visible at Python's default level (nvme_tier adds no log handler, as libraries should
             # not), once per engine; other ranks say it at INFO (a fallback warns on its own).
             level = logging.WARNING if self.rank == 0 else logging.INFO
@@ -136,7 +143,7 @@ class StorageSite:
         warn_write_endurance_once(self.path)
         clean_writers(self.path)  # stale leftovers of killed processes (never a live writer's files)
         directory = WriterDirectory(self.path, OwnerInfo.current(rank=self.rank, label=self._label()))
-        return open_backend(self.config, directory, name)
+        return self.registry.open(self.config, directory, name)
 
     def check_free_space(self, needed: int, replaced: int) -> None:
         """Refuse before anything moves when ``needed`` bytes cannot fit; ``replaced``: bytes of

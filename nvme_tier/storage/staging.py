@@ -1,13 +1,15 @@
-"""Host memory for moving bytes: the process-wide staging pool and its buffers.
+"""Host memory for moving bytes: the staging pool and its buffers.
 
-Staging buffers are one pool per process, shared by every engine's backend and charged to the
-process's host budget (host_budget.py): a backend checks slots out for one file's write or read
-and returns them, so N engines hold at most one staging budget, not N.
+Staging buffers come from one pool, shared by every engine's store and charged to a host budget
+(host_budget.py): a store checks slots out for one file's write or read and returns them, so N
+engines hold at most one staging budget, not N. A store takes its pool as an argument; the
+process's default one is ``staging_pool()``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 import time
@@ -31,6 +33,9 @@ class StagingSlot(Protocol):
     buffer: torch.Tensor
 
     def free(self) -> None: ...
+
+
+MakeSlot = Callable[[], StagingSlot]  # makes a new slot when none of its key is idle
 
 
 class _Ticket:
@@ -82,7 +87,7 @@ class SharedStagingPool:
         key: Hashable,
         count: int,
         slot_bytes: int,
-        make: Callable[[], StagingSlot],
+        make: MakeSlot,
         *,
         reading: bool = False,
     ) -> Iterator[list[StagingSlot]]:
@@ -117,13 +122,7 @@ class SharedStagingPool:
                         torch._C._host_emptyCache()
 
     def _acquire(
-        self,
-        user: object,
-        key: Hashable,
-        count: int,
-        slot_bytes: int,
-        make: Callable[[], StagingSlot],
-        reading: bool,
+        self, user: object, key: Hashable, count: int, slot_bytes: int, make: MakeSlot, reading: bool
     ) -> list[StagingSlot]:
         ticket = _Ticket(reading)
         deadline = time.monotonic() + self._wait_seconds
@@ -200,12 +199,11 @@ class SharedStagingPool:
             self._budget.release(nbytes, staging=True)
 
 
-_POOL = SharedStagingPool(process_budget())
-
-
+@functools.cache
 def staging_pool() -> SharedStagingPool:
-    """The staging pool every backend of this process shares."""
-    return _POOL
+    """The process's default staging pool, charged to the process budget: what every store built
+    without a pool of its own shares (a test builds its own ``SharedStagingPool`` instead)."""
+    return SharedStagingPool(process_budget())
 
 
 class HostBuffer:

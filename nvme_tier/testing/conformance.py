@@ -1,26 +1,28 @@
-"""The conformance suite every storage backend must pass, shipped for third-party backends.
+"""The conformance suite every block store must pass, shipped for third-party stores.
 
-As ``zarr.testing.store.StoreTests`` does for zarr stores: subclass ``BackendConformance`` in your
-own test suite, say which backend it builds, and pytest runs every case against it::
+As ``zarr.testing.store.StoreTests`` does for zarr stores: subclass ``StoreConformance`` in your
+own test suite, say which store it builds, and pytest runs every case against it::
 
-    from nvme_tier.testing.conformance import BackendConformance
+    from nvme_tier.testing.conformance import StoreConformance
 
-    class TestMyBackend(BackendConformance):
-        backend_cls = MyBackend          # MyBackend(directory, **kw), a StorageBackend subclass
-                                         # (capabilities, from_config, file_name, the I/O hooks)
+    class TestMyStore(StoreConformance):
+        store_cls = MyStore              # MyStore(directory, **kw), a BlockStore subclass
+                                         # (capabilities, suffix, chunk_for, slots, open_write,
+                                         # open_read, delete)
 
         # optional: where the writer directories go (default: a fresh tmp_path/offload)
         @pytest.fixture
         def root(self, tmp_path):
             return str(tmp_path / "offload")
 
-Every case runs, the contract ones included (nvme_tier.testing.contract: the declared capabilities
-are consistent and honoured on disk, ``file_name`` and ``from_config`` do what they say).
-``make_backend(directory, **kw)`` may be overridden instead of ``backend_cls`` (extra constructor
-arguments, a wrapper); the ``new_backend`` fixture calls it and releases every backend it made.
-The cases pass ``staging_budget_bytes`` for the memory-bounded ones. Corruption targets are found
-from ``record.file`` under the writer directory: a single file (aio: ``<name>.bin``) or a
-directory of chunk files (zarr: ``<name>.zarr/c/<i>``), so no case branches on the backend.
+Every case runs: the block-store ones (nvme_tier.testing.contract: the declared capabilities are
+consistent and honoured on disk, objects by key, the registry builds the store from the config)
+and the ones below, on named tensors (``StorageBackend``) over the store. ``make_store(directory,
+**kw)`` may be overridden instead of ``store_cls`` (extra constructor arguments), and
+``make_backend`` to wrap the upper layer; the ``new_backend`` fixture releases every backend it
+made. The cases pass ``staging_budget_bytes`` for the memory-bounded ones. Corruption targets are
+found from ``record.file`` under the writer directory: a single file (aio: ``<name>.bin``) or a
+directory of chunk files (zarr: ``<name>.zarr/c/<i>``), so no case branches on the store.
 
 Importing this module needs pytest (``pip install nvme_tier[test]``); ``nvme_tier`` itself does not.
 """
@@ -57,12 +59,12 @@ def round_trip(backend, name: str, tensor: torch.Tensor) -> torch.Tensor:
     return out
 
 
-class BackendConformance(ContractCases):
-    """The cases every backend must pass. Not collected itself (no ``Test`` prefix): subclass it.
+class StoreConformance(ContractCases):
+    """The cases every store must pass. Not collected itself (no ``Test`` prefix): subclass it.
 
-    Set ``backend_cls`` (constructed as ``backend_cls(directory, **kw)``, where ``kw`` may hold
-    ``staging_budget_bytes``), or override ``make_backend`` when construction needs more; the
-    fixtures and the cases about the declared contract come from ``ContractCases``.
+    Set ``store_cls`` (constructed as ``store_cls(directory, **kw)``, where ``kw`` may hold
+    ``staging_budget_bytes``), or override ``make_store`` when construction needs more; the
+    fixtures and the cases about the block-store interface come from ``ContractCases``.
     """
 
     # -- sizes and dtypes ------------------------------------------------------------------------

@@ -1,9 +1,10 @@
-"""The contract half of the conformance suite: a backend does what it declares.
+"""The contract half of the conformance suite: a store does what it declares, by key.
 
-``ContractCases`` holds the fixtures every conformance case uses (see ``BackendConformance``, which
-subclasses it and is what a backend's test suite subclasses) and the cases about the interface
-itself: the declared ``Capabilities`` are consistent and honoured on disk, ``file_name`` names the
-file a record points at, ``from_config`` builds a working backend without I/O.
+``ContractCases`` holds the fixtures every conformance case uses (see ``StoreConformance``, which
+subclasses it and is what a store's test suite subclasses) and the cases about the block-store
+interface itself: the declared ``Capabilities`` are consistent and honoured on disk, objects are
+written, listed, read back, sampled, rewritten in place (where declared) and deleted by key, and
+the registry builds the store from the config without I/O.
 
 Importing this module needs pytest; ``nvme_tier`` itself does not import it.
 """
@@ -16,9 +17,12 @@ import pytest
 import torch
 
 from ..config import OffloadStatesConfig
-from ..storage.base import Capabilities, StorageBackend
+from ..errors import IntegrityError
+from ..storage.base import StorageBackend
+from ..storage.blocks import BlockStore, Capabilities
 from ..storage.manifest import OwnerInfo, WriterDirectory
-from ..storage.registry import BACKENDS
+from ..storage.pipeline import ChunkPipeline
+from ..storage.registry import StoreRegistry
 from ..units import MiB
 from .samples import random_bytes
 
@@ -34,20 +38,43 @@ def data_files(backend: StorageBackend, name: str) -> list[str]:
     return sorted(found, key=lambda p: int(os.path.basename(p)))
 
 
-class ContractCases:
-    """Fixtures, and the cases about what a backend declares. Subclass ``BackendConformance``.
+def put(store: BlockStore, key: str, src: torch.Tensor, reuse: tuple[int, int] | None = None):
+    """Write ``src`` as object ``key`` through the chunk pipeline; (chunk, crcs, samples)."""
+    store.directory.create()
+    chunk = store.chunk_for(src.numel())
+    with store.slots(chunk, reading=False) as slots, store.open_write(key, src.numel(), chunk, reuse) as file:
+        crcs, samples = ChunkPipeline().write(slots, file, src, chunk)
+        file.finish(src.numel())
+    return chunk, crcs, samples
 
-    Set ``backend_cls`` (constructed as ``backend_cls(directory, **kw)``, where ``kw`` may hold
-    ``staging_budget_bytes``), or override ``make_backend`` when construction needs more.
+
+def get(store: BlockStore, key: str, nbytes: int, chunk: int, crcs) -> torch.Tensor:
+    """Object ``key`` read back through the chunk pipeline (checked against ``crcs``)."""
+    out = torch.zeros(nbytes, dtype=torch.uint8)
+    with store.slots(chunk, reading=True) as slots, store.open_read(key, nbytes, chunk) as file:
+        ChunkPipeline().read(slots, file, out, chunk, tuple(crcs))
+    return out
+
+
+class ContractCases:
+    """Fixtures, and the cases about the block-store interface. Subclass ``StoreConformance``.
+
+    Set ``store_cls`` (constructed as ``store_cls(directory, **kw)``, where ``kw`` may hold
+    ``staging_budget_bytes``), or override ``make_store`` when construction needs more;
+    ``make_backend`` puts the upper layer (``StorageBackend``) over it.
     """
 
-    backend_cls: type[StorageBackend] | None = None
+    store_cls: type[BlockStore] | None = None
 
-    def make_backend(self, directory: WriterDirectory, **kw) -> StorageBackend:
-        """A new backend writing into ``directory``; ``kw`` are the case's constructor arguments."""
-        if self.backend_cls is None:
-            raise NotImplementedError(f"{type(self).__name__}: set backend_cls or override make_backend")
-        return self.backend_cls(directory, **kw)
+    def make_store(self, directory: WriterDirectory, **kw) -> BlockStore:
+        """A new store writing into ``directory``; ``kw`` are the case's constructor arguments."""
+        if self.store_cls is None:
+            raise NotImplementedError(f"{type(self).__name__}: set store_cls or override make_store")
+        return self.store_cls(directory, **kw)
+
+    def make_backend(self, directory: WriterDirectory, checksum: bool = True, **kw) -> StorageBackend:
+        """Named tensors over a new store (what the core uses)."""
+        return StorageBackend(self.make_store(directory, **kw), checksum=checksum)
 
     # -- fixtures ------------------------------------------------------------------------------------
     @pytest.fixture
@@ -56,7 +83,7 @@ class ContractCases:
 
     @pytest.fixture
     def new_backend(self, root):
-        """Factory: new_backend(root=..., **kw) -> a backend of a fresh writer; all released after."""
+        """Factory: new_backend(at=..., **kw) -> a backend of a fresh writer; all released after."""
         made = []
 
         def factory(at: str | None = None, **kw):
@@ -72,20 +99,24 @@ class ContractCases:
     def backend(self, new_backend):
         return new_backend()
 
+    @pytest.fixture
+    def store(self, root):
+        """A store of a fresh writer (2 MiB of staging), closed and its directory removed after."""
+        made = self.make_store(WriterDirectory(root, OwnerInfo.current()), staging_budget_bytes=2 * MiB)
+        yield made
+        made.close()
+        made.directory.remove()
+
     # -- the declared contract -----------------------------------------------------------------------
-    def test_capabilities_are_consistent(self, backend):
-        caps = backend.capabilities
+    def test_capabilities_are_consistent(self, store):
+        caps = store.capabilities
         assert isinstance(caps, Capabilities)
         assert caps.alignment >= 1 and caps.alignment & (caps.alignment - 1) == 0, (
             f"alignment {caps.alignment} is not a power of two"
         )
         if caps.o_direct:
-            assert caps.alignment % 512 == 0, "an O_DIRECT backend's alignment is at least a 512 B sector"
-        if caps.name in BACKENDS and self.backend_cls is not None:
-            assert issubclass(self.backend_cls, BACKENDS[caps.name]), (
-                f"{caps.name!r} is another backend's name"
-            )
-        slots, each = backend.staging_slots(OffloadStatesConfig(staging_budget_mb=8))
+            assert caps.alignment % 512 == 0, "an O_DIRECT store's alignment is at least a 512 B sector"
+        slots, each = type(store).staging_slots(8 * MiB)
         assert slots >= 1 and 0 < slots * each <= 8 * MiB, "declared staging exceeds the staging budget"
 
     def test_declared_alignment_is_honoured(self, new_backend):
@@ -103,23 +134,56 @@ class ContractCases:
                     f"chunks of {record.chunk_bytes} B break the declared alignment {alignment} B"
                 )
 
+    def test_objects_by_key(self, store):
+        """Written, listed, stamped, sampled, read back and deleted by key, through the pipeline."""
+        key, src = store.key("blk"), random_bytes(5 * MiB + 7, seed=11)
+        assert store.keys() == []
+        chunk, crcs, samples = put(store, key, src)
+        assert 0 < chunk <= 2 * MiB and store.stored_size(src.numel()) >= src.numel()
+        assert store.keys() == [key]
+        assert all(
+            os.path.isfile(os.path.join(store.directory.path, f))
+            for f in store.files(key, chunk, src.numel())
+        )
+        assert torch.equal(get(store, key, src.numel(), chunk, crcs), src)
+        if samples:
+            got = store.page_crcs(key, chunk, [offset for offset, _ in samples])
+            assert got == [crc for _, crc in samples], "sampled pages do not read back as written"
+        store.delete(key)
+        assert store.keys() == [] and not os.path.lexists(store.directory.file_path(key))
+
+    def test_open_read_of_a_missing_object_is_an_integrity_error(self, store):
+        store.directory.create()
+        with pytest.raises(IntegrityError):
+            store.open_read(store.key("absent"), 5000, store.chunk_for(5000)).close()
+
+    def test_rewrite_in_place_keeps_the_object(self, store):
+        if not store.capabilities.rewrite_in_place:
+            pytest.skip("the store does not declare rewrite_in_place")
+        key, src = store.key("kept"), random_bytes(300_001, seed=12)
+        put(store, key, src)
+        st = os.stat(store.directory.file_path(key))
+        chunk, crcs, _ = put(store, key, src.flip(0), reuse=(st.st_dev, st.st_ino))
+        assert os.stat(store.directory.file_path(key)).st_ino == st.st_ino
+        assert torch.equal(get(store, key, src.numel(), chunk, crcs), src.flip(0))
+
     def test_file_name_names_the_stored_file(self, backend):
         names = ("plain", "with.dots-and_1")
         for name in names:
             record = backend.write(name, random_bytes(5000)).result()
-            assert record.file == backend.file_name(name)
+            assert record.file == backend.file_name(name) == backend.store.key(name)
             assert os.path.exists(backend.directory.file_path(record.file))  # file_path checks the name
         assert len({backend.file_name(name) for name in names}) == len(names)
         backend.delete("plain")
         assert not os.path.lexists(backend.directory.file_path(backend.file_name("plain")))
 
-    def test_from_config_builds_without_io(self, backend, root):
-        """How the registry opens a backend: the config's knobs applied, nothing touched until used."""
+    def test_registry_builds_it_from_the_config_without_io(self, store, root):
+        """How nvme_tier opens a registered store: the config's knobs applied, nothing touched."""
         config = OffloadStatesConfig(checksum=False, staging_budget_mb=2)
-        built = backend.from_config(config, WriterDirectory(root, OwnerInfo.current()))
+        registry = StoreRegistry([type(store)], entry_point_group=None)
+        built = registry.open(config, WriterDirectory(root, OwnerInfo.current()), store.capabilities.name)
         try:
-            assert isinstance(built, StorageBackend) and built.capabilities == backend.capabilities
-            assert built.checksum is False
+            assert isinstance(built.store, type(store)) and built.checksum is False
             assert not os.path.exists(root)
             src = random_bytes(3 * MiB + 1, seed=1)
             record = built.write("c", src).result()

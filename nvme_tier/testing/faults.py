@@ -74,8 +74,7 @@ class FaultPlan:
 class FaultInjectingBackend:
     """Forwards the ``StorageBackend`` API to ``inner`` and breaks where ``plan`` says.
 
-    Attributes a backend adds beyond the base API (``pinned_bytes``, ``chunk_bytes``...) are read
-    from ``inner`` as they are. Registered as a virtual ``StorageBackend`` subclass.
+    Anything else (``pinned_bytes``, ``store``, ``capabilities``...) is read from ``inner`` as it is.
     """
 
     def __init__(self, inner: StorageBackend, plan: FaultPlan):
@@ -177,9 +176,6 @@ class FaultInjectingBackend:
         else:
             torn.add_done_callback(announce)
         return Future()
-
-
-StorageBackend.register(FaultInjectingBackend)
 
 
 def _then(first: Future | None, error: TierIOError | Callable[[], TierIOError]) -> Future:
