@@ -187,8 +187,7 @@ def _thp() -> dict[str, str]:
 
 def phase_four_engines(args, out: dict) -> None:
     import nvme_tier
-    from nvme_tier.host_budget import process_budget
-    from nvme_tier.storage.staging import staging_pool
+    from nvme_tier import default_runtime
 
     roles = [("actor", True), ("critic", True), ("reference", False), ("reward", False)]
     block = {
@@ -205,7 +204,8 @@ def phase_four_engines(args, out: dict) -> None:
         nvme_tier.attach(engine, block)
         engines.append((role, adam, engine))
     gc.collect()
-    budget = process_budget()
+    runtime = default_runtime()
+    budget = runtime.budget
     res: dict[str, Any] = {
         "roles": [r for r, _, _ in engines],
         "host_budget_mb": args.host_budget_mb,
@@ -227,7 +227,7 @@ def phase_four_engines(args, out: dict) -> None:
                     "offload_s": rnd(s),
                     "peak_rss_added_GB": rnd(smp.added / GB, 3),
                     "budget_reserved_GB": rnd(budget.reserved / GB, 3),
-                    "staging_GB": rnd(staging_pool().allocated_bytes / GB, 3),
+                    "staging_GB": rnd(runtime.staging.allocated_bytes / GB, 3),
                     "states": {
                         k: {"tier": v.tier, "bytes": v.bytes, "spilled": v.spilled} for k, v in st.items()
                     },
@@ -251,10 +251,10 @@ def phase_four_engines(args, out: dict) -> None:
         {
             "rows": rows,
             "host_copies_bytes_while_all_offloaded": host_held,
-            "staging_bytes": staging_pool().allocated_bytes,
+            "staging_bytes": runtime.staging.allocated_bytes,
             "peak_rss_added_GB": rnd(whole.added / GB, 3),
             "goal_peak_rss_within_budget_plus_1GB": whole.added <= limit + GB,
-            "goal_host_copies_plus_staging_within_budget": host_held + staging_pool().allocated_bytes
+            "goal_host_copies_plus_staging_within_budget": host_held + runtime.staging.allocated_bytes
             <= limit,
             "spilled": [
                 f"{r['role']}.{k}"

@@ -31,6 +31,7 @@ from .errors import (
     TierIOError,
     UnsupportedEngineError,
 )
+from .runtime import Runtime, default_runtime, isolated_runtime, register_backend
 from .types import OffloadPhase, StateKind, StateStatus, Tier
 
 __version__ = "0.1.0"
@@ -43,6 +44,7 @@ __all__ = [
     "NvmeTierError",
     "OffloadPhase",
     "OffloadStatesConfig",
+    "Runtime",
     "StateKind",
     "StateStatus",
     "StatesOffloadedError",
@@ -51,11 +53,14 @@ __all__ = [
     "UnsupportedEngineError",
     "attach",
     "controller_of",
+    "default_runtime",
     "detach",
     "format_status",
     "initialize",
+    "isolated_runtime",
     "mark_dirty",
     "offload_status",
+    "register_backend",
     "release",
     "wait",
 ]

@@ -11,10 +11,9 @@ from .deepspeed.config_block import engine_config_dict
 from .deepspeed.locators import discover_buffers, engine_facts
 from .deepspeed.version import check_deepspeed_version
 from .errors import ConfigError, NvmeTierError, StatesOffloadedError
-from .host_budget import process_budget
 from .policy import decide
+from .runtime import default_runtime
 from .status import format_table
-from .storage.registry import default_registry
 from .storage.site import check_path_at_attach
 from .types import OffloadPhase, StateKind, StateStatus
 from .units import human_bytes
@@ -62,7 +61,7 @@ def attach(engine: Any, config: OffloadStatesConfig | dict | None = None) -> Off
                 "attach again"
             ) from exc
         del _controllers[engine]
-    controller = OffloadController(engine, cfg)
+    controller = OffloadController(engine, cfg, default_runtime())
     _controllers[engine] = controller
     return controller
 
@@ -92,7 +91,7 @@ def check_placement(config: OffloadStatesConfig, planned: list[StateKind]) -> No
     path is required (ConfigError from decide) and must be usable (``check_path_at_attach``:
     creates only its last level).
     """
-    default_registry().check_name(config.backend)
+    default_runtime().stores.check_name(config.backend)
     if decide(config, planned).uses_nvme:
         check_path_at_attach(config)
 
@@ -125,7 +124,7 @@ def offload_status(engine: Any) -> dict[str, StateStatus]:
 def format_status(engine: Any) -> str:
     """``offload_status`` as a table, and what the host budget came to (``device: "auto"``: computed)."""
     controller = controller_of(engine)
-    budget = process_budget()
+    budget = controller.budget
     limit = (
         "" if budget.limit == controller.host_limit else f"; this process's: {human_bytes(budget.limit or 0)}"
     )

@@ -200,7 +200,8 @@ def check_filesystem(path: str) -> Iterator[Check]:
 
 def _probe_directory(path: str, config: OffloadStatesConfig) -> list[Check]:
     from .mounts import mount_of
-    from .storage import select_backend, supports_o_direct
+    from .runtime import default_runtime
+    from .storage import supports_o_direct
 
     checks = list(check_filesystem(path))
     mount = mount_of(path)
@@ -223,8 +224,8 @@ def _probe_directory(path: str, config: OffloadStatesConfig) -> list[Check]:
         checks.append(Check("free space", OK, free))
     backend = config.backend
     try:
-        with _nvme_tier_logs_quiet():  # select_backend warns once when auto falls back
-            name, why = select_backend(backend, path, config)
+        with _nvme_tier_logs_quiet():  # select warns once when auto falls back
+            name, why = default_runtime().stores.select(backend, path, config)
         checks.append(Check(f"backend '{backend}'", OK, f"{name} ({why})"))
     except NvmeTierError as exc:
         hint = "use backend 'zarr' (any filesystem, no libaio), or fix what the message names"

@@ -20,12 +20,13 @@ from .deepspeed.accelerator import accelerator_device, empty_cache, rank_of
 from .deepspeed.hooks import install_hooks
 from .deepspeed.locators import discover_buffers, engine_facts, quiesce
 from .errors import StatesOffloadedError, failed_reload_message, offloaded_message
-from .host_budget import process_budget, resolve_limit
+from .host_budget import HostMemoryBudget, resolve_limit
 from .interrupts import DeferredInterrupt
 from .jobs import BackgroundOperation, OffloadJob, ReloadJob, TransferStats
 from .plan import plan_offload
 from .policy import require_bool
 from .progress import Progress
+from .runtime import Runtime
 from .status import build_status
 from .storage.site import StorageSite
 from .tiers import TierMover
@@ -44,7 +45,7 @@ def _release_in_owner(mover: TierMover, owner_pid: int) -> None:
 class OffloadController:
     """Attached to one engine; reached through ``engine.offload_states``/``reload_states``."""
 
-    def __init__(self, engine: Any, config: OffloadStatesConfig):
+    def __init__(self, engine: Any, config: OffloadStatesConfig, runtime: Runtime):
         self._engine_ref = weakref.ref(engine)
         self.config = config
         self.rank = rank_of(engine)
@@ -55,15 +56,17 @@ class OffloadController:
         self._background = BackgroundOperation()
         self._lock = threading.RLock()
         self._status_lock = threading.Lock()  # what status() reads, changed by the worker thread
-        self.site = StorageSite(config, self.rank, lambda: type(self.engine.module).__name__)
+        self.site = StorageSite(config, self.rank, lambda: type(self.engine.module).__name__, runtime.stores)
         self.last_stats: dict[str, TransferStats] = {}
         self._progress = Progress(enabled=config.progress)
-        self._budget = process_budget()
+        self._budget = runtime.budget
         self.host_limit, self.limit_source = resolve_limit(
             config.host_budget_bytes, config.device == "auto", self._budget.reserved
         )
         self._budget.register(self, self.host_limit, config.staging_budget_bytes if config.path else 0)
-        self._mover = TierMover(self.site.open, self._budget, progress=self._progress.advance)
+        self._mover = TierMover(
+            self.site.open, self._budget, progress=self._progress.advance, staging=runtime.staging
+        )
         self._rewrite_all = False  # set by mark_dirty: the next offload skips nothing
         guards = (self.guard, self.mark_dirty, self.offload_states, self.reload_states)
         self._undo_hooks = install_hooks(engine, *guards, self.guard_weights, self.guard_states)
@@ -72,6 +75,11 @@ class OffloadController:
             self._preallocate()
 
     # -- engine access ---------------------------------------------------------------------------
+    @property
+    def budget(self) -> HostMemoryBudget:
+        """The host budget this engine shares with the others of its runtime."""
+        return self._budget
+
     @property
     def engine(self) -> Any:
         eng = self._engine_ref()

@@ -189,8 +189,8 @@ def run(args: argparse.Namespace) -> int:
     from .deepspeed.accelerator import accelerator_name
     from .deepspeed.ops import build_missing, quiet_comm_op_build
     from .policy import decide
+    from .runtime import default_runtime
     from .snapshot import copy_states, differing_states
-    from .storage import select_backend
     from .storage.stale_writers import scan_writers
 
     if args.steps < 1 or args.rounds < 1:
@@ -202,7 +202,7 @@ def run(args: argparse.Namespace) -> int:
         parsed = nvme_tier.OffloadStatesConfig.parse(block)
         backend = None
         if decide(parsed, list(nvme_tier.StateKind)).uses_nvme:
-            backend, why = select_backend(parsed.backend, path, parsed)
+            backend, why = default_runtime().stores.select(parsed.backend, path, parsed)
             where = f"backend {backend} ({why})"
         else:
             where = "host memory only, nothing goes to disk"

@@ -200,8 +200,6 @@ class BudgetTransaction:
         self._reserved, self._unparked = 0, []
 
 
-_BUDGET = HostMemoryBudget()
-
 # device "auto" without host_budget_mb: the share of the host's available memory (at attach) the
 # host copies may take. Half leaves the other half to what shares the host and cannot be paged
 # out from under page-locked memory -- the trainer's own heap and data loaders, an inference
@@ -244,8 +242,3 @@ def resolve_limit(configured: int | None, auto: bool, held: int = 0) -> tuple[in
         limit,
         f"{human_bytes(limit)} (device 'auto': {AUTO_SHARE:.0%} of {human_bytes(available)} available at attach{per})",
     )
-
-
-def process_budget() -> HostMemoryBudget:
-    """The budget every engine of this process shares."""
-    return _BUDGET

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from helpers import renew_storage_defaults
 
+import nvme_tier
 from nvme_tier.demo import set_launch_env
 
 set_launch_env()  # single-process rendezvous, a free port, for every test (helpers.py sets it too)
@@ -19,7 +19,6 @@ def offload_dir(tmp_path):
 
 @pytest.fixture
 def fresh_storage():
-    """The process's default staging and aio handle pools of this test only (and anew after it)."""
-    renew_storage_defaults()
-    yield
-    renew_storage_defaults()
+    """A runtime of this test only: its staging and aio handle pools hold nothing of other tests."""
+    with nvme_tier.isolated_runtime() as runtime:
+        yield runtime

@@ -17,12 +17,10 @@ import pytest
 import torch
 
 import nvme_tier
-from nvme_tier import host_budget
 from nvme_tier.deepspeed.ops import aio_compatible
 from nvme_tier.demo import set_launch_env
 from nvme_tier.host_budget import HostMemoryBudget
 from nvme_tier.snapshot import copy_states
-from nvme_tier.storage import aio_handle_pool, staging_pool
 
 set_launch_env()  # single-process rendezvous, a free port
 
@@ -176,24 +174,15 @@ def child_result(proc: subprocess.CompletedProcess) -> dict:
 
 
 @contextlib.contextmanager
-def budget_of_its_own(monkeypatch) -> Iterator[tuple[HostMemoryBudget, list]]:
-    """A process budget and default staging pool of one test (engines of other tests do not count);
-    yields (budget, engines), and detaches the engines a test adds to that list."""
-    budget = HostMemoryBudget()
-    monkeypatch.setattr(host_budget, "_BUDGET", budget)
-    renew_storage_defaults()  # the default pool is built over ``budget`` at its next use
-    engines: list = []
-    try:
-        yield budget, engines
-    finally:
-        for engine in engines:
-            with contextlib.suppress(nvme_tier.StatesOffloadedError):  # a failed test left it offloaded
-                nvme_tier.detach(engine)
-        renew_storage_defaults()
-
-
-def renew_storage_defaults() -> None:
-    """Build the process's default staging pool and aio handle pool anew at their next use (over
-    the process budget as it is then): a test sees no idle slots or handles of earlier tests."""
-    staging_pool.cache_clear()
-    aio_handle_pool.cache_clear()
+def budget_of_its_own() -> Iterator[tuple[HostMemoryBudget, list]]:
+    """A runtime of one test (its budget, staging and aio handle pools: engines and idle slots of
+    other tests do not count); yields (budget, engines), and detaches the engines a test adds to
+    that list."""
+    with nvme_tier.isolated_runtime() as runtime:
+        engines: list = []
+        try:
+            yield runtime.budget, engines
+        finally:
+            for engine in engines:
+                with contextlib.suppress(nvme_tier.StatesOffloadedError):  # a failed test left it offloaded
+                    nvme_tier.detach(engine)

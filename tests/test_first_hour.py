@@ -189,9 +189,9 @@ os.kill(os.getpid(), signal.SIGKILL)
 FIRST_AIO_LOAD = """
 from nvme_tier.config import AioSettings
 from nvme_tier.errors import BuildLockError
-from nvme_tier.storage.aio_handles import aio_handle_pool
+from nvme_tier import default_runtime
 try:
-    aio_handle_pool().take(AioSettings())
+    default_runtime().aio_handles.take(AioSettings())
 except BuildLockError as exc:
     print("refused:", exc)
 """

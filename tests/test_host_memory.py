@@ -24,7 +24,6 @@ from nvme_tier.host_budget import HostMemoryBudget
 from nvme_tier.host_copies import HostCopies
 from nvme_tier.plan import OffloadItem, OffloadPlan
 from nvme_tier.policy import EngineFacts, Placement, decide
-from nvme_tier.storage import staging_pool
 from nvme_tier.storage.staging import SharedStagingPool
 from nvme_tier.tiers import TierMover
 from nvme_tier.types import StateKind, Tier
@@ -35,9 +34,9 @@ SCRATCH = "contiguous_grad_buffer"
 
 
 @pytest.fixture
-def fresh_budget(monkeypatch):
-    with budget_of_its_own(monkeypatch) as (budget, engines):
-        yield budget, staging_pool(), engines
+def fresh_budget():
+    with budget_of_its_own() as (budget, engines):
+        yield budget, nvme_tier.default_runtime().staging, engines
 
 
 # -- the pure parts ----------------------------------------------------------------------------------

@@ -33,14 +33,15 @@ CHILD = textwrap.dedent(
     import torch
     from nvme_tier.config import OffloadStatesConfig
     from nvme_tier.errors import BackendUnavailableError
-    from nvme_tier.storage import AioStore, OwnerInfo, StorageBackend, WriterDirectory, select_backend
+    import nvme_tier
+    from nvme_tier.storage import AioStore, OwnerInfo, StorageBackend, WriterDirectory
     from nvme_tier.storage.aio_handles import has_cap_ipc_lock
 
     path = sys.argv[1]
     out = {"cap": has_cap_ipc_lock(), "cuda": torch.cuda.is_available()}
-    out["auto"] = select_backend("auto", path, OffloadStatesConfig(staging_budget_mb=8))
+    out["auto"] = nvme_tier.default_runtime().stores.select("auto", path, OffloadStatesConfig(staging_budget_mb=8))
     try:
-        select_backend("aio", path)
+        nvme_tier.default_runtime().stores.select("aio", path)
     except BackendUnavailableError as exc:
         out["aio"] = ["BackendUnavailableError", isinstance(exc, ImportError), str(exc)]
     backend = StorageBackend(AioStore(WriterDirectory(path, OwnerInfo.current(rank=0, label="t")), staging_budget_bytes=8 << 20))

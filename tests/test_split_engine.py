@@ -31,9 +31,9 @@ BACKENDS = ["zarr", pytest.param("aio", marks=[requires_aio, pytest.mark.aio])]
 
 
 @pytest.fixture
-def fresh_budget(monkeypatch):
+def fresh_budget():
     """A process budget and staging pool of this test only (engines of other tests do not count)."""
-    with budget_of_its_own(monkeypatch) as pair:
+    with budget_of_its_own() as pair:
         yield pair
 
 

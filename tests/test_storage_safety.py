@@ -31,7 +31,7 @@ import nvme_tier.deepspeed.aio_binding as ds
 from nvme_tier.config import AioSettings, OffloadStatesConfig
 from nvme_tier.deepspeed.ops import aio_compatible
 from nvme_tier.errors import BackendUnavailableError, ConfigError, TierIOError
-from nvme_tier.storage import AioStore, OwnerInfo, StorageBackend, WriterDirectory, select_backend
+from nvme_tier.storage import AioStore, OwnerInfo, StorageBackend, WriterDirectory
 from nvme_tier.storage import aio_handles as aio_mod
 
 AIO = [requires_aio, pytest.mark.aio]
@@ -60,7 +60,7 @@ def test_block_size_checked_against_the_device(backend, tmp_path, monkeypatch):
     monkeypatch.setattr(registry, "logical_block_size", lambda path: 1 << 16)  # a 64 KiB-block device
     config = OffloadStatesConfig.parse({"path": str(tmp_path), "aio": {"block_size": 1 << 20}})
     with pytest.raises(ConfigError, match=r"aio\.block_size .*65536"):
-        select_backend(backend, str(tmp_path), config)
+        nvme_tier.default_runtime().stores.select(backend, str(tmp_path), config)
 
 
 # -- 1b: writes that never reached the disk ---------------------------------------------------------
@@ -68,7 +68,7 @@ def _misaligned_op(monkeypatch) -> None:
     """Handles made with block_size 5000: the real op, whose O_DIRECT requests all fail (EINVAL)."""
     real_key = aio_mod.handle_key
     monkeypatch.setattr(aio_mod, "handle_key", lambda s: (5000, *real_key(s)[1:]))
-    aio_mod.aio_handle_pool().drop_idle()
+    nvme_tier.default_runtime().aio_handles.drop_idle()
 
 
 def _op_that_writes_nothing(monkeypatch) -> None:
@@ -105,7 +105,7 @@ def test_silently_dropped_writes_free_nothing(fault, rewrite, offload_dir, monke
         engine.reload_states()
         train(engine, 1, seed=2)
         controller._mover.backend.store.close()  # the next write makes new handles
-        aio_mod.aio_handle_pool().drop_idle()
+        nvme_tier.default_runtime().aio_handles.drop_idle()
     before = snapshot(engine)
     with monkeypatch.context() as patch:
         fault(patch)
@@ -115,7 +115,7 @@ def test_silently_dropped_writes_free_nothing(fault, rewrite, offload_dir, monke
     assert_resident(engine, before)
     assert data_entries(offload_dir) == [] or rewrite
     controller._mover.backend.store.close()  # drop the misaligned handles: the fault is gone
-    aio_mod.aio_handle_pool().drop_idle()
+    nvme_tier.default_runtime().aio_handles.drop_idle()
     engine.offload_states()  # the fault is gone: a normal cycle works and restores every byte
     engine.reload_states()
     assert_resident(engine, before, scratch=False)
@@ -140,7 +140,7 @@ def test_backend_write_with_a_misaligned_block_size_raises(tmp_path):
         assert backend.names() == []
     finally:
         backend.release()
-        aio_mod.aio_handle_pool().drop_idle()
+        nvme_tier.default_runtime().aio_handles.drop_idle()
 
 
 @pytest.mark.aio
@@ -229,7 +229,8 @@ BUDGET_CHILD = textwrap.dedent(
     import torch
     from nvme_tier.config import OffloadStatesConfig
     from nvme_tier.errors import BackendUnavailableError
-    from nvme_tier.storage import AioStore, OwnerInfo, StorageBackend, WriterDirectory, select_backend
+    import nvme_tier
+    from nvme_tier.storage import AioStore, OwnerInfo, StorageBackend, WriterDirectory
     from nvme_tier.storage import aio_handles as aio
 
     path, mode = sys.argv[1], sys.argv[2]
@@ -252,10 +253,10 @@ BUDGET_CHILD = textwrap.dedent(
     out = {}
     config = OffloadStatesConfig(staging_budget_mb=8)
     exhaust()
-    out["auto"] = select_backend("auto", path, config)
+    out["auto"] = nvme_tier.default_runtime().stores.select("auto", path, config)
     try:
         exhaust()
-        select_backend("aio", path, config)
+        nvme_tier.default_runtime().stores.select("aio", path, config)
     except BackendUnavailableError as exc:
         out["aio"] = str(exc)
     backend = StorageBackend(AioStore(WriterDirectory(path, OwnerInfo.current(rank=0, label="t")), staging_budget_bytes=8 << 20))

@@ -7,7 +7,7 @@ store must pass.
 """
 
 from .aio import AioStore
-from .aio_handles import AioHandlePool, aio_handle_pool
+from .aio_handles import AioHandlePool
 from .base import StorageBackend
 from .blocks import BlockFile, BlockStore, Capabilities, FutureSlot
 from .manifest import OwnerInfo, TensorRecord, WriterDirectory
@@ -16,11 +16,8 @@ from .registry import (
     ENTRY_POINT_GROUP,
     StoreRegistry,
     check_block_alignment,
-    default_registry,
-    register_backend,
-    select_backend,
 )
-from .staging import SharedStagingPool, staging_pool
+from .staging import SharedStagingPool
 from .stale_writers import clean_writers, scan_writers
 from .zarr_store import ZarrStore
 
@@ -39,14 +36,9 @@ __all__ = [
     "TensorRecord",
     "WriterDirectory",
     "ZarrStore",
-    "aio_handle_pool",
     "check_block_alignment",
     "clean_writers",
-    "default_registry",
     "logical_block_size",
-    "register_backend",
     "scan_writers",
-    "select_backend",
-    "staging_pool",
     "supports_o_direct",
 ]

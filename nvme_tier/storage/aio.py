@@ -24,7 +24,7 @@ from ..deepspeed import aio_binding  # the op's calls differ by DeepSpeed versio
 from ..errors import BackendUnavailableError, IntegrityError, TierIOError
 from ..units import PAGE, MiB, round_down, round_up
 from . import aio_handles  # handle_key read at each use: a test makes handles of other settings
-from .aio_handles import MEMLOCK_HINT, AioHandlePool, aio_handle_pool, memlock_shortfall
+from .aio_handles import MEMLOCK_HINT, AioHandlePool, memlock_shortfall
 from .blocks import BlockFile, BlockStore, Capabilities
 from .checksums import crc32c_of_buffer
 from .file_stamps import is_private_file
@@ -189,7 +189,7 @@ class AioStore(BlockStore):
         """``base``: ``BlockStore``'s own arguments (``staging_budget_bytes``, ``staging``)."""
         super().__init__(directory, **base)
         self.settings = settings or AioSettings()
-        self.handles = handles if handles is not None else aio_handle_pool()
+        self.handles = handles if handles is not None else AioHandlePool(self.staging)
         self.alignment = self.settings.intra_op_parallelism * PAGE
         self.slot_count, self.chunk_bytes = staging_plan(self.staging_budget_bytes, self.settings)
 

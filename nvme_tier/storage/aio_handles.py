@@ -7,7 +7,6 @@ for each handle's contexts) and the idle handles (``AioHandlePool``), reused acr
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import resource
 import threading
@@ -19,7 +18,7 @@ import torch
 from ..config import AioSettings
 from ..deepspeed.ops import load_aio_op
 from ..errors import BackendUnavailableError
-from .staging import SharedStagingPool, staging_pool
+from .staging import SharedStagingPool
 
 MEMLOCK_HINT = (
     "raise the limit (`ulimit -l unlimited`, `memlock unlimited` in /etc/security/limits.conf, "
@@ -209,9 +208,3 @@ class AioHandlePool:
 def _holds_handles_of(slot_key: object, key: tuple) -> bool:
     """Whether a staging slot key is an aio slot's whose handle has settings ``key``."""
     return isinstance(slot_key, tuple) and slot_key[:2] == ("aio", key)
-
-
-@functools.cache
-def aio_handle_pool() -> AioHandlePool:
-    """The process's default aio handle pool (over the default staging pool)."""
-    return AioHandlePool(staging_pool())

@@ -21,10 +21,11 @@ from typing import Any, ClassVar, Protocol, Self
 
 import torch
 
+from ..host_budget import HostMemoryBudget
 from ..units import PAGE, MiB
 from .chunk_files import page_crc
 from .manifest import WriterDirectory
-from .staging import SharedStagingPool, StagingSlot, staging_pool
+from .staging import SharedStagingPool, StagingSlot
 
 
 @dataclass(frozen=True)
@@ -151,7 +152,8 @@ class BlockStore(abc.ABC):
     ):
         self.directory = directory
         self.staging_budget_bytes = staging_budget_bytes
-        self.staging = staging if staging is not None else staging_pool()
+        # Built alone (a test, a benchmark), a store has a pool of its own, shared with nothing.
+        self.staging = staging if staging is not None else SharedStagingPool(HostMemoryBudget())
         self.pinned_bytes = 0  # staging checked out per object (0 before the first I/O)
 
     @classmethod

@@ -10,7 +10,6 @@ Third-party stores are registered (``register``) or found through the entry poin
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -19,13 +18,13 @@ from importlib.metadata import entry_points
 from ..config import OffloadStatesConfig
 from ..deepspeed.ops import INSTALL_HINT, aio_compatible
 from ..errors import BackendUnavailableError, ConfigError, NvmeTierError
+from ..host_budget import HostMemoryBudget
 from .aio import AioStore
 from .aio_handles import (
     AIO_MAX_NR_HINT,
     MEMLOCK_HINT,
     AioHandlePool,
     aio_budget_shortfall,
-    aio_handle_pool,
     memlock_shortfall,
 )
 from .base import StorageBackend
@@ -52,7 +51,7 @@ class StoreRegistry:
     """Block stores by name, in ``auto``'s preference order (zarr needs nothing, so it is last).
 
     ``handles`` (the aio handle pool) is asked how many handles a new aio store can reuse; the
-    stores it opens share ``staging`` and ``handles`` (the process defaults when None).
+    stores it opens share ``staging`` and ``handles`` (nvme_tier.runtime passes the process's).
     """
 
     def __init__(
@@ -65,8 +64,9 @@ class StoreRegistry:
     ):
         self._stores = {cls.capabilities.name: cls for cls in stores}
         self._group = entry_point_group
-        self.staging = staging
-        self.handles = handles
+        # Without them (a registry of its own, as in tests) it makes its own, shared with nothing.
+        self.staging = staging if staging is not None else SharedStagingPool(HostMemoryBudget())
+        self.handles = handles if handles is not None else AioHandlePool(self.staging)
         self._warned: set[str] = set()  # auto's fallback reasons already said
 
     def names(self) -> list[str]:
@@ -97,7 +97,7 @@ class StoreRegistry:
             allowed = ", ".join(repr(n) for n in known[:-1]) + f" or {known[-1]!r}"
             raise ConfigError(
                 f"offload_states.backend: unknown backend {name!r} (allowed: {allowed}; a third-party "
-                f"store is registered with nvme_tier.storage.register_backend or the entry point "
+                f"store is registered with nvme_tier.register_backend or the entry point "
                 f"group '{ENTRY_POINT_GROUP}')"
             )
 
@@ -140,7 +140,7 @@ class StoreRegistry:
         """The registered store ``name`` for ``directory``, built (no I/O) from the config's knobs."""
         cls = self.store_class(name)
         knobs = {"settings": getattr(config, cls.settings_key)} if cls.settings_key else {}
-        if self.handles is not None and cls.capabilities.needs_libaio:
+        if cls.capabilities.needs_libaio:
             knobs["handles"] = self.handles  # a store on the aio op takes its handles from the pool
         store = cls(
             directory, staging_budget_bytes=config.staging_budget_bytes, staging=self.staging, **knobs
@@ -163,7 +163,7 @@ class StoreRegistry:
             return Unmet(shortfall, MEMLOCK_HINT, error)
         if caps.needs_libaio:
             # Handles idle in this process are reused (shared by its engines); only new ones need events.
-            handles = self.handles if self.handles is not None else aio_handle_pool()
+            handles = self.handles
             no_events = aio_budget_shortfall(slots - handles.idle_count(config.aio), config.aio)
             if no_events:
                 error = BackendUnavailableError(f"{what}: {no_events}; {AIO_MAX_NR_HINT}")
@@ -234,19 +234,3 @@ def check_block_alignment(caps: Capabilities, path: str, config: OffloadStatesCo
             f"offload_states.backend {caps.name!r} writes in {caps.alignment} B units, not a multiple "
             f"of the logical block size ({block} B) of the device under {path!r}; put path on another device"
         )
-
-
-@functools.cache
-def default_registry() -> StoreRegistry:
-    """The process's registry: the shipped stores, then those of the entry point group."""
-    return StoreRegistry()
-
-
-def register_backend(cls: type[BlockStore], *, before: str | None = None) -> None:
-    """Register a third-party store in the process's registry (see ``StoreRegistry.register``)."""
-    default_registry().register(cls, before=before)
-
-
-def select_backend(name: str, path: str, config: OffloadStatesConfig | None = None) -> tuple[str, str]:
-    """``auto`` or a store's name resolved for ``path`` by the process's registry: (name, reason)."""
-    return default_registry().select(name, path, config)

@@ -21,7 +21,7 @@ from ..mounts import NOT_A_DISK, log_storage_once, mount_of, storage_kind
 from ..units import MiB, human_bytes
 from .base import StorageBackend
 from .manifest import OwnerInfo, WriterDirectory, ensure_root
-from .registry import StoreRegistry, default_registry
+from .registry import StoreRegistry
 from .stale_writers import clean_writers
 
 log = logging.getLogger("nvme_tier")
@@ -99,10 +99,10 @@ class StorageSite:
         config: OffloadStatesConfig,
         rank: int,
         label: Callable[[], str],
-        registry: StoreRegistry | None = None,
+        registry: StoreRegistry,
     ):
         self.config = config
-        self.registry = registry if registry is not None else default_registry()
+        self.registry = registry
         self.rank = rank
         self._label = label  # the engine's model class, read when the directory is made
         self.backend_name: str | None = None

@@ -2,14 +2,13 @@
 
 Staging buffers come from one pool, shared by every engine's store and charged to a host budget
 (host_budget.py): a store checks slots out for one file's write or read and returns them, so N
-engines hold at most one staging budget, not N. A store takes its pool as an argument; the
-process's default one is ``staging_pool()``.
+engines hold at most one staging budget, not N. A store takes its pool as an argument (the
+process's default one is nvme_tier.runtime's).
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import threading
 import time
@@ -21,7 +20,7 @@ from typing import Protocol
 import torch
 
 from ..errors import HostBudgetError, TierIOError
-from ..host_budget import HostMemoryBudget, process_budget
+from ..host_budget import HostMemoryBudget
 
 log = logging.getLogger("nvme_tier")
 
@@ -197,13 +196,6 @@ class SharedStagingPool:
             slot.free()
             self._allocated -= nbytes
             self._budget.release(nbytes, staging=True)
-
-
-@functools.cache
-def staging_pool() -> SharedStagingPool:
-    """The process's default staging pool, charged to the process budget: what every store built
-    without a pool of its own shares (a test builds its own ``SharedStagingPool`` instead)."""
-    return SharedStagingPool(process_budget())
 
 
 class HostBuffer:
