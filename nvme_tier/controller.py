@@ -64,9 +64,7 @@ class OffloadController:
             config.host_budget_bytes, config.device == "auto", self._budget.reserved
         )
         self._budget.register(self, self.host_limit, config.staging_budget_bytes if config.path else 0)
-        self._mover = TierMover(
-            self.site.open, self._budget, progress=self._progress.advance, staging=runtime.staging
-        )
+        self._mover = TierMover(self.site.open, self._budget, progress=self._progress.advance)
         self._rewrite_all = False  # set by mark_dirty: the next offload skips nothing
         guards = (self.guard, self.mark_dirty, self.offload_states, self.reload_states)
         self._undo_hooks = install_hooks(engine, *guards, self.guard_weights, self.guard_states)

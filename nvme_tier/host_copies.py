@@ -23,7 +23,6 @@ from .device_copies import DeviceCopier
 from .errors import HostBudgetError
 from .host_budget import BudgetTransaction, HostMemoryBudget
 from .pinned_memory import HUGE_PAGE, PinnedHostMemory
-from .storage.staging import SharedStagingPool
 from .types import Tier
 from .units import round_up
 
@@ -50,26 +49,15 @@ class HostCopies:
     # enough that a piece's cudaHostRegister call overhead stays ~1 % of its cost.
     lock_piece_bytes = 512 << 20
 
-    def __init__(
-        self, copier: DeviceCopier, budget: HostMemoryBudget, staging: SharedStagingPool | None = None
-    ):
-        """``staging``: the pool whose bytes ``pinned_bytes`` counts with this engine's copies."""
+    def __init__(self, copier: DeviceCopier, budget: HostMemoryBudget):
         self._copier = copier
         self._budget = budget
-        self._staging = staging
         # Pinned copies by buffer name: in use while their state is offloaded, parked (evictable by
         # the budget) while it is resident.
         self._pinned: dict[str, PinnedHostMemory] = {}
         self._lock = threading.Lock()
         self._prealloc: threading.Thread | None = None
         self._prealloc_stop = threading.Event()
-
-    @property
-    def pinned_bytes(self) -> int:
-        """This engine's pinned copies (kept or in use) plus the process's staging pool."""
-        with self._lock:
-            kept = sum(m.nbytes for m in self._pinned.values() if m.tensor is not None)
-        return kept + (self._staging.allocated_bytes if self._staging is not None else 0)
 
     def preallocate(self, buffers: list[StateBuffer]) -> None:
         """Allocate the page-locked host copies of ``buffers`` on a background thread (``preallocate``).

@@ -30,7 +30,6 @@ from .interrupts import DeferredInterrupt
 from .jobs import OffloadJob, ReloadJob, TransferStats
 from .plan import OffloadPlan, StoredFile
 from .storage.base import StorageBackend
-from .storage.staging import SharedStagingPool
 from .stream_order import SubmitStream
 from .types import Tier
 
@@ -46,13 +45,12 @@ class TierMover:
         backend: Callable[[], StorageBackend],
         budget: HostMemoryBudget,
         progress: Callable[[int], None] | None = None,
-        staging: SharedStagingPool | None = None,
     ):
         self._backend_factory = backend
         self._backend: StorageBackend | None = None
         self._copier = DeviceCopier()
         self._submit = SubmitStream()
-        self.host = HostCopies(self._copier, budget, staging)
+        self.host = HostCopies(self._copier, budget)
         self._progress = progress
 
     @property
