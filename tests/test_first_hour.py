@@ -169,8 +169,13 @@ def test_no_deepspeed_warning_is_attributed_to_nvme_tier_code(tmp_path):
     Python frame, nvme_tier's aio_async_pwrite (deepspeed/aio_binding.py). A fresh process: the
     advice is once per process."""
     script = SCRIPT_ONE_AIO_OFFLOAD.format(tests=str(Path(__file__).parent), path=str(tmp_path / "off"))
-    # the TBW advice is once per user: a cache of its own
-    proc = run_child(script, timeout=600, env={"XDG_CACHE_HOME": str(tmp_path / "cache")})
+    # the TBW advice is once per user: a cache of its own (the built ops stay where they are: a
+    # fresh XDG_CACHE_HOME alone made the child compile async_io again, minutes on 2 cores)
+    ops = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "torch_extensions"
+    )
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache"), "TORCH_EXTENSIONS_DIR": ops}
+    proc = run_child(script, timeout=600, env=env)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0 and "done" in proc.stdout, out
     ds_lines = re.findall(r"^\[[^]]*\] \[\w+\] \[(\S+?\.py):\d+:(\w+)\].*$", out, re.M)

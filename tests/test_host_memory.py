@@ -185,6 +185,20 @@ def test_staging_the_host_budget_cannot_hold_is_a_host_budget_error():
     assert not isinstance(err.value, ConfigError) and budget.reserved == 0
 
 
+def test_staging_held_by_another_engine_past_the_wait_is_a_host_budget_error():
+    """Out of staging because another engine holds it: the budget's error (not an I/O error)."""
+    budget = HostMemoryBudget()
+    owner = Entry(0)
+    budget.register(owner, 8 * MiB, 4 * MiB)
+    pool = SharedStagingPool(budget, wait_seconds=0.2)
+    with pool.checkout(owner, "k", 4, MiB, lambda: Slot(MiB)):
+        with pytest.raises(errors.HostBudgetError, match="staging buffers other engines hold") as err:
+            with pool.checkout(Entry(0), "k", 4, MiB, lambda: Slot(MiB)):
+                pass
+    assert not isinstance(err.value, OSError)
+    pool.leave(owner)
+
+
 def test_host_copy_the_budget_refuses_at_claim_is_a_host_budget_error():
     """claim reserves what the placement was told fits: a refusal is the budget's error, not an I/O error."""
     budget = HostMemoryBudget()

@@ -19,7 +19,7 @@ from typing import Protocol
 
 import torch
 
-from ..errors import HostBudgetError, TierIOError
+from ..errors import HostBudgetError
 from ..host_budget import HostMemoryBudget
 
 log = logging.getLogger("nvme_tier")
@@ -136,8 +136,9 @@ class SharedStagingPool:
                         break
                     left = deadline - time.monotonic()
                     if left <= 0:
-                        raise TierIOError(
-                            f"waited {self._wait_seconds:.0f} s for staging buffers other engines hold"
+                        raise HostBudgetError(
+                            f"waited {self._wait_seconds:.0f} s for staging buffers other engines hold; "
+                            "the states stay where they were (retry, or give each engine's offloads turns)"
                         )
                     self._cond.wait(left)
             finally:
