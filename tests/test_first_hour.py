@@ -15,6 +15,7 @@ from helpers import make_engine, requires_aio, run_child, train
 
 import nvme_tier
 from nvme_tier import mounts
+from nvme_tier.deepspeed import ops
 
 # (file name, function) of every nvme_tier function: how DeepSpeed's log format names a code line.
 NVME_TIER_FUNCTIONS = {
@@ -171,10 +172,7 @@ def test_no_deepspeed_warning_is_attributed_to_nvme_tier_code(tmp_path):
     script = SCRIPT_ONE_AIO_OFFLOAD.format(tests=str(Path(__file__).parent), path=str(tmp_path / "off"))
     # the TBW advice is once per user: a cache of its own (the built ops stay where they are: a
     # fresh XDG_CACHE_HOME alone made the child compile async_io again, minutes on 2 cores)
-    ops = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "torch_extensions"
-    )
-    env = {"XDG_CACHE_HOME": str(tmp_path / "cache"), "TORCH_EXTENSIONS_DIR": ops}
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache"), "TORCH_EXTENSIONS_DIR": ops.extensions_dir()}
     proc = run_child(script, timeout=600, env=env)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0 and "done" in proc.stdout, out

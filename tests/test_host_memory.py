@@ -191,10 +191,10 @@ def test_staging_held_by_another_engine_past_the_wait_is_a_host_budget_error():
     owner = Entry(0)
     budget.register(owner, 8 * MiB, 4 * MiB)
     pool = SharedStagingPool(budget, wait_seconds=0.2)
-    with pool.checkout(owner, "k", 4, MiB, lambda: Slot(MiB)):
-        with pytest.raises(errors.HostBudgetError, match="staging buffers other engines hold") as err:
-            with pool.checkout(Entry(0), "k", 4, MiB, lambda: Slot(MiB)):
-                pass
+    held = pool.checkout(owner, "k", 4, MiB, lambda: Slot(MiB))
+    refused = pytest.raises(errors.HostBudgetError, match="staging buffers other engines hold")
+    with held, refused as err, pool.checkout(Entry(0), "k", 4, MiB, lambda: Slot(MiB)):
+        pass
     assert not isinstance(err.value, OSError)
     pool.leave(owner)
 
