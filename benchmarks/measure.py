@@ -130,6 +130,12 @@ def train_step(engine, hidden: int) -> None:
 
 
 # -- reporting -------------------------------------------------------------------------------------
+def pinned_bytes(controller) -> int:
+    """Page-locked host bytes behind ``controller``: its engine's pinned copies and the process's
+    staging pool (shared by every engine of the process)."""
+    return controller._mover.host.pinned_bytes + controller.runtime.staging.allocated_bytes
+
+
 def write_json(path: str, data: Any) -> None:
     """Write ``data`` to ``path`` atomically (a cut-off run keeps the previous complete file)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from measure import GB, MiB, RssSampler, gbps, rnd, rss, sync_device, timed
+from measure import GB, MiB, RssSampler, gbps, pinned_bytes, rnd, rss, sync_device, timed
 
 from nvme_tier.snapshot import copy_states, state_buffers
 
@@ -154,7 +154,7 @@ def offload_cfg(args, path: str, **over) -> dict:
 def offload_call(engine, ctl, label: str, baseline: int | None = None, **kw) -> dict:
     """One timed offload_states call with RSS sampling; returns its figures."""
     before_dev = torch.cuda.memory_allocated() if CUDA else 0
-    sampler = RssSampler(baseline=baseline, extra=lambda: ctl._mover.host.pinned_bytes)
+    sampler = RssSampler(baseline=baseline, extra=lambda: pinned_bytes(ctl))
     with sampler:
         s = timed(lambda: engine.offload_states(**kw))
     st = ctl.last_stats.get("offload")
@@ -168,8 +168,8 @@ def offload_call(engine, ctl, label: str, baseline: int | None = None, **kw) -> 
         "GBps": gbps(moved, s),
         "nvme_GBps": gbps(st.bytes_written, s) if st and st.bytes_written else None,
         "rss_added_GB": round(sampler.added / GB, 3),
-        "pinned_bytes_after": ctl._mover.host.pinned_bytes,
-        "pinned_bytes_peak": max(sampler.extra_peak, ctl._mover.host.pinned_bytes),
+        "pinned_bytes_after": pinned_bytes(ctl),
+        "pinned_bytes_peak": max(sampler.extra_peak, pinned_bytes(ctl)),
         "device_bytes_freed": (before_dev - torch.cuda.memory_allocated()) if CUDA else None,
     }
     print("offload", row, flush=True)

@@ -19,6 +19,7 @@ from measure import (
     fsync_tree,
     gbps,
     median,
+    pinned_bytes,
     rnd,
     rss,
     sync_device,
@@ -116,7 +117,7 @@ def phase_nvme(run: OffloadRun) -> dict[str, Any]:
         "nvme_offload_GBps": per_state["optim_states"]["offload_GBps"],
         "nvme_reload_GBps": per_state["optim_states"]["reload_GBps"],
         "first_call_host_added_GB": first["rss_added_GB"],
-        "pinned_bytes": ctl._mover.host.pinned_bytes,
+        "pinned_bytes": pinned_bytes(ctl),
     }
     return {"nvme": res}
 
@@ -374,7 +375,7 @@ def phase_pinned_cpu(run: OffloadRun) -> dict[str, Any]:
             "steady_reload_GBps": gbps(total, steady_r),
             "first_over_steady": rnd(calls[0]["s"] / steady_o, 2) if steady_o else None,
             "host_added_GB_first": calls[0]["rss_added_GB"],
-            "pinned_bytes": ctl._mover.host.pinned_bytes,
+            "pinned_bytes": pinned_bytes(ctl),
             "exact": check_exact(engine, run.ref),
         }
         nvme_tier.detach(engine)

@@ -70,7 +70,7 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")
 # zarr imports cupy when installed; on the H100 image that import segfaulted (see offload_gpu.py).
 sys.modules.setdefault("cupy", None)
 
-from measure import GB, machine_info, median, raw_aio_bandwidth, rnd, set_launch_env, sync_device, timed  # noqa: E402  (benchmarks/ is sys.path[0] for a script)
+from measure import GB, machine_info, median, raw_aio_bandwidth, rnd, set_launch_env, sync_device  # noqa: E402  (benchmarks/ is sys.path[0] for a script)
 
 MODES = ("resident", "nvme", "upstream_cpu", "pinned_cpu")
 AUTO_SHARES = {"auto": None, "auto_b50": 0.5, "auto_b25": 0.25}  # host budget: share of offloaded bytes
@@ -155,6 +155,22 @@ def tokens(args, batch: int, seq: int, gen: torch.Generator, device) -> torch.Te
     return torch.randint(1, args.vocab, (batch, seq), generator=gen).to(device)
 
 
+def sync_caller_stream() -> None:
+    """Wait for the work queued on the caller's stream, not the whole device: nvme_tier copies on
+    its own stream, and a device-wide sync would charge that background work to the phase being
+    timed (what the caller's own later work waits for is what counts)."""
+    if torch.cuda.is_available():
+        torch.cuda.current_stream().synchronize()
+
+
+def timed_on_caller_stream(fn: Callable[[], object]) -> float:
+    sync_caller_stream()
+    t0 = time.perf_counter()
+    fn()
+    sync_caller_stream()
+    return time.perf_counter() - t0
+
+
 class Loop:
     """The three engines, the fixed work, and one mode's iterations."""
 
@@ -196,7 +212,7 @@ class Loop:
             engine.backward(loss)
             engine.step()
             self.losses[kind].append(loss.item())
-        sync_device()
+        sync_caller_stream()
 
     def decode_step(self, kv: torch.Tensor, token: torch.Tensor) -> None:
         """One token through the reference model, then attention-shaped reads over a fixed slice of
@@ -230,19 +246,19 @@ class Loop:
         issued = 0.0
         for i in range(steps):
             if i == at and prefetch is not None:
-                issued = timed(prefetch)
+                issued = timed_on_caller_stream(prefetch)
             self.decode_step(kv, token)
-        sync_device()
+        sync_caller_stream()
         del kv
         return {"kv_bytes": granted, "prefetch_call_s": issued}
 
     def scoring(self, steps: int, prefetch: Callable | None = None) -> float:
-        issued = timed(prefetch) if prefetch is not None else 0.0
+        issued = timed_on_caller_stream(prefetch) if prefetch is not None else 0.0
         with torch.no_grad():
             for _ in range(steps):
                 ids = tokens(self.args, self.args.gen_batch, self.args.seq, self.gen, self.device)
                 self.engines["ref"](input_ids=ids, use_cache=False)
-        sync_device()
+        sync_caller_stream()
         return issued
 
     def calibrate(self) -> dict:
@@ -252,8 +268,8 @@ class Loop:
         self.kv_work_rows = max(1, int(a.kv_work_gb * GB) // (2 * self.configs["ref"].hidden_size))
         self.generation(2, 0)  # warm-up
         self.scoring(1)
-        t_gen = timed(lambda: self.generation(a.calib_steps, 0)) / a.calib_steps
-        t_score = timed(lambda: self.scoring(2)) / 2
+        t_gen = timed_on_caller_stream(lambda: self.generation(a.calib_steps, 0)) / a.calib_steps
+        t_score = timed_on_caller_stream(lambda: self.scoring(2)) / 2
         self.gen_steps = max(4, round(a.gen_seconds / t_gen))
         self.score_steps = max(1, round(a.score_seconds / t_score))
         return {
@@ -270,16 +286,16 @@ class Loop:
         ph: dict[str, float] = {}
         reset_peak()
         t0 = time.perf_counter()
-        ph["actor_wait"] = timed(lambda: mover.wait(actor))
-        ph["actor_train"] = timed(lambda: self.train("actor"))
-        ph["actor_offload"] = timed(lambda: mover.offload(actor))
+        ph["actor_wait"] = timed_on_caller_stream(lambda: mover.wait(actor))
+        ph["actor_train"] = timed_on_caller_stream(lambda: self.train("actor"))
+        ph["actor_offload"] = timed_on_caller_stream(lambda: mover.offload(actor))
         at = min(self.gen_steps - 1, int(a.prefetch_at * self.gen_steps))
         t = time.perf_counter()
         gen = self.generation(self.gen_steps, a.kv_gb_bytes, at, lambda: mover.reload(critic))
         ph["generation"] = time.perf_counter() - t
-        ph["critic_wait"] = timed(lambda: mover.wait(critic))
-        ph["critic_train"] = timed(lambda: self.train("critic"))
-        ph["critic_offload"] = timed(lambda: mover.offload(critic))
+        ph["critic_wait"] = timed_on_caller_stream(lambda: mover.wait(critic))
+        ph["critic_train"] = timed_on_caller_stream(lambda: self.train("critic"))
+        ph["critic_offload"] = timed_on_caller_stream(lambda: mover.offload(critic))
         t = time.perf_counter()
         actor_call = self.scoring(self.score_steps, lambda: mover.reload(actor))
         ph["scoring"] = time.perf_counter() - t
@@ -310,7 +326,7 @@ class Loop:
             for it in range(self.args.iters):
                 iters.append(self.iteration(it, mover))
                 print(mode, json.dumps(iters[-1]), flush=True)
-            final_wait = timed(lambda: mover.wait(actor))
+            final_wait = timed_on_caller_stream(lambda: mover.wait(actor))
             mover.reload(critic)  # every state back before the next mode (and detach)
             mover.wait(critic)
         finally:

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from measure import PROC, ROOT, machine_info, rss, set_launch_env, write_json
+from measure import PROC, ROOT, machine_info, pinned_bytes, rss, set_launch_env, write_json
 
 sys.path.insert(0, os.path.join(ROOT, "tests"))  # the tests' engine and training helpers (helpers.py)
 
@@ -81,7 +81,7 @@ def sample(controller, path: str) -> dict[str, float]:
         "pool_threads": pool,
         "other_threads": threads - pool,
         "rss_mb": rss() / 2**20,
-        "pinned_bytes": controller._mover.host.pinned_bytes,
+        "pinned_bytes": pinned_bytes(controller),
         "disk_files": files,
         "disk_bytes": size,
     }

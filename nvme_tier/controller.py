@@ -48,6 +48,7 @@ class OffloadController:
     def __init__(self, engine: Any, config: OffloadStatesConfig, runtime: Runtime):
         self._engine_ref = weakref.ref(engine)
         self.config = config
+        self.runtime = runtime  # the process-wide pieces it shares (budget, staging, aio handles)
         self.rank = rank_of(engine)
         self.phase = OffloadPhase.resident
         self._placed: dict[StateKind, list[Placed]] = {}

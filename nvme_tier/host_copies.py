@@ -59,6 +59,12 @@ class HostCopies:
         self._prealloc: threading.Thread | None = None
         self._prealloc_stop = threading.Event()
 
+    @property
+    def pinned_bytes(self) -> int:
+        """This engine's page-locked copies, kept or in use (benchmarks and soak tests watch it)."""
+        with self._lock:
+            return sum(m.nbytes for m in self._pinned.values() if m.tensor is not None)
+
     def preallocate(self, buffers: list[StateBuffer]) -> None:
         """Allocate the page-locked host copies of ``buffers`` on a background thread (``preallocate``).
 
