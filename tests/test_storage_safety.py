@@ -145,6 +145,45 @@ def test_backend_write_with_a_misaligned_block_size_raises(tmp_path):
 
 @pytest.mark.aio
 @requires_aio
+def test_a_handle_goes_back_under_the_settings_it_was_made_with(tmp_path, monkeypatch):
+    """Slots whose handles were made with other settings (here misaligned ones, as the dropped-write
+    tests make), freed later to make room for slots of the real settings, keep their handles to
+    themselves: filed under the settings asked for at give-back, they were taken for the real
+    settings' new slots, whose writes then all failed (a CI failure of the small-ext4 test)."""
+    real_key = aio_mod.handle_key
+    with nvme_tier.isolated_runtime() as runtime:
+
+        def store(sub: str) -> StorageBackend:
+            directory = WriterDirectory(str(tmp_path / sub), OwnerInfo.current(rank=0, label=sub))
+            return StorageBackend(
+                AioStore(
+                    directory,
+                    staging_budget_bytes=2 << 20,
+                    staging=runtime.staging,
+                    handles=runtime.aio_handles,
+                )
+            )
+
+        good, misaligned = store("good"), store("misaligned")
+        data = torch.arange(300_000, dtype=torch.float32)
+        try:
+            good.write("x", data).result()  # a user of the pool and of the real settings' handles
+            with monkeypatch.context() as patch:
+                patch.setattr(aio_mod, "handle_key", lambda s: (5000, *real_key(s)[1:]))
+                with pytest.raises(TierIOError, match="offset 0"):
+                    misaligned.write("x", data).result()
+            misaligned.store.close()  # its slots stay idle in the pool, under the misaligned key
+            good.write("y", data).result()  # the pool frees them to make room for good's slots
+            out = torch.empty_like(data)
+            good.read_into("y", out).result()
+            assert torch.equal(out, data)
+        finally:
+            good.release()
+            misaligned.release()
+
+
+@pytest.mark.aio
+@requires_aio
 def test_verification_cost_is_a_few_pages_per_chunk(tmp_path, monkeypatch):
     """The read-back reads (intra_op_parallelism + 1) pages per chunk, not the data."""
     reads: list[int] = []

@@ -61,12 +61,12 @@ class _Slot:
     bounce-buffer copy for torch-pinned memory or memory its *own* pinned-tensor manager allocated.
     """
 
-    __slots__ = ("buffer", "handle", "handles", "locked_by_handle", "path", "pending", "settings")
+    __slots__ = ("buffer", "handle", "handle_key", "handles", "locked_by_handle", "path", "pending")
 
-    def __init__(self, handle, buffer: torch.Tensor, settings: AioSettings, handles: AioHandlePool):
+    def __init__(self, handle_key: tuple, handle, buffer: torch.Tensor, handles: AioHandlePool):
+        self.handle_key = handle_key  # the settings it was made with: it goes back under them
         self.handle = handle
         self.buffer = buffer
-        self.settings = settings
         self.handles = handles
         self.locked_by_handle = False
         self.pending = False
@@ -77,7 +77,7 @@ class _Slot:
         self.drain()
         if self.locked_by_handle:
             self.handle.free_cpu_locked_tensor(self.buffer)
-        self.handles.give_back(self.settings, self.handle)
+        self.handles.give_back(self.handle_key, self.handle)
         self.handle = None  # not kept idle: destroyed now (its threads joined, its aio contexts freed)
 
     def wait(self) -> None:
@@ -224,15 +224,15 @@ class AioStore(BlockStore):
         shortfall = memlock_shortfall(self.slot_count * self.chunk_bytes)
         if shortfall:  # refuse in Python: past the limit DeepSpeed's allocator aborts the process
             raise BackendUnavailableError(f"aio backend: {shortfall}; {MEMLOCK_HINT}")
-        handle = self.handles.take(self.settings)
+        handle_key, handle = self.handles.take(self.settings)
         if torch.cuda.is_available():
             # torch's pinned allocator (cudaHostAlloc), not PinnedHostMemory: O_DIRECT from
             # registered huge-page memory ran ~35 % slower here (docs/performance.md).
             buffer = torch.empty(self.chunk_bytes, dtype=torch.uint8, pin_memory=True)
-            return _Slot(handle, buffer, self.settings, self.handles)
+            return _Slot(handle_key, handle, buffer, self.handles)
         # no CUDA pinning here: the op's own page-locked, page-aligned allocation
         buffer = handle.new_cpu_locked_tensor(self.chunk_bytes, torch.empty(0, dtype=torch.uint8))
-        slot = _Slot(handle, buffer, self.settings, self.handles)
+        slot = _Slot(handle_key, handle, buffer, self.handles)
         slot.locked_by_handle = True
         return slot
 

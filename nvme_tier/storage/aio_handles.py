@@ -12,6 +12,7 @@ import resource
 import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import torch
 
@@ -177,23 +178,23 @@ class AioHandlePool:
                 self._reserver = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nvme_tier-reserve")
             return self._reserver
 
-    def take(self, settings: AioSettings):
-        """An idle handle of ``settings``, else a new one (refused before the kernel's budget is out)."""
+    def take(self, settings: AioSettings) -> tuple[tuple, Any]:
+        """(key, handle): an idle handle of ``settings``, else a new one (refused before the
+        kernel's budget is out). Give it back under that key, the one it was made with."""
         key = handle_key(settings)
         with self._lock:
             idle = self._idle.get(key)
             if idle:
-                return idle.pop()
+                return key, idle.pop()
         op = load_aio_op()
         shortfall = aio_budget_shortfall(1, settings)
         if shortfall:  # refuse in Python: past the limit DeepSpeed's op aborts the process
             raise BackendUnavailableError(f"aio backend: {shortfall}; {AIO_MAX_NR_HINT}")
-        return op.aio_handle(*key)
+        return key, op.aio_handle(*key)
 
-    def give_back(self, settings: AioSettings, handle) -> None:
-        """Keep ``handle`` idle for reuse while a store uses its settings; else it is destroyed
-        (with the caller's last reference to it)."""
-        key = handle_key(settings)
+    def give_back(self, key: tuple, handle: Any) -> None:
+        """Keep ``handle`` (made with ``key``) idle for reuse while a store uses those settings;
+        else it is destroyed (with the caller's last reference to it)."""
         with self._lock:
             idle = self._idle.setdefault(key, [])
             if self._users.get(key) and len(idle) < self.max_idle_per_kind:

@@ -21,6 +21,7 @@ from ..errors import IntegrityError, TierIOError
 from ..tensor_bytes import as_bytes
 from ..units import PAGE
 from .blocks import BlockStore, Capabilities
+from .checksums import ZERO_PAGE_CRC
 from .file_stamps import spread
 from .manifest import MANIFEST_FILE, TensorRecord, WriterDirectory, check_name
 from .pipeline import ChunkPipeline, Samples
@@ -240,16 +241,20 @@ class StorageBackend:
         (DeepSpeed's op reports every request done regardless): the sampled pages, read back from
         the device, must hold what was staged. Cost: a few 4 KiB reads per chunk."""
         got = self.store.page_crcs(key, chunk, [offset for offset, _ in samples])
-        for (offset, expected), crc in zip(samples, got, strict=True):
-            if crc != expected:
-                path = self.directory.file_path(key)
-                raise TierIOError(
-                    f"{path}: the {self.capabilities.name} store reported the write done, but the "
-                    f"{PAGE} B at offset {offset} do not hold what was written "
-                    f"({self.store.dropped_writes})",
-                    path,
-                    errno.EIO,
-                )
+        bad = [(offset, crc) for (offset, expected), crc in zip(samples, got, strict=True) if crc != expected]
+        if not bad:
+            return
+        path = self.directory.file_path(key)
+        offset, crc = bad[0]
+        found = {None: "cannot be read back", ZERO_PAGE_CRC: "read back as zeros (never written)"}
+        raise TierIOError(
+            f"{path}: the {self.capabilities.name} store reported the write done, but "
+            f"{len(bad)} of {len(samples)} sampled {PAGE} B pages do not hold what was written; "
+            f"the first, at offset {offset}, {found.get(crc, 'holds other bytes')} "
+            f"({self.store.dropped_writes})",
+            path,
+            errno.EIO,
+        )
 
     def _reusable(self, old: TensorRecord, nbytes: int) -> tuple[int, int] | None:
         """(st_dev, st_ino) of ``old``'s file when the store may rewrite it in place: exactly the

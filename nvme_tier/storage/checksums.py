@@ -13,6 +13,8 @@ import crc32c as crc32c_lib
 import numpy as np
 import torch
 
+from ..units import PAGE
+
 
 def host_array(host_bytes: torch.Tensor) -> np.ndarray:
     """A numpy view of a contiguous CPU uint8 tensor that leaves the tensor's storage resizable.
@@ -41,6 +43,9 @@ def crc32c_of_buffer(data: Any) -> int:
     stall each of the caller's ops for the whole chunk (docs/design.md, "No GIL in the background").
     """
     return crc32c_lib.crc32c(data, gil_release_mode=1)
+
+
+ZERO_PAGE_CRC = crc32c_of_buffer(bytes(PAGE))  # what a page never written reads back as
 
 
 def chunk_ranges(nbytes: int, chunk: int) -> list[tuple[int, int]]:
