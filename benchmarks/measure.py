@@ -29,6 +29,7 @@ from nvme_tier.bench.common import (  # noqa: E402, F401  (after the path is set
     drop_page_cache,
     machine_info,
     rss,
+    sync_caller_stream,
     sync_device,
     timed,
 )

@@ -70,7 +70,17 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")
 # zarr imports cupy when installed; on the H100 image that import segfaulted (see offload_gpu.py).
 sys.modules.setdefault("cupy", None)
 
-from measure import GB, machine_info, median, raw_aio_bandwidth, rnd, set_launch_env, sync_device  # noqa: E402  (benchmarks/ is sys.path[0] for a script)
+from measure import (  # noqa: E402  (benchmarks/ is sys.path[0] for a script)
+    GB,
+    machine_info,
+    median,
+    raw_aio_bandwidth,
+    rnd,
+    set_launch_env,
+    sync_caller_stream,
+    sync_device,
+    timed,
+)
 
 MODES = ("resident", "nvme", "upstream_cpu", "pinned_cpu")
 AUTO_SHARES = {"auto": None, "auto_b50": 0.5, "auto_b25": 0.25}  # host budget: share of offloaded bytes
@@ -155,20 +165,10 @@ def tokens(args, batch: int, seq: int, gen: torch.Generator, device) -> torch.Te
     return torch.randint(1, args.vocab, (batch, seq), generator=gen).to(device)
 
 
-def sync_caller_stream() -> None:
-    """Wait for the work queued on the caller's stream, not the whole device: nvme_tier copies on
-    its own stream, and a device-wide sync would charge that background work to the phase being
-    timed (what the caller's own later work waits for is what counts)."""
-    if torch.cuda.is_available():
-        torch.cuda.current_stream().synchronize()
-
-
 def timed_on_caller_stream(fn: Callable[[], object]) -> float:
-    sync_caller_stream()
-    t0 = time.perf_counter()
-    fn()
-    sync_caller_stream()
-    return time.perf_counter() - t0
+    """A phase's time as the caller sees it (a device-wide sync would charge nvme_tier's copies on
+    its own stream to the phase)."""
+    return timed(fn, sync=sync_caller_stream)
 
 
 class Loop:

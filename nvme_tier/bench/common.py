@@ -129,11 +129,18 @@ def sync_device() -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn: Callable[[], object]) -> float:
-    sync_device()
+def sync_caller_stream() -> None:
+    """Wait for the work queued on the caller's stream only: what the caller's own later work
+    waits for (nvme_tier copies on a stream of its own, which a device-wide sync waits for too)."""
+    if torch.cuda.is_available():
+        torch.cuda.current_stream().synchronize()
+
+
+def timed(fn: Callable[[], object], sync: Callable[[], None] = sync_device) -> float:
+    sync()
     t0 = time.perf_counter()
     fn()
-    sync_device()
+    sync()
     return time.perf_counter() - t0
 
 
