@@ -229,16 +229,22 @@ class OffloadController:
                 self.phase = OffloadPhase.resident if not self._placed else OffloadPhase.offloaded
                 raise
             # Where each buffer goes is recorded before any of them is freed, Ctrl-C held: whatever
-            # stops the frees (an interrupt, an error), no freed state is left undescribed.
-            with DeferredInterrupt(), self._status_lock:
-                self._in_flight = job
-                self._record_offloaded(job.placed)
-                if not blocking:
-                    self._mover.release_queued(job)
+            # stops the frees (an interrupt, an error), no freed state is left undescribed. A Ctrl-C
+            # delivered as the hold ends finds the job owned: by the worker, or undone here.
+            try:
+                with DeferredInterrupt(), self._status_lock:
+                    self._in_flight = job
+                    self._record_offloaded(job.placed)
+                    if not blocking:
+                        self._mover.release_queued(job)
+                        self._background.start(lambda: self._run_offload(job, free_as_written=True))
+            except KeyboardInterrupt:
+                if blocking:  # nothing is freed yet: undo it all
+                    self._mover.abandon(job)
+                    self._offload_failed(job)
+                raise  # non-blocking: it stops the caller; the worker finishes the offload
             if blocking:
                 self._run_offload(job, free_as_written=False)
-            else:
-                self._background.start(lambda: self._run_offload(job, free_as_written=True))
 
     def _run_offload(self, job: OffloadJob, free_as_written: bool) -> None:
         total = sum(p.buffer.nbytes for p, _ in job.writes)
@@ -246,14 +252,7 @@ class OffloadController:
             with self._progress.task("offload", total):
                 placed, stats = self._mover.finish_offload(job, free_as_written)
         except BaseException:
-            with self._status_lock:
-                self._in_flight = None
-                # Once every byte is safe elsewhere the offload stands (a reload restores it all,
-                # freed or not). Before that, buffers still (or again) resident are forgotten and
-                # freed ones stay recorded (restoring them failed): a reload brings those back.
-                if not job.safe:
-                    self._forget_resident(job.placed)
-                self.phase = OffloadPhase.offloaded if self._placed else OffloadPhase.resident
+            self._offload_failed(job)
             raise
         with self._status_lock:
             self._rewrite_all = False
@@ -267,6 +266,16 @@ class OffloadController:
         self.last_stats["offload"] = stats
         moved = sum(p.buffer.nbytes for p in placed)
         log.info("nvme_tier: rank %d %s", self.rank, stats.offload_line(moved, self.site.backend_name))
+
+    def _offload_failed(self, job: OffloadJob) -> None:
+        with self._status_lock:
+            self._in_flight = None
+            # Once every byte is safe elsewhere the offload stands (a reload restores it all,
+            # freed or not). Before that, buffers still (or again) resident are forgotten and
+            # freed ones stay recorded (restoring them failed): a reload brings those back.
+            if not job.safe:
+                self._forget_resident(job.placed)
+            self.phase = OffloadPhase.offloaded if self._placed else OffloadPhase.resident
 
     def _record_offloaded(self, placed: list[Placed]) -> None:
         """Where each buffer goes; recorded before the mover frees any of them."""

@@ -162,8 +162,7 @@ class TierMover:
                 p.spilled = p.buffer.kind in plan.placement.spilled
             job.copies = self._copier.mark()
         except BaseException as exc:
-            self._abandon(job)
-            self.host.unclaim(host_copies)
+            self.abandon(job)
             typed = self._typed(exc)
             if typed is exc:
                 raise
@@ -208,8 +207,7 @@ class TierMover:
                 restored = self._restore_freed(freed)
             except BaseException as restore_exc:
                 raise self._strand(job, freed, exc) from restore_exc
-            self._abandon(job)
-            self.host.unclaim(job.host_copies)
+            self.abandon(job)
             typed = self._typed(exc)
             if restored and isinstance(typed, TierIOError):
                 typed = TierIOError(
@@ -287,8 +285,9 @@ class TierMover:
             getattr(cause, "errno", None),
         )
 
-    def _abandon(self, job: OffloadJob) -> None:
-        """Undo a job whose buffers are all resident: wait for its I/O, remove its files."""
+    def abandon(self, job: OffloadJob) -> None:
+        """Undo a job whose buffers are all resident: wait for its I/O, remove its files, give its
+        host copies back."""
         with contextlib.suppress(Exception):
             self._copier.synchronize()  # no DMA may still target a host copy being dropped
         for _, fut in job.writes:  # let every write finish before its file is removed
@@ -297,6 +296,7 @@ class TierMover:
         self._undo_writes([p.buffer.name for p, _ in job.writes])
         for p in job.placed:
             p.host = None
+        self.host.unclaim(job.host_copies)
 
     def _typed(self, exc: BaseException) -> BaseException:
         """An OSError becomes a ``TierIOError`` naming the path; everything else stays as it is."""

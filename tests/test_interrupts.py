@@ -134,6 +134,44 @@ def test_real_sigint_at_manifest_commit(offload_dir, monkeypatch):
     interrupted_cycle(offload_dir, monkeypatch, break_offload=patch)
 
 
+def sigint_while_recording(patch, controller) -> None:
+    """A real SIGINT while the offload's placements are recorded: it is held to the end of that
+    step, when the job must already have an owner (the caller's blocking run, or the worker)."""
+    real = controller._record_offloaded
+
+    def record(placed) -> None:
+        send_sigint()
+        real(placed)
+
+    patch.setattr(controller, "_record_offloaded", record)
+
+
+@needs_sigint
+def test_sigint_while_the_offload_is_recorded(offload_dir, monkeypatch):
+    """Blocking: nothing is freed yet, so the offload is undone and every state stays on the device;
+    it used to leave a job nobody finished, whose uncommitted files made the next reload fail and
+    free the intact states."""
+    interrupted_cycle(offload_dir, monkeypatch, break_offload=sigint_while_recording)
+
+
+@needs_sigint
+def test_sigint_while_a_non_blocking_offload_is_recorded(offload_dir, monkeypatch):
+    """Non-blocking: the worker owns the job when the held Ctrl-C reaches the caller; it finishes."""
+    engine = make_engine(**KWARGS, path=offload_dir)
+    controller = nvme_tier.attach(engine)
+    train(engine, 2)
+    before = snapshot(engine)
+    with monkeypatch.context() as patch:
+        sigint_while_recording(patch, controller)
+        with pytest.raises(KeyboardInterrupt):
+            engine.offload_states(non_blocking=True)
+    nvme_tier.wait(engine)
+    assert controller.phase is OffloadPhase.offloaded
+    engine.reload_states()
+    assert_resident(engine, before, scratch=False)
+    nvme_tier.detach(engine)
+
+
 def test_keyboard_interrupt_mid_reload(offload_dir, monkeypatch):
     """Interrupted after the first NVMe read: not a failure, the copies are intact and a retry works."""
 
