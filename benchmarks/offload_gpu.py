@@ -364,7 +364,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--disk-variants",
         nargs="+",
         default=["fresh", "inplace"],
-        choices=["fresh", "inplace", "inplace_torch_pinned"],
+        choices=["fresh", "inplace"],
     )
     p.add_argument("--profile-non-blocking", action="store_true", help="cProfile the first non-blocking call")
     p.add_argument(

@@ -60,12 +60,11 @@ class OffloadController:
         self.site = StorageSite(config, self.rank, lambda: type(self.engine.module).__name__, runtime.stores)
         self.last_stats: dict[str, TransferStats] = {}
         self._progress = Progress(enabled=config.progress)
-        self._budget = runtime.budget
         self.host_limit, self.limit_source = resolve_limit(
-            config.host_budget_bytes, config.device == "auto", self._budget.reserved
+            config.host_budget_bytes, config.device == "auto", self.budget.reserved
         )
-        self._budget.register(self, self.host_limit, config.staging_budget_bytes if config.path else 0)
-        self._mover = TierMover(self.site.open, self._budget, progress=self._progress.advance)
+        self.budget.register(self, self.host_limit, config.staging_budget_bytes if config.path else 0)
+        self._mover = TierMover(self.site.open, self.budget, progress=self._progress.advance)
         self._rewrite_all = False  # set by mark_dirty: the next offload skips nothing
         guards = (self.guard, self.mark_dirty, self.offload_states, self.reload_states)
         self._undo_hooks = install_hooks(engine, *guards, self.guard_weights, self.guard_states)
@@ -77,7 +76,7 @@ class OffloadController:
     @property
     def budget(self) -> HostMemoryBudget:
         """The host budget this engine shares with the others of its runtime."""
-        return self._budget
+        return self.runtime.budget
 
     @property
     def engine(self) -> Any:
@@ -203,7 +202,7 @@ class OffloadController:
                 raise StatesOffloadedError(self._after_failure("offload_states()"))
             self._mover.settle_preallocation()
             buffers, stored = self._movable(), self._mover.stored()
-            with self._budget.transaction() as budget:  # no other engine reserves between plan and claim
+            with self.budget.transaction() as budget:  # no other engine reserves between plan and claim
                 facts = engine_facts(buffers, list(buffers), budget.available)
                 plan = plan_offload(self.config, buffers, facts, stored, include, device, pin_memory)
                 if not plan.items:
@@ -294,8 +293,9 @@ class OffloadController:
 
     # -- reload ----------------------------------------------------------------------------------
     def reload_states(self, non_blocking=None) -> None:
-        """Drop-in for ``engine.reload_states``; non-blocking, the caller's later work is ordered
-        after it as after upstream's (docs/design.md), and compute waits for it."""
+        """Drop-in for ``engine.reload_states``; non-blocking, the engine's compute and DeepSpeed's
+        accessors wait for it (docs/design.md, "Non-blocking reloads": on a GPU a direct read of a
+        state tensor needs ``nvme_tier.wait`` first)."""
         if non_blocking is not None:
             require_bool("non_blocking", non_blocking)
         with self._lock:
@@ -392,7 +392,7 @@ class OffloadController:
             self._background.finish()
             self._refuse_while_offloaded("detach()", "nvme_tier.detach(engine)")
             self.release()
-            self._budget.unregister(self)
+            self.budget.unregister(self)
             self._undo_hooks()
             self._finalizer.detach()
             self._background.shutdown()

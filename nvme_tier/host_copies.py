@@ -111,8 +111,6 @@ class HostCopies:
         copies: list[HostCopy] = []
         try:
             for buf, tier in items:
-                if tier not in (Tier.cpu, Tier.pinned_cpu):
-                    continue
                 copy = HostCopy(buf, tier)
                 if tier is Tier.pinned_cpu:
                     with self._lock:

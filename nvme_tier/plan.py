@@ -34,14 +34,8 @@ class OffloadItem:
 
     buffer: StateBuffer
     tier: Tier
-    spilled: bool = False  # on nvme only because the host budget could not hold its host copy
     fingerprint: str | None = None  # of the live bytes, recorded with the write
     skip: bool = False  # nvme: its file already holds exactly these bytes, nothing is written
-
-    @property
-    def host_bytes(self) -> int:
-        """The host memory its copy reserves against the host budget."""
-        return self.buffer.nbytes if self.tier in HOST_TIERS else 0
 
 
 @dataclass(frozen=True)
@@ -120,7 +114,7 @@ def plan_offload(
         config, list(buffers), include=include, device=device, pin_memory=pin_memory, facts=facts
     )
     items = tuple(
-        OffloadItem(buf, tier, spilled=kind in placement.spilled)
+        OffloadItem(buf, tier)
         for kind in placement.tiers
         for buf, tier in cut(buffers[kind], placement.items(kind, [b.nbytes for b in buffers[kind]]))
         if tier is not Tier.device

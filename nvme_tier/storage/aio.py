@@ -137,7 +137,7 @@ class AioFile(BlockFile):
 
     def finish(self, nbytes: int) -> None:
         size = os.fstat(self.fd).st_size
-        if size < round_up(nbytes, self.store.alignment):
+        if size < self.store.stored_size(nbytes):
             raise TierIOError(
                 f"{self.path} holds {size} of {nbytes} bytes after the write", self.path, errno.EIO
             )

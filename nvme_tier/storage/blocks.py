@@ -14,7 +14,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import os
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Hashable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, Self
@@ -25,7 +25,7 @@ from ..host_budget import HostMemoryBudget
 from ..units import PAGE, MiB
 from .chunk_files import page_crc
 from .manifest import WriterDirectory
-from .staging import SharedStagingPool, StagingSlot
+from .staging import MakeSlot, SharedStagingPool
 
 
 @dataclass(frozen=True)
@@ -222,7 +222,7 @@ class BlockStore(abc.ABC):
 
     @contextlib.contextmanager
     def checked_out(
-        self, key: Hashable, count: int, slot_bytes: int, make: Callable[[], StagingSlot], reading: bool
+        self, key: Hashable, count: int, slot_bytes: int, make: MakeSlot, reading: bool
     ) -> Iterator[list]:
         """``count`` slots of ``slot_bytes`` from ``staging`` for one object (``pinned_bytes`` noted)."""
         with self.staging.checkout(self, key, count, slot_bytes, make, reading=reading) as slots:

@@ -9,7 +9,6 @@ process's default one is nvme_tier.runtime's).
 from __future__ import annotations
 
 import contextlib
-import logging
 import threading
 import time
 import weakref
@@ -21,8 +20,6 @@ import torch
 
 from ..errors import HostBudgetError
 from ..host_budget import HostMemoryBudget
-
-log = logging.getLogger("nvme_tier")
 
 # How long a backend waits for staging slots another engine holds (one file's write or read each).
 STAGING_WAIT_SECONDS = 600.0

@@ -74,7 +74,7 @@ class FaultPlan:
 class FaultInjectingBackend:
     """Forwards the ``StorageBackend`` API to ``inner`` and breaks where ``plan`` says.
 
-    Anything else (``pinned_bytes``, ``store``, ``capabilities``...) is read from ``inner`` as it is.
+    Anything else (``directory``, ``record``, ``release``, ``store``...) is ``inner``'s, unchanged.
     """
 
     def __init__(self, inner: StorageBackend, plan: FaultPlan):
@@ -84,10 +84,6 @@ class FaultInjectingBackend:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
-
-    @property
-    def directory(self):
-        return self.inner.directory
 
     # -- the faulty calls ------------------------------------------------------------------------
     def write(self, name: str, tensor: torch.Tensor, fingerprint: str | None = None) -> Future[TensorRecord]:
@@ -133,25 +129,6 @@ class FaultInjectingBackend:
             self.plan.fired += 1
             raise _os_error(self.plan.errno, self.directory.file_path(self.inner.record(name).file))
         self.inner.delete(name)
-
-    # -- forwarded unchanged ---------------------------------------------------------------------
-    def file_name(self, name: str) -> str:
-        return self.inner.file_name(name)
-
-    def names(self) -> list[str]:
-        return self.inner.names()
-
-    def record(self, name: str) -> TensorRecord:
-        return self.inner.record(name)
-
-    def stored_bytes(self) -> int:
-        return self.inner.stored_bytes()
-
-    def verify_manifest(self) -> None:
-        self.inner.verify_manifest()
-
-    def release(self) -> None:
-        self.inner.release()
 
     # -- internals -------------------------------------------------------------------------------
     def _track(self, future: Future) -> Future:
